@@ -1,0 +1,114 @@
+"""Keyed, atomic, resumable stage output folders.
+
+A stage (``proposals``, ``extract``, ...) writes into one folder:
+
+* ``manifest.json``: ``{"stage", "config", "key"}`` where ``key`` is the SHA-256 of the
+  canonical JSON of ``config`` (the stage's settings, the keys of the stages it read and
+  the package version). It is written before any per-image file.
+* one file per image, each written to a temporary name and ``os.replace``-d into place,
+  so a file under its final name is always complete (luigi's ``atomic_file``).
+
+Reopening a folder whose manifest has another key is refused with a message naming the
+settings that changed, unless ``force=True``, which deletes the old per-image files.
+A rerun with the same settings skips images whose file exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from spp_detect import __version__
+
+__all__ = ["SettingsChanged", "config_key", "atomic_write", "open_stage_dir", "read_manifest"]
+
+MANIFEST = "manifest.json"
+
+
+class SettingsChanged(RuntimeError):
+    """A stage folder holds results computed with other settings."""
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """SHA-256 hex digest of the canonical (sorted-keys) JSON of ``config``."""
+    blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then move it into place.
+
+    The temporary file keeps ``path``'s suffix (some writers, like ``np.savez``, append one
+    otherwise). On any error the temporary file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a finished or running stage folder.
+
+    Raises:
+        FileNotFoundError: ``folder`` is not a stage folder (no ``manifest.json``).
+    """
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a spp-detect stage folder (no {MANIFEST})")
+    return json.loads(path.read_text())
+
+
+def open_stage_dir(folder: Path, stage: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+    """Create or reopen a stage folder for ``config``; returns its manifest.
+
+    Args:
+        folder: the output folder (created if missing).
+        stage: the stage name, recorded in the manifest.
+        config: JSON-serialisable settings; results are reusable only under equal configs.
+        force: drop results computed under another config instead of refusing.
+
+    Raises:
+        SettingsChanged: the folder holds results of another stage or other settings and
+            ``force`` is false; the message lists the settings that differ.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**config, "package_version": __version__}
+    manifest = {"stage": stage, "config": config, "key": config_key(config)}
+    old_path = folder / MANIFEST
+    if old_path.is_file():
+        old = json.loads(old_path.read_text())
+        if old.get("stage") == stage and old.get("key") == manifest["key"]:
+            return old
+        if not force:
+            raise SettingsChanged(_describe_change(folder, old, manifest))
+        for entry in folder.iterdir():
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    atomic_write(old_path, lambda p: p.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str)))
+    return manifest
+
+
+def _describe_change(folder: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
+    if old.get("stage") != new["stage"]:
+        return f"{folder} holds '{old.get('stage')}' output, not '{new['stage']}'; use another folder or --force"
+    old_cfg, new_cfg = old.get("config", {}), new["config"]
+    changed = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+    details = "; ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in changed)
+    return f"{folder} was made with other settings ({details}); rerun with --force to recompute"

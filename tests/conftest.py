@@ -1,0 +1,30 @@
+"""Shared fixtures: the real data on disk in ../shared/data (never copied into the repo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+VOC_ROOT = SHARED_DATA / "voc2007-mini"
+WEIGHTS_DIR = SHARED_DATA / "weights"
+SQUEEZENET_FILE = WEIGHTS_DIR / "squeezenet1_0-imagenet-deepcompression.pth"
+MOBILENET_FILE = WEIGHTS_DIR / "mobilenet_v2-imagenet1001-coral.pth"
+
+
+@pytest.fixture(scope="session")
+def voc_root() -> Path:
+    """The genuine VOC2007 slice (200 trainval + 200 test images)."""
+    if not (VOC_ROOT / "VOC2007" / "ImageSets" / "Main" / "test.txt").is_file():
+        raise RuntimeError(f"test data missing: expected VOC2007 under {VOC_ROOT}")
+    return VOC_ROOT
+
+
+@pytest.fixture(scope="session")
+def weights_dir() -> Path:
+    """Folder with the two ImageNet-pretrained state_dicts."""
+    if not SQUEEZENET_FILE.is_file():
+        raise RuntimeError(f"test weights missing: expected {SQUEEZENET_FILE}")
+    return WEIGHTS_DIR
