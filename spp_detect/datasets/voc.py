@@ -81,13 +81,18 @@ def read_voc(voc_root: Path | str, image_set: str, year: str | int = 2007) -> li
     return images
 
 
-@lru_cache(maxsize=None)
 def _read_annotation(xml_path: str, image_path: str) -> VOCImage:
-    # Parsed annotations are cached in memory only, keyed by their file path.
     if not Path(xml_path).is_file():
         raise VOCFormatError(f"annotation file not found: {xml_path}")
     if not Path(image_path).is_file():
         raise VOCFormatError(f"image file not found: {image_path}")
+    stat = Path(xml_path).stat()
+    return _parse_annotation(xml_path, image_path, stat.st_mtime_ns, stat.st_size)
+
+
+@lru_cache(maxsize=None)
+def _parse_annotation(xml_path: str, image_path: str, mtime_ns: int, size: int) -> VOCImage:
+    # Cached in memory only, keyed by path and file stamp (never an unkeyed pickle).
     try:
         root = ET.parse(xml_path).getroot()
         width = int(root.findtext("size/width"))
