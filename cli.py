@@ -128,5 +128,379 @@ def download_voc2007_cmd(out: Path) -> None:
     click.echo(f"VOC2007 ready: --voc-root {devkit}")
 
 
+# --------------------------------------------------------------------------- proposals
+def _not_required(*names: str):
+    """Make options added by the decorators below this one optional (e.g. --voc-root)."""
+
+    def decorate(f):
+        for param in getattr(f, "__click_params__", []):
+            if param.name in names:
+                param.required = False
+        return f
+
+    return decorate
+
+
+@main.command("proposals")
+@_not_required("voc_root")
+@voc_options(default_image_set="test")
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Proposals folder: manifest.json + one <image_id>.npy (float32 [N, 4], 0-based xyxy) per image.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(["fast", "quality", "rcnn"]),
+    default="fast",
+    help="fast / quality: OpenCV's selective search modes; rcnn: R-CNN's fast-mode colour "
+    "spaces and k values (HSV+Lab, k=50,100) built from OpenCV parts.",
+)
+@click.option("--max-boxes", type=click.IntRange(min=1), default=2000, help="Keep the best-ranked N boxes per image (R-CNN: ~2000).")
+@click.option("--min-size", type=click.IntRange(min=0), default=20, help="Drop boxes narrower or shorter than this, in pixels (R-CNN: 20).")
+@click.option("--seed", type=int, default=0, help="Seed for OpenCV's random ranking, reset per image (results do not depend on order or --workers).")
+@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted in the summary) instead of stopping.")
+@click.option(
+    "--import",
+    "import_file",
+    type=click.Path(exists=True, path_type=Path),
+    help="Fill --out from precomputed boxes instead: an R-CNN/Fast R-CNN selective-search .mat "
+    "(images, boxes; 1-based y1 x1 y2 x2) or another proposals folder. No --voc-root needed.",
+)
+@click.option(
+    "--export-mat",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Afterwards write --out as an R-CNN-style .mat (images, boxes; 1-based y1 x1 y2 x2). "
+    "Alone with --out: export an existing folder.",
+)
+@workers_option
+@force_option
+@click.pass_context
+def proposals_cmd(
+    ctx: click.Context,
+    voc_root: Path | None,
+    year: str,
+    image_set: str,
+    out: Path,
+    mode: str,
+    max_boxes: int,
+    min_size: int,
+    seed: int,
+    skip_bad: bool,
+    import_file: Path | None,
+    export_mat: Path | None,
+    workers: int | None,
+    force: bool,
+) -> None:
+    """Selective search windows per image (stage 1), or import / export precomputed boxes.
+
+    \b
+    Compute (resumable; a rerun skips finished images, changed settings need --force):
+      spp-detect proposals --voc-root VOCdevkit --image-set test --out props/test
+    Import the standard R-CNN VOC07 boxes, or export yours to share them:
+      spp-detect proposals --import selective_search_data/voc_2007_test.mat --out props/test
+      spp-detect proposals --out props/test --export-mat voc_2007_test.mat
+    """
+    from click.core import ParameterSource
+
+    from proposals.io import load_proposals, save_mat
+    from proposals.run import BadImageError, ProposalSettings, import_proposals, run_proposals
+    from spp_detect.datasets.voc import VOCFormatError, read_voc
+    from spp_detect.stage_dir import SettingsChanged
+
+    def on_command_line(name: str) -> bool:
+        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
+
+    search_options = ("voc_root", "mode", "max_boxes", "min_size", "seed", "skip_bad", "workers")
+    image_ids = None
+    try:
+        if import_file is not None:
+            clashing = [f"--{n.replace('_', '-')}" for n in search_options if on_command_line(n)]
+            if clashing:
+                raise click.UsageError(f"not used with --import (it stores the file's boxes as they are): {', '.join(clashing)}")
+            summary = import_proposals(import_file, out, force=force)
+            click.echo(f"imported {import_file}: {summary.describe()}")
+        elif voc_root is not None:
+            settings = ProposalSettings(mode=mode, min_size=min_size, max_boxes=max_boxes, seed=seed)
+            images = read_voc(voc_root, image_set, year)
+            image_ids = [image.image_id for image in images]
+            summary = run_proposals(
+                images,
+                out,
+                settings,
+                {"year": year, "image_set": image_set},
+                workers=workers,
+                force=force,
+                skip_bad=skip_bad,
+                progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,  # hidden by -q
+            )
+            click.echo(summary.describe())
+            for error in summary.bad:
+                click.echo(f"  skipped {error}", err=True)
+            if summary.bad:
+                image_ids = [i for i in image_ids if i not in {e.image_id for e in summary.bad}]
+        elif export_mat is None:
+            raise click.UsageError("give --voc-root to compute proposals, --import FILE to import, or --export-mat FILE to export --out")
+        if export_mat is not None:
+            proposals = load_proposals(out, image_ids)
+            save_mat(export_mat, proposals)
+            click.echo(f"exported {len(proposals)} images to {export_mat}")
+    except BadImageError as exc:
+        raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from exc
+    except (SettingsChanged, VOCFormatError, FileNotFoundError, KeyError, ValueError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from exc
+
+
+def parse_shard(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
+    """Callback for ``--shard K/N`` (1-based K)."""
+    try:
+        k, n = (int(v) for v in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"expected K/N such as 1/4, got {value!r}") from None
+    if not 1 <= k <= n:
+        raise click.BadParameter(f"need 1 <= K <= N, got {value!r}")
+    return k, n
+
+
+@main.command("extract")
+@voc_options()
+@click.option(
+    "--proposals",
+    "proposals_path",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="Output folder of `spp-detect proposals`, or an R-CNN selective-search .mat file.",
+)
+@backbone_options
+@click.option(
+    "--scales",
+    default="480,576,688,864,1200",
+    callback=parse_scales,
+    help="Shorter-side scales (paper 4.1); '688' is the paper's 1-scale setting.",
+)
+@click.option(
+    "--levels", default="1,2,3,6", callback=parse_scales, help="Pyramid levels, in feature order (paper: 1,2,3,6)."
+)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
+@device_option
+@force_option
+@click.option("--shard", default="1/1", callback=parse_shard, help="K/N: process every N-th image from the K-th.")
+def extract_cmd(
+    voc_root: Path,
+    year: str,
+    image_set: str,
+    proposals_path: Path,
+    backbone: str,
+    weights: str,
+    input_norm: str,
+    scales: tuple[int, ...],
+    levels: tuple[int, ...],
+    out: Path,
+    device: str,
+    force: bool,
+    shard: tuple[int, int],
+) -> None:
+    """Conv maps once per scale per image, windows assigned to scales, cached.
+
+    \b
+    Every window (ground truth + proposals) goes to the scale where its area is
+    closest to 224x224 and is mapped to that map's cells; the cache stores the
+    fp16 conv maps (deflate-compressed) and pools on read. Rerun to resume; run
+    several `--shard K/N` processes to fill one cache in parallel.
+
+    \b
+    Example:
+      spp-detect extract --voc-root VOCdevkit --image-set test --proposals runs/ss-test \\
+          --backbone squeezenet1_0 --weights squeezenet.pth --out runs/feat-test
+    """
+    from tqdm import tqdm
+
+    from proposals.io import load_proposals
+    from spp_detect.datasets.voc import VOCFormatError, read_voc
+    from spp_detect.device import resolve_device
+    from spp_detect.extract import ImageReadError, run_extract
+    from spp_detect.stage_dir import SettingsChanged, source_key
+
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {weights}", param_hint="--weights")
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    try:
+        images = read_voc(voc_root, image_set, year)
+        boxes = load_proposals(proposals_path, [im.image_id for im in images])
+        summary = run_extract(
+            images,
+            boxes,
+            out,
+            backbone=backbone,
+            weights=weights,
+            input_norm=input_norm,
+            scales=scales,
+            levels=levels,
+            proposals_key=source_key(proposals_path),
+            image_set=image_set,
+            device=torch_device,
+            force=force,
+            shard=shard,
+            progress=lambda todo: tqdm(todo, desc="extract", unit="img"),
+        )
+    except (VOCFormatError, SettingsChanged, ImageReadError, KeyError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc).strip("'\"")) from None
+    per_image = summary.bytes_written / max(summary.done, 1) / 1e6
+    click.echo(
+        f"extract: {summary.done} image(s) computed, {summary.skipped} already cached, "
+        f"{summary.windows / max(summary.done, 1):.0f} windows/image, {per_image:.2f} MB/image, "
+        f"{summary.images_per_second:.2f} img/s on {torch_device} -> {out}"
+    )
+
+
+@main.command("evaluate")
+@click.option(
+    "--voc2007",
+    "protocol",
+    flag_value="voc",
+    default=True,
+    show_default=False,
+    help="VOC devkit AP per class and mAP (Python re-implementation of VOCevaldet.m; the default).",
+)
+@click.option(
+    "--coco",
+    "protocol",
+    flag_value="coco",
+    show_default=False,
+    help="The 12 COCO numbers from pycocotools (VOC difficult objects as crowd/ignore regions).",
+)
+@voc_options(default_image_set="test")
+@click.option(
+    "--detections",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="Folder of devkit result files <comp>_det_<image-set>_<class>.txt (1-based "
+    "'<image_id> <score> <x1> <y1> <x2> <y2>' lines), or a COCO results json.",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["11point", "area"]),
+    default=None,
+    show_default=False,
+    help="VOC AP: 11point (VOC2007) or area (VOC2010+).  [default: 11point for --year < 2010, else area]",
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["devkit", "py-faster-rcnn"]),
+    default="devkit",
+    help="VOC matching: the MATLAB devkit (IoU >= t, stable sort) or py-faster-rcnn's voc_eval.py "
+    "(IoU > t, unstable sort, numpy's 11 thresholds).",
+)
+@click.option(
+    "--iou-threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.5,
+    help="VOC match threshold (VOCopts.minoverlap).",
+)
+@click.option("--comp-id", default=None, help="Devkit file prefix, e.g. comp4  [default: any single match]")
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here."
+)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write pr_curves.png (one precision-recall curve per class) into this folder.",
+)
+@click.pass_context
+def evaluate_cmd(
+    ctx: click.Context,
+    protocol: str,
+    voc_root: Path,
+    year: str,
+    image_set: str,
+    detections: Path,
+    metric: str | None,
+    rule: str,
+    iou_threshold: float,
+    comp_id: str | None,
+    json_out: Path | None,
+    plots: Path | None,
+) -> None:
+    """Score detections against VOC ground truth: devkit AP (--voc2007) or COCO metrics (--coco).
+
+    \b
+    spp-detect evaluate --voc2007 --voc-root R --image-set test --detections D \\
+        [--metric 11point|area] [--rule devkit|py-faster-rcnn] [--json OUT] [--plots DIR]
+    spp-detect evaluate --coco --voc-root R --image-set test --detections D [--json OUT]
+    """
+    import json
+
+    from eval.results import DetectionsError, read_detections
+    from spp_detect.datasets.voc import VOC_CLASSES, VOCFormatError, read_voc
+    from spp_detect.stage_dir import atomic_write
+
+    if protocol == "coco":
+        given = [
+            f"--{name.replace('_', '-')}"
+            for name in ("metric", "rule", "iou_threshold")
+            if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE
+        ]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply to --voc2007")
+    try:
+        images = read_voc(voc_root, image_set, year)
+        dets = read_detections(detections, image_set, comp_id=comp_id)
+    except (VOCFormatError, DetectionsError) as exc:
+        raise click.ClickException(str(exc)) from None
+    header = f"VOC{year} {image_set}, {len(images)} images, {sum(len(d) for d in dets.values())} detections"
+
+    if protocol == "voc":
+        from eval.voc import evaluate_voc
+
+        if metric is None:
+            if not year.isdigit():
+                raise click.BadParameter(f"expected a year like 2007, got {year!r}", param_hint="--year")
+            metric = "11point" if int(year) < 2010 else "area"
+        try:
+            result = evaluate_voc(
+                dets, images, iou_threshold=iou_threshold, use_07_metric=metric == "11point", rule=rule
+            )
+        except DetectionsError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{header}; {metric} AP, {rule} rule, IoU {iou_threshold:g}")
+        click.echo("(Python re-implementation of the VOC devkit)")
+        click.echo(f"{'class':<12} {'AP':>7} {'objects':>8} {'detections':>11}")
+        for name in VOC_CLASSES:
+            npos, count = result.per_class[name].npos, result.num_detections[name]
+            click.echo(f"{name:<12} {result.ap[name]:>7.4f} {npos:>8d} {count:>11d}")
+        click.echo(f"{'mAP':<12} {result.map:>7.4f}")
+        summary = {"protocol": "voc", "year": year, "image_set": image_set,
+                   "detections": str(detections), **result.to_json()}
+        curves = {name: (r.rec, r.prec, r.ap) for name, r in result.per_class.items()}
+        title = f"VOC{year} {image_set}: {metric} mAP {result.map:.4f} ({rule})"
+    else:
+        from eval.coco import evaluate_coco
+
+        try:
+            result = evaluate_coco(dets, images)
+        except DetectionsError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"{header}; pycocotools COCOeval (bbox), difficult objects as crowd regions")
+        click.echo(result.summary.rstrip())
+        summary = {"protocol": "coco", "year": year, "image_set": image_set, "detections": str(detections),
+                   **result.to_json()}
+        curves = {name: (*result.curves[name], result.ap50[name]) for name in VOC_CLASSES}
+        title = f"VOC{year} {image_set}: COCO AP50 per class (IoU 0.5, 101 recall points)"
+
+    if json_out is not None:
+        atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, sort_keys=True)))
+        click.echo(f"wrote {json_out}")
+    if plots is not None:
+        from eval.plots import plot_pr_curves
+
+        path = plot_pr_curves(curves, plots / "pr_curves.png", title=title)
+        click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

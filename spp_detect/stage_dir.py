@@ -26,7 +26,7 @@ from typing import Any
 
 from spp_detect import __version__
 
-__all__ = ["SettingsChanged", "config_key", "atomic_write", "open_stage_dir", "read_manifest"]
+__all__ = ["SettingsChanged", "config_key", "atomic_write", "open_stage_dir", "read_manifest", "source_key", "file_sha256"]
 
 MANIFEST = "manifest.json"
 
@@ -52,12 +52,33 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; finished files get the usual mode
     try:
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def source_key(path: Path) -> str:
+    """Identity of an upstream input for a config: a stage folder's manifest key, or
+    ``sha256:<digest>`` of a file (a weights file, an imported ``.mat``)."""
+    path = Path(path)
+    if path.is_dir():
+        return read_manifest(path)["key"]
+    return f"sha256:{file_sha256(path)}"
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:

@@ -1,0 +1,328 @@
+"""The proposals stage driver: selective search over a list of images, or an import.
+
+:func:`run_proposals` runs :func:`proposals.selective_search.propose` on every image in a
+process pool (one OpenCV thread per worker) and writes ``<out>/<image_id>.npy`` per image,
+atomically, under a keyed manifest (:mod:`spp_detect.stage_dir`). A rerun with the same
+settings skips images whose file exists; changed settings raise
+:class:`~spp_detect.stage_dir.SettingsChanged` unless ``force``. :func:`import_proposals`
+fills a proposals folder from a ``.mat`` file or another proposals folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Sequence
+from contextlib import closing
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
+from proposals.selective_search import MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, propose
+from spp_detect.stage_dir import open_stage_dir
+
+__all__ = [
+    "BadImageError",
+    "ProposalSettings",
+    "ProposalsSummary",
+    "run_proposals",
+    "import_proposals",
+]
+
+log = logging.getLogger(__name__)
+
+
+class BadImageError(RuntimeError):
+    """An image could not be read or decoded; ``path`` names it, ``reason`` says why."""
+
+    def __init__(self, path: Path, reason: str, image_id: str | None = None) -> None:
+        super().__init__(f"unreadable image {path}: {reason}")
+        self.path = Path(path)
+        self.reason = reason
+        self.image_id = image_id if image_id is not None else self.path.stem
+
+
+class ImageLike(Protocol):
+    """What :func:`run_proposals` needs of an image (``VOCImage`` has it)."""
+
+    image_id: str
+    path: Path
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """Settings of the selective search stage; all of them key the output folder.
+
+    Attributes:
+        mode: ``"fast"`` (OpenCV's fast mode), ``"quality"`` or ``"rcnn"``.
+        min_size: drop boxes narrower or shorter than this, in pixels (R-CNN: 20).
+        max_boxes: keep at most this many boxes per image, best ranked first (R-CNN,
+            SPP-net: about 2,000).
+        seed: seed of the C ``rand()`` that OpenCV ranks regions with, set per image.
+    """
+
+    mode: str = "fast"
+    min_size: float = R_CNN_MIN_SIZE
+    max_boxes: int = R_CNN_MAX_BOXES
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"ProposalSettings: unknown mode {self.mode!r}; choose from {list(MODES)}")
+        if self.min_size < 0 or self.max_boxes < 1:
+            raise ValueError(f"ProposalSettings: need min_size >= 0 and max_boxes >= 1, got {self.min_size}, {self.max_boxes}")
+
+
+@dataclass
+class ProposalsSummary:
+    """What a run did. ``boxes_per_image`` covers every finished image in the folder."""
+
+    out: Path
+    images: int = 0
+    computed: int = 0
+    already_done: int = 0
+    bad: list[BadImageError] = field(default_factory=list)
+    boxes_per_image: float = 0.0
+    seconds: float = 0.0
+    seconds_per_image_per_worker: float = 0.0
+    workers: int = 1
+    action: str = "computed"
+
+    def describe(self) -> str:
+        """One line for the command line."""
+        text = (
+            f"{self.images} images -> {self.out}: {self.computed} {self.action}, {self.already_done} already done, "
+            f"{len(self.bad)} bad; {self.boxes_per_image:.1f} boxes/image; {self.seconds:.1f} s"
+        )
+        if self.seconds_per_image_per_worker:
+            text += f" ({self.seconds_per_image_per_worker:.2f} s/image/worker of selective search, {self.workers} workers)"
+        return text
+
+
+@dataclass(frozen=True)
+class _Task:
+    image_id: str
+    path: str
+    width: int
+    height: int
+    out: str
+    settings: ProposalSettings
+
+
+@dataclass(frozen=True)
+class _Result:
+    image_id: str
+    path: str
+    num_boxes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+
+def run_proposals(
+    images: Sequence[ImageLike],
+    out: Path,
+    settings: ProposalSettings,
+    dataset: dict[str, Any] | None = None,
+    *,
+    workers: int | None = None,
+    force: bool = False,
+    skip_bad: bool = False,
+    progress: bool = True,
+) -> ProposalsSummary:
+    """Selective search on ``images``, one ``<out>/<image_id>.npy`` per image.
+
+    Args:
+        images: the images, each with ``image_id``, ``path`` (a JPEG) and the expected
+            ``width``/``height`` in pixels (e.g. ``VOCImage`` from ``read_voc``).
+        out: the stage folder.
+        settings: selective search settings (they key the folder).
+        dataset: extra settings that key the folder, e.g. ``{"year": "2007",
+            "image_set": "test"}``.
+        workers: worker processes (default: CPU count); 1 runs in this process.
+        force: recompute a folder made with other settings instead of refusing.
+        skip_bad: count unreadable images in the summary instead of stopping.
+        progress: show a tqdm bar (images/s) on stderr.
+
+    Returns:
+        The :class:`ProposalsSummary`.
+
+    Raises:
+        SettingsChanged: ``out`` holds results of other settings and ``force`` is false.
+        BadImageError: an image cannot be read (unless ``skip_bad``); files already
+            finished stay, nothing half-written is left under a final name.
+    """
+    import cv2
+
+    out = Path(out)
+    start = time.perf_counter()
+    workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(images))))
+    config = {
+        "source": "selective_search",
+        **asdict(settings),
+        "opencv": cv2.__version__,
+        "dataset": dataset or {},
+        "boxes": "npy float32 [N, 4] 0-based continuous (x1, y1, x2, y2) image pixels",
+    }
+    open_stage_dir(out, STAGE, config, force=force)
+    ids = [image.image_id for image in images]
+    if len(set(ids)) != len(ids):
+        raise ValueError("run_proposals: image ids repeat")
+    todo = [
+        _Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
+        for image in images
+        if not boxes_path(out, image.image_id).is_file()
+    ]
+    summary = ProposalsSummary(out=out, images=len(images), already_done=len(images) - len(todo), workers=workers)
+    log.info("proposals: %d images, %d to compute, %d workers, %s", len(images), len(todo), workers, config)
+
+    from tqdm import tqdm
+
+    worker_seconds = 0.0
+    bar = tqdm(total=len(images), initial=summary.already_done, unit="img", desc="proposals", disable=not progress)
+    with bar, closing(_results(todo, workers)) as results:
+        for result in results:
+            bar.update(1)
+            if result.error is not None:
+                error = BadImageError(Path(result.path), result.error, result.image_id)
+                if not skip_bad:
+                    raise error
+                log.warning("%s (skipped)", error)
+                summary.bad.append(error)
+                continue
+            summary.computed += 1
+            worker_seconds += result.seconds
+            bar.set_postfix(boxes=result.num_boxes, refresh=False)
+
+    counts = [_num_rows(boxes_path(out, i)) for i in ids if boxes_path(out, i).is_file()]
+    summary.boxes_per_image = float(np.mean(counts)) if counts else 0.0
+    summary.seconds = time.perf_counter() - start
+    summary.seconds_per_image_per_worker = worker_seconds / summary.computed if summary.computed else 0.0
+    return summary
+
+
+def import_proposals(source: Path, out: Path, *, force: bool = False) -> ProposalsSummary:
+    """Fill the proposals folder ``out`` from a ``.mat`` file or another proposals folder.
+
+    Boxes are stored as they are (converted to 0-based xyxy), with no filtering; the
+    folder is keyed by the source's name and content hash.
+
+    Raises:
+        SettingsChanged: ``out`` holds other proposals and ``force`` is false.
+        ValueError, FileNotFoundError: ``source`` cannot be read (see ``load_proposals``).
+    """
+    source, out = Path(source), Path(out)
+    start = time.perf_counter()
+    proposals = load_proposals(source)  # read fully before touching ``out``
+    config = {
+        "source": "import",
+        "file": source.name,
+        "sha256": _sha256(source),
+        "boxes": "npy float32 [N, 4] 0-based continuous (x1, y1, x2, y2) image pixels",
+    }
+    open_stage_dir(out, STAGE, config, force=force)
+    summary = ProposalsSummary(out=out, images=len(proposals), action="imported")
+    for image_id, boxes in proposals.items():
+        if boxes_path(out, image_id).is_file():
+            summary.already_done += 1
+        else:
+            write_boxes(out, image_id, boxes)
+            summary.computed += 1
+    counts = [len(boxes) for boxes in proposals.values()]
+    summary.boxes_per_image = float(np.mean(counts)) if counts else 0.0
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _results(todo: list[_Task], workers: int):
+    """Yield a :class:`_Result` per task as they finish."""
+    if not todo:
+        return
+    if workers == 1:
+        import cv2
+
+        threads = cv2.getNumThreads()
+        cv2.setNumThreads(1)
+        try:
+            for task in todo:
+                yield _propose_one(task)
+        finally:
+            cv2.setNumThreads(threads)
+        return
+    # forkserver/spawn: a clean child, not a fork of a process that may hold OpenMP threads.
+    methods = multiprocessing.get_all_start_methods()
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
+        # Keep at most 2 tasks per worker in flight so a stop cancels little work.
+        pending: set[Future] = set()
+        queue = iter(todo)
+        try:
+            for task in queue:
+                pending.add(pool.submit(_propose_one, task))
+                if len(pending) >= 2 * workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
+def _init_worker() -> None:
+    import cv2
+    import torch
+
+    cv2.setNumThreads(1)
+    torch.set_num_threads(1)
+
+
+def _propose_one(task: _Task) -> _Result:
+    import cv2
+
+    image = cv2.imread(task.path, cv2.IMREAD_COLOR)
+    if image is None:
+        reason = "file not found" if not Path(task.path).is_file() else "cannot decode it as an image"
+        return _Result(task.image_id, task.path, error=reason)
+    height, width = image.shape[:2]
+    if (width, height) != (task.width, task.height):
+        return _Result(task.image_id, task.path, error=f"decoded size {width}x{height}, annotation says {task.width}x{task.height}")
+    start = time.perf_counter()
+    settings = task.settings
+    try:
+        boxes = propose(image, settings.mode, settings.min_size, settings.max_boxes, settings.seed)
+    except cv2.error as exc:
+        return _Result(task.image_id, task.path, error=f"OpenCV selective search failed ({exc})")
+    seconds = time.perf_counter() - start
+    write_boxes(Path(task.out), task.image_id, boxes)
+    return _Result(task.image_id, task.path, len(boxes), seconds)
+
+
+def _num_rows(path: Path) -> int:
+    return int(np.load(path, allow_pickle=False).shape[0])
+
+
+def _sha256(path: Path) -> str:
+    if path.is_dir():
+        digest = hashlib.sha256()
+        for file in sorted(path.iterdir()):
+            if file.is_file() and not file.name.startswith("."):
+                digest.update(file.name.encode())
+                digest.update(file.read_bytes())
+        return digest.hexdigest()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,215 @@
+"""The feature cache written by ``extract`` and read by every later stage.
+
+What it stores, and why. Pooled features are ``C x 50`` numbers per window: for
+SqueezeNet's 512 channels and ~2,000 windows that is ~100 MB per image even in fp16, and
+the released SPP-net instead cached the conv5 maps (~20 GB for VOC07). We cache the conv
+maps too, and pool on read (pooling 2,000 windows costs a fraction of the conv pass, see
+``bench/extract.py``). Maps are stored as **fp16, deflate-compressed** (zlib level 1):
+after ReLU ~80% of SqueezeNet's fire9 activations are exactly zero, so the five maps of a
+500 x 375 image (~8.3 M values, 16.6 MB as raw fp16) take ~4 MB. fp16 rounding is
+monotone, so a pooled max read from the cache is the fp16 rounding of the true max:
+relative error <= 2^-11 in fp16's normal range (>= 2^-14), absolute error <= 2^-25 below
+it (``bench/extract.py`` reports the largest error measured).
+
+One file per image, ``<folder>/<image_id>.npz`` (``np.savez``, no pickles), written
+atomically through :func:`spp_detect.stage_dir.atomic_write`:
+
+* ``key``: the manifest key the file was written under (checked on read);
+* ``image_size``: int64 ``[2]`` ``(width, height)``;
+* ``boxes``: float32 ``[N, 4]`` windows, 0-based xyxy in original image pixels;
+* ``is_gt``: bool ``[N]``, ground-truth boxes (listed first) vs proposals;
+* ``scale_index``: int64 ``[N]``, the scale each window is pooled at (paper 4.1);
+* ``cells``: int64 ``[N, 4]``, inclusive conv-cell ranges on that scale's map;
+* ``map_shapes``: int64 ``[S, 3]``; ``map_<k>``: uint8, zlib of the C-order fp16 map.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spp_detect.spp import spatial_pyramid_pool
+from spp_detect.stage_dir import atomic_write, read_manifest
+
+__all__ = ["FORMAT_VERSION", "CachedImage", "FeatureCache", "encode_map", "decode_map", "write_cached_image"]
+
+#: Bumped whenever the per-image file layout changes (it is part of the manifest key).
+FORMAT_VERSION = 1
+#: zlib level 1: within 10% of level 6's size on post-ReLU maps, at about 3x the speed.
+_ZLIB_LEVEL = 1
+
+
+def encode_map(feature_map: Tensor) -> np.ndarray:
+    """``Tensor[C, H, W]`` float -> uint8 bytes of the zlib-compressed C-order fp16 map."""
+    half = feature_map.detach().to("cpu", torch.float16).contiguous().numpy()
+    return np.frombuffer(zlib.compress(half.tobytes(), _ZLIB_LEVEL), dtype=np.uint8)
+
+
+def decode_map(blob: np.ndarray, shape: Sequence[int]) -> Tensor:
+    """Inverse of :func:`encode_map`: float32 ``Tensor[C, H, W]`` (values exactly the fp16 ones)."""
+    half = np.frombuffer(zlib.decompress(blob.tobytes()), dtype=np.float16).reshape(tuple(int(v) for v in shape))
+    return torch.from_numpy(half.astype(np.float32))
+
+
+def write_cached_image(
+    path: Path,
+    key: str,
+    width: int,
+    height: int,
+    boxes: Tensor,
+    is_gt: Tensor,
+    scale_index: Tensor,
+    cells: Tensor,
+    maps: Sequence[Tensor],
+) -> int:
+    """Write one image's cache file atomically; returns its size in bytes.
+
+    Args: see the module docstring for each array (``boxes`` ``Tensor[N, 4]`` 0-based xyxy
+    image pixels, ``cells`` ``Tensor[N, 4]`` inclusive cells, ``maps`` ``[C, h_k, w_k]``).
+    """
+    arrays = {
+        "key": np.asarray(key),
+        "image_size": np.asarray([width, height], dtype=np.int64),
+        "boxes": boxes.to("cpu", torch.float32).numpy(),
+        "is_gt": is_gt.to("cpu", torch.bool).numpy(),
+        "scale_index": scale_index.to("cpu", torch.int64).numpy(),
+        "cells": cells.to("cpu", torch.int64).numpy(),
+        "map_shapes": np.asarray([tuple(m.shape) for m in maps], dtype=np.int64).reshape(-1, 3),
+    }
+    for k, fmap in enumerate(maps):
+        arrays[f"map_{k}"] = encode_map(fmap)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(path, write)
+    return Path(path).stat().st_size
+
+
+@dataclass
+class CachedImage:
+    """One image's windows and conv maps, read back from the cache.
+
+    Attributes:
+        image_id: VOC id.
+        width, height: original image size in pixels.
+        boxes: ``Tensor[N, 4]`` float32, 0-based xyxy in original image pixels.
+        is_gt: ``Tensor[N]`` bool, ground-truth windows (first) vs proposals.
+        scale_index: ``Tensor[N]`` int64, index into the cache's scales.
+        cells: ``Tensor[N, 4]`` int64, inclusive conv cells on that scale's map.
+        maps: one float32 ``Tensor[C, h_k, w_k]`` per scale.
+        levels: the pyramid levels the cache was made for.
+    """
+
+    image_id: str
+    width: int
+    height: int
+    boxes: Tensor
+    is_gt: Tensor
+    scale_index: Tensor
+    cells: Tensor
+    maps: list[Tensor]
+    levels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return int(self.boxes.shape[0])
+
+    def features(self, indices: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
+        """Pooled SPP features ``Tensor[K, C * sum(n * n)]`` (float32) of the windows ``indices``
+        (``Tensor[K]`` int64, default all), in that order, computed on ``device``.
+
+        Each window is pooled on the map of its own scale; the loop runs over scales, never
+        over windows.
+        """
+        device = torch.device(device) if device is not None else self.maps[0].device
+        if indices is None:
+            indices = torch.arange(len(self))
+        indices = indices.to(torch.int64).cpu()
+        channels = self.maps[0].shape[0]
+        out = torch.empty((len(indices), channels * sum(n * n for n in self.levels)), device=device)
+        chosen = self.scale_index[indices]
+        for k, fmap in enumerate(self.maps):
+            rows = torch.nonzero(chosen == k).flatten()
+            if len(rows):
+                out[rows.to(device)] = spatial_pyramid_pool(fmap.to(device), self.cells[indices[rows]], self.levels)
+        return out
+
+    def iter_features(
+        self, batch_size: int = 512, device: torch.device | str | None = None
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Yield ``(indices Tensor[B], features Tensor[B, D])`` over all windows, in order."""
+        for start in range(0, len(self), batch_size):
+            indices = torch.arange(start, min(start + batch_size, len(self)))
+            yield indices, self.features(indices, device)
+
+
+class FeatureCache:
+    """Read access to a folder written by ``spp-detect extract``.
+
+    Example::
+
+        cache = FeatureCache("runs/extract-test")
+        for image in cache:                      # CachedImage, in id order
+            for idx, feats in image.iter_features(512):
+                ...                              # feats: Tensor[B, 512 * 50]
+    """
+
+    def __init__(self, folder: Path | str) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        if self.manifest.get("stage") != "extract":
+            raise ValueError(f"{self.folder} holds '{self.manifest.get('stage')}' output, not an extract cache")
+        config = self.manifest["config"]
+        self.key: str = self.manifest["key"]
+        self.scales: tuple[int, ...] = tuple(config["scales"])
+        self.levels: tuple[int, ...] = tuple(config["levels"])
+        self.backbone: str = config["backbone"]
+
+    @property
+    def image_ids(self) -> list[str]:
+        """Ids of the images whose file is complete, sorted."""
+        return sorted(p.stem for p in self.folder.glob("*.npz") if not p.name.startswith("."))
+
+    def path(self, image_id: str) -> Path:
+        return self.folder / f"{image_id}.npz"
+
+    def load(self, image_id: str) -> CachedImage:
+        """Read one image (maps decoded to float32 on the CPU).
+
+        Raises:
+            FileNotFoundError: the image is not in the cache (not extracted yet).
+            ValueError: the file was written under another manifest key (stale).
+        """
+        path = self.path(image_id)
+        if not path.is_file():
+            raise FileNotFoundError(f"{image_id} is not in the feature cache {self.folder}; run extract first")
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != self.key:
+                raise ValueError(f"{path} was written under other settings than {self.folder}/manifest.json")
+            width, height = (int(v) for v in data["image_size"])
+            maps = [decode_map(data[f"map_{k}"], shape) for k, shape in enumerate(data["map_shapes"])]
+            return CachedImage(
+                image_id=image_id,
+                width=width,
+                height=height,
+                boxes=torch.from_numpy(data["boxes"]),
+                is_gt=torch.from_numpy(data["is_gt"]),
+                scale_index=torch.from_numpy(data["scale_index"]),
+                cells=torch.from_numpy(data["cells"]),
+                maps=maps,
+                levels=self.levels,
+            )
+
+    def __iter__(self) -> Iterator[CachedImage]:
+        for image_id in self.image_ids:
+            yield self.load(image_id)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
