@@ -10,7 +10,6 @@ fills a proposals folder from a ``.mat`` file or another proposals folder.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import multiprocessing
 import os
@@ -26,7 +25,7 @@ import numpy as np
 
 from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
 from proposals.selective_search import MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, propose
-from spp_detect.stage_dir import open_stage_dir
+from spp_detect.stage_dir import open_stage_dir, source_key
 
 __all__ = [
     "BadImageError",
@@ -172,10 +171,10 @@ def run_proposals(
         "dataset": dataset or {},
         "boxes": "npy float32 [N, 4] 0-based continuous (x1, y1, x2, y2) image pixels",
     }
-    open_stage_dir(out, STAGE, config, force=force)
     ids = [image.image_id for image in images]
     if len(set(ids)) != len(ids):
         raise ValueError("run_proposals: image ids repeat")
+    open_stage_dir(out, STAGE, config, force=force)
     todo = [
         _Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
         for image in images
@@ -225,7 +224,7 @@ def import_proposals(source: Path, out: Path, *, force: bool = False) -> Proposa
     config = {
         "source": "import",
         "file": source.name,
-        "sha256": _sha256(source),
+        "source_key": source_key(source),  # manifest key of a folder, sha256 of a file
         "boxes": "npy float32 [N, 4] 0-based continuous (x1, y1, x2, y2) image pixels",
     }
     open_stage_dir(out, STAGE, config, force=force)
@@ -312,17 +311,3 @@ def _propose_one(task: _Task) -> _Result:
 def _num_rows(path: Path) -> int:
     return int(np.load(path, allow_pickle=False).shape[0])
 
-
-def _sha256(path: Path) -> str:
-    if path.is_dir():
-        digest = hashlib.sha256()
-        for file in sorted(path.iterdir()):
-            if file.is_file() and not file.name.startswith("."):
-                digest.update(file.name.encode())
-                digest.update(file.read_bytes())
-        return digest.hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -126,9 +126,10 @@ def synthetic_image(width: int = 96, height: int = 72) -> np.ndarray:
     return image
 
 
-def test_selective_search_boxes_are_xyxy_in_image_and_seeded():
+@pytest.mark.parametrize("mode", ["fast", "quality", "rcnn"])
+def test_selective_search_boxes_are_xyxy_in_image_and_seeded(mode: str):
     image = synthetic_image()
-    boxes = selective_search(image, "fast")
+    boxes = selective_search(image, mode)
     assert boxes.dtype == np.float32 and boxes.ndim == 2 and boxes.shape[1] == 4 and len(boxes) > 0
     assert (boxes[:, 0] >= 0).all() and (boxes[:, 1] >= 0).all()
     assert (boxes[:, 2] <= 96).all() and (boxes[:, 3] <= 72).all()
@@ -136,8 +137,8 @@ def test_selective_search_boxes_are_xyxy_in_image_and_seeded():
     assert [0, 0, 96, 72] in boxes.tolist()  # the last merge covers the whole image
     # the red rectangle's pixels 10..50 x 12..60 are the continuous box (10, 12, 51, 61)
     assert [10, 12, 51, 61] in boxes.tolist()
-    np.testing.assert_array_equal(selective_search(image, "fast"), boxes)  # same seed, same ranking
-    again = selective_search(image, "fast", seed=7)
+    np.testing.assert_array_equal(selective_search(image, mode), boxes)  # same seed, same ranking
+    again = selective_search(image, mode, seed=7)
     assert sorted(map(tuple, again.tolist())) == sorted(map(tuple, boxes.tolist()))
 
 
