@@ -44,6 +44,12 @@ def voc_options(default_image_set: str | None = None):
     return decorate
 
 
+limit_option = click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Only the first N images of the image set (quick trials). Their files are the same as a full run's.",
+)
 force_option = click.option(
     "--force", is_flag=True, help="Recompute everything, even if a cache with other settings exists."
 )
@@ -107,12 +113,16 @@ def main(verbose: int, quiet: bool) -> None:
     """SPP-net object detection, stage by stage.
 
     \b
-    The stages, each reading the previous one's output:
-      1. proposals   selective search windows per image
-      2. extract     conv maps once per scale, spatial pyramid pooling per window
-      3. evaluate    VOC07 11-point AP / COCO metrics of a detections file
-    Every stage is resumable: rerun the same command to continue, add --force to
-    recompute with changed settings. Run `spp-detect STAGE --help` for its options.
+    The stages, each reading the previous one's output folder:
+      1. proposals   selective search windows per image (or import R-CNN's .mat)
+      2. extract     conv maps once per scale, windows assigned to scales, cached
+      5. evaluate    VOC07 11-point AP (devkit-exact) / COCO metrics, PR curves
+    Tools:
+      info           what a stage folder holds (settings, progress, recall, sizes)
+      download-voc2007
+    Every stage is resumable: rerun the same command to continue; a folder made
+    with other settings is refused (naming them) unless you add --force.
+    Run `spp-detect STAGE --help` for its options and an example.
     """
     level = logging.WARNING if quiet else (logging.DEBUG if verbose > 1 else logging.INFO)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
@@ -144,6 +154,7 @@ def _not_required(*names: str):
 @main.command("proposals")
 @_not_required("voc_root")
 @voc_options(default_image_set="test")
+@limit_option
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
@@ -182,6 +193,7 @@ def proposals_cmd(
     voc_root: Path | None,
     year: str,
     image_set: str,
+    limit: int | None,
     out: Path,
     mode: str,
     max_boxes: int,
@@ -212,7 +224,7 @@ def proposals_cmd(
     def on_command_line(name: str) -> bool:
         return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
-    search_options = ("voc_root", "mode", "max_boxes", "min_size", "seed", "skip_bad", "workers")
+    search_options = ("voc_root", "limit", "mode", "max_boxes", "min_size", "seed", "skip_bad", "workers")
     image_ids = None
     try:
         if import_file is not None:
@@ -223,7 +235,7 @@ def proposals_cmd(
             click.echo(f"imported {import_file}: {summary.describe()}")
         elif voc_root is not None:
             settings = ProposalSettings(mode=mode, min_size=min_size, max_boxes=max_boxes, seed=seed)
-            images = read_voc(voc_root, image_set, year)
+            images = read_voc(voc_root, image_set, year)[:limit]
             image_ids = [image.image_id for image in images]
             summary = run_proposals(
                 images,
@@ -265,6 +277,7 @@ def parse_shard(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 
 @main.command("extract")
 @voc_options()
+@limit_option
 @click.option(
     "--proposals",
     "proposals_path",
@@ -290,6 +303,7 @@ def extract_cmd(
     voc_root: Path,
     year: str,
     image_set: str,
+    limit: int | None,
     proposals_path: Path,
     backbone: str,
     weights: str,
@@ -329,7 +343,7 @@ def extract_cmd(
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
     try:
-        images = read_voc(voc_root, image_set, year)
+        images = read_voc(voc_root, image_set, year)[:limit]
         boxes = load_proposals(proposals_path, [im.image_id for im in images])
         summary = run_extract(
             images,
@@ -500,6 +514,67 @@ def evaluate_cmd(
 
         path = plot_pr_curves(curves, plots / "pr_curves.png", title=title)
         click.echo(f"wrote {path}")
+
+
+@main.command("info")
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--voc-root",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    envvar="SPP_DETECT_VOC_ROOT",
+    help="With a proposals folder: also report recall of the VOC ground truth.",
+)
+@click.option("--year", default="2007", show_default=True, help="VOC year (folder VOC<year>).")
+@click.option("--image-set", default=None, help="Image list for recall [default: the folder's own].")
+def info_cmd(folder: Path, voc_root: Path | None, year: str, image_set: str | None) -> None:
+    """Summarise a stage folder: its settings, how far it got, and its numbers.
+
+    \b
+    proposals: boxes per image; with --voc-root, recall of non-difficult ground
+               truth at IoU 0.5 / 0.7 for the first 100 ... 2000 boxes.
+    extract:   windows per image, scale shares, feature size, cache MB per image.
+    """
+    import json
+
+    from spp_detect.stage_dir import read_manifest
+
+    try:
+        manifest = read_manifest(folder)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="FOLDER") from None
+    stage, config = manifest.get("stage"), manifest.get("config", {})
+    click.echo(f"{folder}: {stage} stage, key {manifest.get('key', '')[:12]}")
+    click.echo("  settings: " + json.dumps(config, sort_keys=True))
+    if stage == "proposals":
+        import numpy as np
+
+        from proposals.io import load_proposals
+        from proposals.recall import proposal_recall
+        from spp_detect.datasets.voc import read_voc
+
+        proposals = load_proposals(folder)
+        counts = [len(b) for b in proposals.values()]
+        click.echo(f"  images: {len(proposals)}, boxes/image: {np.mean(counts) if counts else 0:.1f}")
+        if voc_root is not None:
+            name = image_set or config.get("dataset", {}).get("image_set", "test")
+            images = [im for im in read_voc(voc_root, name, year) if im.image_id in proposals]
+            table = proposal_recall(images, proposals)
+            click.echo(f"  recall of {table['num_objects']} non-difficult objects in {len(images)} images:")
+            for threshold, by_k in table["recall"].items():
+                cells = "  ".join(f"top {k}: {r:.3f}" for k, r in by_k.items())
+                click.echo(f"    {threshold}  {cells}")
+    elif stage == "extract":
+        from spp_detect.cache import FeatureCache
+
+        stats = FeatureCache(folder).summary()
+        shares = ", ".join(f"{s}: {100 * p:.0f}%" for s, p in zip(config["scales"], stats["scale_share"]))
+        click.echo(
+            f"  images: {stats['images']}, windows/image: {stats['windows_per_image']:.0f}, "
+            f"cache: {stats['bytes_per_image'] / 1e6:.2f} MB/image"
+        )
+        click.echo(f"  feature: {stats['feature_dim']} numbers per window (levels {config['levels']})")
+        click.echo(f"  windows per scale: {shares}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ Timed:
 * ``evaluate_coco`` (pycocotools) on all detections;
 * writing and reading the devkit result files.
 
-Usage: ``.venv/bin/python bench/eval.py [--per-class 10000] [--json bench/results/eval.json]``
+Usage: ``.venv/bin/python -m bench.eval [--per-class 10000] [--json bench/results/eval.json]``
 """
 
 from __future__ import annotations
@@ -20,25 +20,18 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path and this file would shadow
-# the ``eval`` package; drop that entry.
-if sys.path and Path(sys.path[0] or ".").resolve() == Path(__file__).resolve().parent:
-    del sys.path[0]
+import numpy as np
 
-import numpy as np  # noqa: E402
+from eval.coco import evaluate_coco
+from eval.results import ClassDetections, read_voc_results, write_voc_results
+from eval.voc import evaluate_voc, voc07_recall_thresholds
+from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 
-from eval.coco import evaluate_coco  # noqa: E402
-from eval.results import ClassDetections, read_voc_results, write_voc_results  # noqa: E402
-from eval.voc import evaluate_voc, voc07_recall_thresholds  # noqa: E402
-from spp_detect.datasets.voc import VOC_CLASSES, read_voc  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-VOC_ROOT = REPO_ROOT.parent / "shared" / "data" / "voc2007-mini"
+from bench.common import VOC_ROOT
 
 
 def make_detections(images, per_class: int, seed: int) -> dict[str, ClassDetections]:

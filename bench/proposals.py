@@ -5,8 +5,8 @@ Runs the real stage (:func:`proposals.run_proposals`, the code behind
 boxes of every image, the fraction of non-difficult ground-truth boxes covered by some
 box at IoU >= 0.5 and >= 0.7 (continuous IoU, :func:`spp_detect.boxes.box_iou`).
 
-    .venv/bin/python bench/proposals.py --workers 2 --json bench/results/proposals-fast.json
-    .venv/bin/python bench/proposals.py --mode quality --limit 30
+    .venv/bin/python -m bench.proposals --workers 2 --json bench/results/proposals-fast.json
+    .venv/bin/python -m bench.proposals --mode quality --limit 30
 
 Reference: selective search fast mode covers 98% of VOC2007 test objects at IoU 0.5 with
 about 2,000 boxes per image (Uijlings et al., IJCV 2013; R-CNN). Timings are wall clock
@@ -25,45 +25,14 @@ import tempfile
 import time
 from pathlib import Path
 
-# This script is named like the ``proposals`` package: put the repository root, not this
-# script's folder, first on the path so ``import proposals`` finds the package.
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+import numpy as np
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from proposals.io import load_proposals
+from proposals.run import ProposalSettings, run_proposals
+from proposals.recall import TOP_K, proposal_recall
+from spp_detect.datasets.voc import read_voc
 
-from proposals.io import load_proposals  # noqa: E402
-from proposals.run import ProposalSettings, run_proposals  # noqa: E402
-from spp_detect.boxes import box_iou  # noqa: E402
-from spp_detect.datasets.voc import read_voc  # noqa: E402
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VOC_ROOT = REPO_ROOT.parent / "shared" / "data" / "voc2007-mini"
-TOP_K = (100, 300, 1000, 2000)
-IOU_THRESHOLDS = (0.5, 0.7)
-
-
-def recall_table(images, proposals: dict[str, np.ndarray], top_k=TOP_K, thresholds=IOU_THRESHOLDS) -> dict:
-    """Recall of non-difficult GT at each IoU threshold for the first ``k`` boxes per image.
-
-    Returns:
-        ``{"num_objects": int, "recall": {"iou>=0.5": {"100": r, ...}, ...}}``.
-    """
-    hits = {t: {k: 0 for k in top_k} for t in thresholds}
-    num_objects = 0
-    for image in images:
-        gt = torch.from_numpy(np.asarray(image.boxes[~image.difficult], dtype=np.float32))  # [G, 4]
-        num_objects += len(gt)
-        boxes = torch.from_numpy(proposals[image.image_id])  # [N, 4]
-        for k in top_k:
-            if len(gt) == 0:
-                continue
-            best = box_iou(gt, boxes[:k]).amax(dim=1) if len(boxes) else torch.zeros(len(gt))  # [G]
-            for t in thresholds:
-                hits[t][k] += int((best >= t).sum())
-    recall = {f"iou>={t}": {str(k): hits[t][k] / max(num_objects, 1) for k in top_k} for t in thresholds}
-    return {"num_objects": num_objects, "recall": recall}
+from bench.common import REPO_ROOT, VOC_ROOT as DEFAULT_VOC_ROOT
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -91,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.perf_counter() - start
         proposals = load_proposals(out, [image.image_id for image in images])
 
-    table = recall_table(images, proposals)
+    table = proposal_recall(images, proposals)
     counts = [len(b) for b in proposals.values()]
     result = {
         "voc_root": _display_path(args.voc_root),

@@ -207,6 +207,29 @@ class FeatureCache:
                 levels=self.levels,
             )
 
+    def summary(self) -> dict[str, object]:
+        """Totals over the finished images, without decoding any map: ``images``,
+        ``windows_per_image``, ``bytes_per_image``, ``feature_dim`` (``C * sum(n * n)``) and
+        ``scale_share`` (fraction of windows pooled at each scale)."""
+        ids = self.image_ids
+        windows, size, per_scale, channels = 0, 0, np.zeros(len(self.scales), dtype=np.int64), 0
+        for image_id in ids:
+            path = self.path(image_id)
+            size += path.stat().st_size
+            with np.load(path, allow_pickle=False) as data:
+                scale_index = data["scale_index"]
+                channels = int(data["map_shapes"][0, 0])
+            windows += len(scale_index)
+            per_scale += np.bincount(scale_index, minlength=len(self.scales))
+        count = max(len(ids), 1)
+        return {
+            "images": len(ids),
+            "windows_per_image": windows / count,
+            "bytes_per_image": size / count,
+            "feature_dim": channels * sum(n * n for n in self.levels),
+            "scale_share": (per_scale / max(windows, 1)).tolist(),
+        }
+
     def __iter__(self) -> Iterator[CachedImage]:
         for image_id in self.image_ids:
             yield self.load(image_id)
