@@ -14,8 +14,10 @@ SqueezeNet weights from ../shared/data, in one run:
 * fp16 cache error: the largest relative error the cache puts into pooled features.
 
 Speedups are given at 2,000 windows per image (R-CNN's setting) and at the measured mean
-count; ``speedup_vs_rcnn_*`` counts SPP's pooling too, ``conv_speedup_vs_rcnn_*`` compares
-conv time only (as the paper's Table 6 does).
+count: ``speedup_vs_rcnn_*`` is R-CNN-style extraction over the SPP extract stage (the
+issue's definition; the stage writes conv maps, pooling happens when later stages read),
+``speedup_vs_rcnn_incl_pooling_*`` adds SPP's pooling of every window on read, and
+``conv_speedup_vs_rcnn_*`` compares bare conv time only (as the paper's Table 6 does).
 
     python -m bench.extract [--images 20] [--json out.json]
 """
@@ -175,17 +177,21 @@ def main() -> None:
         results[f"overhead_vs_bare_forward_{name}"] = spp / bare
         for count, tag in ((2000, ""), (mean_windows, "_at_mean")):
             rcnn = rcnn_per_window * count
-            results[f"speedup_vs_rcnn_{name}{tag}"] = rcnn / (spp + pool_w * count)
+            results[f"speedup_vs_rcnn_{name}{tag}"] = rcnn / spp
+            results[f"speedup_vs_rcnn_incl_pooling_{name}{tag}"] = rcnn / (spp + pool_w * count)
             results[f"conv_speedup_vs_rcnn_{name}{tag}"] = rcnn / bare
         rows += [
             (f"{name}: bare forward", f"{bare:8.3f} s/image"),
             (f"{name}: SPP extract (cache write incl.)", f"{spp:8.3f} s/image  ({spp / bare:.2f}x bare forward)"),
             (f"{name}: pooling on read", f"{pool_w * 1e6:8.0f} us/window ({pool_w * 2000:.3f} s at 2000 windows)"),
             (f"{name}: cache size", f"{results[f'cache_bytes_per_image_{name}'] / 1e6:8.2f} MB/image"),
-            (f"{name}: speedup vs R-CNN @2000 (extract+pool)", f"{results[f'speedup_vs_rcnn_{name}']:8.1f}x"),
-            (f"{name}: conv-only speedup vs R-CNN @2000", f"{results[f'conv_speedup_vs_rcnn_{name}']:8.1f}x"),
-            (f"{name}: speedup vs R-CNN @{mean_windows:.0f} (extract+pool)",
-             f"{results[f'speedup_vs_rcnn_{name}_at_mean']:8.1f}x"),
+            (f"{name}: speedup vs R-CNN @2000: extract", f"{results[f'speedup_vs_rcnn_{name}']:8.1f}x"),
+            (f"{name}: speedup vs R-CNN @2000: extract+pool",
+             f"{results[f'speedup_vs_rcnn_incl_pooling_{name}']:8.1f}x"),
+            (f"{name}: speedup vs R-CNN @2000: conv only", f"{results[f'conv_speedup_vs_rcnn_{name}']:8.1f}x"),
+            (f"{name}: speedup vs R-CNN @{mean_windows:.0f}: extract / +pool",
+             f"{results[f'speedup_vs_rcnn_{name}_at_mean']:8.1f}x / "
+             f"{results[f'speedup_vs_rcnn_incl_pooling_{name}_at_mean']:.1f}x"),
         ]
     rows += [("R-CNN style", f"{rcnn_per_window * 1e3:8.2f} ms/window = {rcnn_per_window * 2000:.1f} s at 2000"),
              ("fp16 cache error (pooled)", f"max abs {worst_abs:.3g}, max rel {worst_rel:.3g}")]

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spp_detect.boxes import from_voc_1based, to_voc_1based
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.stage_dir import atomic_write
 
@@ -124,10 +125,10 @@ Detections = dict[str, ClassDetections]
 def to_devkit_frame(boxes: np.ndarray) -> np.ndarray:
     """0-based continuous xyxy -> the devkit's 1-based inclusive pixels, in float64.
 
-    ``(x1 + 1, y1 + 1, x2, y2)``: the same map as :func:`spp_detect.boxes.to_voc_1based`,
-    kept in float64 (that function returns float32 for numpy input) so that coordinates
-    read from devkit files come back bit for bit in the devkit frame (``(v - 1) + 1 == v``
-    for ``v >= 0.5``); the 0-based values of a written and re-read box may differ by an ulp.
+    ``(x1 + 1, y1 + 1, x2, y2)`` (:func:`spp_detect.boxes.to_voc_1based`) in float64, so
+    that coordinates read from devkit files come back bit for bit in the devkit frame
+    (``(v - 1) + 1 == v`` for ``v >= 0.5``); the 0-based values of a written and re-read
+    box may differ by an ulp.
 
     Args:
         boxes: ``[K, 4]`` 0-based ``(x1, y1, x2, y2)``.
@@ -135,16 +136,12 @@ def to_devkit_frame(boxes: np.ndarray) -> np.ndarray:
     Returns:
         ``np.ndarray[K, 4]`` float64, 1-based inclusive ``(xmin, ymin, xmax, ymax)``.
     """
-    out = np.array(boxes, dtype=np.float64).reshape(-1, 4)
-    out[:, :2] += 1  # VOC pixels are 1-based and inclusive: only xmin/ymin move
-    return out
+    return to_voc_1based(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
 
 
 def from_devkit_frame(boxes: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_devkit_frame` (float64 :func:`spp_detect.boxes.from_voc_1based`)."""
-    out = np.array(boxes, dtype=np.float64).reshape(-1, 4)
-    out[:, :2] -= 1
-    return out
+    return from_voc_1based(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
 
 
 # ----------------------------------------------------------------------- devkit files

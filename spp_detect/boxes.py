@@ -44,13 +44,10 @@ def from_voc_1based(boxes: np.ndarray | Tensor) -> np.ndarray | Tensor:
         boxes: ``[N, 4]`` 1-based inclusive ``(xmin, ymin, xmax, ymax)``.
 
     Returns:
-        ``[N, 4]`` 0-based ``(x1, y1, x2, y2)``, same type and dtype as the input
-        (float32 for integer input).
+        ``[N, 4]`` 0-based ``(x1, y1, x2, y2)``, same type as the input; floating input
+        keeps its dtype (``eval`` works in float64), integer input becomes float32.
     """
-    if isinstance(boxes, Tensor):
-        out = boxes.to(torch.float32).clone()
-    else:
-        out = np.asarray(boxes, dtype=np.float32).copy()
+    out = _float_copy(boxes)
     _check_shape(out)
     out[:, 0] -= 1
     out[:, 1] -= 1
@@ -58,8 +55,9 @@ def from_voc_1based(boxes: np.ndarray | Tensor) -> np.ndarray | Tensor:
 
 
 def to_voc_1based(boxes: np.ndarray | Tensor) -> np.ndarray | Tensor:
-    """Inverse of :func:`from_voc_1based`: 0-based continuous ``[N, 4]`` -> 1-based inclusive."""
-    out = boxes.clone() if isinstance(boxes, Tensor) else np.asarray(boxes, dtype=np.float32).copy()
+    """Inverse of :func:`from_voc_1based`: 0-based continuous ``[N, 4]`` -> 1-based inclusive
+    (dtype rule as there)."""
+    out = _float_copy(boxes)
     _check_shape(out)
     out[:, 0] += 1
     out[:, 1] += 1
@@ -98,6 +96,13 @@ def remove_small_boxes(boxes: Tensor, min_size: float) -> Tensor:
     widths = boxes[:, 2] - boxes[:, 0]
     heights = boxes[:, 3] - boxes[:, 1]
     return torch.nonzero((widths >= min_size) & (heights >= min_size)).flatten()
+
+
+def _float_copy(boxes: np.ndarray | Tensor) -> np.ndarray | Tensor:
+    if isinstance(boxes, Tensor):
+        return boxes.clone() if boxes.is_floating_point() else boxes.to(torch.float32)
+    array = np.asarray(boxes)
+    return array.astype(array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32, copy=True)
 
 
 def _check_shape(boxes: np.ndarray | Tensor) -> None:

@@ -20,6 +20,7 @@ output, which roughly halves the cost of the paper's {1, 2, 3, 6} pyramid.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
 import numpy as np
@@ -41,6 +42,10 @@ __all__ = [
 PAPER_LEVELS: tuple[int, ...] = (1, 2, 3, 6)
 #: Largest window side (cells) for which roi_pool's float32 bin edges are proven exact.
 MAX_WINDOW_CELLS: int = 4096
+#: On the CPU, torchvision's roi_pool runs on one thread; windows are split into chunks of
+#: at least this many and pooled on ``torch.get_num_threads()`` threads (it releases the
+#: GIL). bench/spp_pool.py: ~1.7x on 2 cores for 2,000 windows.
+_MIN_WINDOWS_PER_THREAD = 128
 
 
 def pyramid_bins(levels: Sequence[int]) -> int:
@@ -104,11 +109,26 @@ def spatial_pyramid_pool(
     for n in sorted(set(int(v) for v in levels), reverse=True):
         finer = min((m for m in pooled if m % n == 0), default=None)
         if finer is None:
-            pooled[n] = roi_pool(batch, rois, output_size=(n, n), spatial_scale=1.0)
+            pooled[n] = _roi_pool(batch, rois, n)
         else:
             k = finer // n
             pooled[n] = pooled[finer].view(num, channels, n, k, n, k).amax(dim=(3, 5))
     return torch.cat([pooled[int(n)].reshape(num, -1) for n in levels], dim=1)
+
+
+@lru_cache(maxsize=1)
+def _thread_pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spp-roi-pool")
+
+
+def _roi_pool(batch: Tensor, rois: Tensor, n: int) -> Tensor:
+    """``roi_pool`` at ``n x n`` with ``spatial_scale = 1``; CPU calls split over threads."""
+    workers = min(torch.get_num_threads(), len(rois) // _MIN_WINDOWS_PER_THREAD)
+    if batch.device.type != "cpu" or workers < 2 or torch.is_grad_enabled() and batch.requires_grad:
+        return roi_pool(batch, rois, output_size=(n, n), spatial_scale=1.0)
+    chunks = rois.chunk(workers)
+    parts = _thread_pool(workers).map(lambda r: roi_pool(batch, r, output_size=(n, n), spatial_scale=1.0), chunks)
+    return torch.cat(list(parts))
 
 
 class SpatialPyramidPool(nn.Module):
