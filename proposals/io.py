@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from spp_detect.boxes import from_voc_1based, to_voc_1based
 from spp_detect.stage_dir import atomic_write, read_manifest
 
 __all__ = [
@@ -52,13 +53,13 @@ BOXES_SUFFIX = ".npy"
 def mat_to_xyxy(raw: np.ndarray) -> np.ndarray:
     """MATLAB 1-based inclusive ``(y1, x1, y2, x2)`` ``[N, 4]`` -> 0-based continuous xyxy float32."""
     raw = np.asarray(raw, dtype=np.float64).reshape(-1, 4)
-    return (raw[:, (1, 0, 3, 2)] - (1, 1, 0, 0)).astype(np.float32)  # (y1,x1,y2,x2)+1 -> (x1,y1,x2,y2)
+    return from_voc_1based(raw[:, (1, 0, 3, 2)]).astype(np.float32)  # (y1,x1,y2,x2) -> (x1,y1,x2,y2)
 
 
 def xyxy_to_mat(boxes: np.ndarray) -> np.ndarray:
     """0-based continuous xyxy ``[N, 4]`` -> MATLAB 1-based inclusive ``(y1, x1, y2, x2)`` float64."""
     boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-    return (boxes + (1, 1, 0, 0))[:, (1, 0, 3, 2)]  # (x1,y1,x2,y2) -> (y1,x1,y2,x2)+1
+    return to_voc_1based(boxes)[:, (1, 0, 3, 2)]  # (x1,y1,x2,y2) -> (y1,x1,y2,x2)
 
 
 def boxes_path(folder: Path, image_id: str) -> Path:

@@ -40,7 +40,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from spp_detect.boxes import clip_boxes
+from spp_detect.boxes import clip_boxes, remove_small_boxes
 
 __all__ = ["MODES", "R_CNN_MIN_SIZE", "R_CNN_MAX_BOXES", "selective_search", "filter_boxes", "propose"]
 
@@ -128,9 +128,8 @@ def filter_boxes(
         raise ValueError(f"filter_boxes: image size must be positive, got {width}x{height}")
     if max_boxes is not None and max_boxes < 0:
         raise ValueError(f"filter_boxes: max_boxes must be >= 0 or None, got {max_boxes}")
-    boxes = clip_boxes(torch.from_numpy(boxes), int(width), int(height)).numpy()
-    sizes = boxes[:, 2:] - boxes[:, :2]  # [N, 2] (width, height)
-    boxes = boxes[(sizes >= min_size).all(axis=1)]
+    clipped = clip_boxes(torch.from_numpy(boxes), int(width), int(height))
+    boxes = clipped[remove_small_boxes(clipped, min_size)].numpy()
     _, first = np.unique(boxes, axis=0, return_index=True)  # first occurrence of each row
     boxes = boxes[np.sort(first)]
     if max_boxes is not None:
