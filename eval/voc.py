@@ -35,8 +35,8 @@ precision is 0/0: the devkit's NaN is skipped by MATLAB's ``max``; here it is 0 
 py-faster-rcnn's later ``np.maximum(tp + fp, eps)``), which gives the same AP.
 
 Parsed annotations are cached in memory by :func:`spp_detect.datasets.voc.read_voc`
-(``functools.lru_cache`` keyed by file path and modification stamp), never in an unkeyed pickle (py-faster-rcnn's
-``annots.pkl`` goes stale across image sets).
+(``functools.lru_cache`` keyed by file path and modification stamp), never in an
+unkeyed pickle (py-faster-rcnn's ``annots.pkl`` goes stale across image sets).
 """
 
 from __future__ import annotations
