@@ -116,8 +116,12 @@ def main(verbose: int, quiet: bool) -> None:
     The stages, each reading the previous one's output folder:
       1. proposals   selective search windows per image (or import R-CNN's .mat)
       2. extract     conv maps once per scale, windows assigned to scales, cached
-      5. evaluate    VOC07 11-point AP (devkit-exact) / COCO metrics, PR curves
+      3. finetune    fc6 -> fc7 -> fc8 on pooled features (no conv layer runs)
+      4. train-svm   linear SVMs with hard-negative mining (+ box regression)
+      5. detect      score windows, NMS; VOC comp4 files and COCO json
+      6. evaluate    VOC07 11-point AP (devkit-exact) / COCO metrics, PR curves
     Tools:
+      show           detections drawn on an image
       info           what a stage folder holds (settings, progress, recall, sizes)
       download-voc2007
     Every stage is resumable: rerun the same command to continue; a folder made
@@ -163,10 +167,11 @@ def _not_required(*names: str):
 )
 @click.option(
     "--mode",
-    type=click.Choice(["fast", "quality", "rcnn"]),
+    type=click.Choice(["fast", "opencv-fast", "opencv-quality"]),
     default="fast",
-    help="fast / quality: OpenCV's selective search modes; rcnn: R-CNN's fast-mode colour "
-    "spaces and k values (HSV+Lab, k=50,100) built from OpenCV parts.",
+    help="fast: selective search's fast mode as the paper and R-CNN ran it (HSV+Lab, "
+    "k=50,100; 95% recall on VOC07 test). opencv-fast / opencv-quality: OpenCV's own modes "
+    "(k=150..450: 93.5% recall at the same speed; quality: ~3.5x slower).",
 )
 @click.option("--max-boxes", type=click.IntRange(min=1), default=2000, help="Keep the best-ranked N boxes per image (R-CNN: ~2000).")
 @click.option("--min-size", type=click.IntRange(min=0), default=20, help="Drop boxes narrower or shorter than this, in pixels (R-CNN: 20).")
@@ -295,6 +300,15 @@ def parse_shard(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @click.option(
     "--levels", default="1,2,3,6", callback=parse_scales, help="Pyramid levels, in feature order (paper: 1,2,3,6)."
 )
+@click.option(
+    "--mode",
+    type=click.Choice(["spp", "crop-warp"]),
+    default="spp",
+    help="spp: the paper (conv maps once per scale, windows pooled from them). crop-warp: "
+    "R-CNN's baseline, every window cropped with 16 px context, warped to 224 and run through "
+    "the trunk alone (its map pooled whole with the same pyramid; --scales is ignored). "
+    "Slow by design: for comparisons.",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
 @device_option
 @force_option
@@ -310,6 +324,7 @@ def extract_cmd(
     input_norm: str,
     scales: tuple[int, ...],
     levels: tuple[int, ...],
+    mode: str,
     out: Path,
     device: str,
     force: bool,
@@ -333,7 +348,7 @@ def extract_cmd(
     from proposals.io import load_proposals
     from spp_detect.datasets.voc import VOCFormatError, read_voc
     from spp_detect.device import resolve_device
-    from spp_detect.extract import ImageReadError, run_extract
+    from spp_detect.extract import ExtractSettings, ImageReadError, run_extract
     from spp_detect.stage_dir import SettingsChanged, source_key
 
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
@@ -345,15 +360,14 @@ def extract_cmd(
     try:
         images = read_voc(voc_root, image_set, year)[:limit]
         boxes = load_proposals(proposals_path, [im.image_id for im in images])
+        settings = ExtractSettings(
+            backbone=backbone, weights=weights, input_norm=input_norm, scales=scales, levels=levels, mode=mode
+        )
         summary = run_extract(
             images,
             boxes,
             out,
-            backbone=backbone,
-            weights=weights,
-            input_norm=input_norm,
-            scales=scales,
-            levels=levels,
+            settings,
             proposals_key=source_key(proposals_path),
             image_set=image_set,
             device=torch_device,
@@ -369,6 +383,263 @@ def extract_cmd(
         f"{summary.windows / max(summary.done, 1):.0f} windows/image, {per_image:.2f} MB/image, "
         f"{summary.images_per_second:.2f} img/s on {torch_device} -> {out}"
     )
+
+
+def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
+    """Callback for comma-separated integers that may be empty (``--lr-steps 2000,4000``)."""
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
+
+
+caches_option = click.option(
+    "--cache",
+    "caches",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    multiple=True,
+    required=True,
+    help="Extract cache of the training images; repeat to train on several (e.g. VOC07 and VOC12 trainval).",
+)
+
+
+def _torch_device(device: str):
+    from spp_detect.device import resolve_device
+
+    try:
+        return resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+
+
+def _bar(desc: str, unit: str = "img"):
+    """A tqdm wrapper for a stage's per-image loop, hidden by -q."""
+    from tqdm import tqdm
+
+    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+    return lambda seq, label=desc: tqdm(seq, desc=label, unit=unit, disable=quiet)
+
+
+@main.command("finetune")
+@caches_option
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Head folder (head.npz + head.json).")
+@click.option("--fc-dim", type=click.IntRange(min=1), default=4096, help="Width of fc6 and fc7 (paper: 4096; 1024 is about 4x faster on a CPU).")
+@click.option("--iterations", type=click.IntRange(min=1), default=3000, help="Minibatches of --batch-size windows (release: 3 x 30k).")
+@click.option("--lr", "base_lr", type=click.FloatRange(min=0, min_open=True), default=0.01, help="Base learning rate (release: 1e-3 from ImageNet-trained fc layers; fc6/fc7 are random here).")
+@click.option("--lr-steps", default="2000", callback=parse_int_list, help="Iterations at which the learning rate is divided by 10 (release: 30000,60000).")
+@click.option("--batch-size", type=click.IntRange(min=2), default=128, help="Windows per minibatch (release: 128).")
+@click.option("--fg-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, help="Share of foreground windows per minibatch (release: 0.25).")
+@click.option("--random-scale/--no-random-scale", default=True, help="Pool each training window at a random scale (release: random_scale = 1).")
+@click.option("--round-iterations", type=click.IntRange(min=1), default=100, help="Minibatches prepared at once; a checkpoint follows each round.")
+@click.option("--seed", type=int, default=0, help="Seed of the initial weights, window sampling and dropout.")
+@click.option("--stop-after", type=click.IntRange(min=1), default=None, help="Stop with a checkpoint after this many iterations (rerun to continue).")
+@device_option
+@force_option
+def finetune_cmd(caches, out, fc_dim, iterations, base_lr, lr_steps, batch_size, fg_fraction, random_scale,
+                 round_iterations, seed, stop_after, device, force) -> None:
+    """Train fc6 -> fc7 -> fc8 (21-way) on pooled SPP features from extract caches (stage 3).
+
+    \b
+    Minibatches of 128 windows, 25% foreground (IoU >= 0.5 with a ground truth,
+    labelled with its class) and 75% background (IoU in [0.1, 0.5), label 0), each
+    pooled at a random scale; SGD with momentum 0.9, weight decay 5e-4, learning
+    rate / 10 at each --lr-steps. No conv layer runs. A checkpoint after every
+    round: rerun the same command to resume.
+
+    \b
+    Example:
+      spp-detect finetune --cache runs/feat-trainval --out runs/head --fc-dim 1024
+    """
+    from tqdm import tqdm
+
+    from spp_detect.finetune import FinetuneSettings, run_finetune
+    from spp_detect.stage_dir import SettingsChanged
+
+    torch_device = _torch_device(device)
+    try:
+        settings = FinetuneSettings(
+            fc_dim=fc_dim, iterations=iterations, base_lr=base_lr, lr_steps=lr_steps, batch_size=batch_size,
+            fg_fraction=fg_fraction, random_scale=random_scale, round_iterations=round_iterations, seed=seed,
+        )
+        quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
+        summary = run_finetune(
+            caches, out, settings, device=torch_device, force=force, stop_after=stop_after,
+            progress=lambda total, start: tqdm(total=total, initial=start, desc="finetune", unit="it", disable=quiet),
+        )
+    except (SettingsChanged, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if summary.already_done:
+        click.echo(f"finetune: {out} already holds the trained head (use --force to retrain)")
+        return
+    last = summary.rounds[-1] if summary.rounds else {}
+    state = "done" if (out / "head.npz").is_file() else "stopped (rerun to continue)"
+    click.echo(
+        f"finetune: {summary.iterations_run} iterations in {summary.seconds:.0f} s"
+        + (f" (resumed at {summary.resumed_from})" if summary.resumed_from else "")
+        + f", last round loss {last.get('loss', float('nan')):.3f}, fg accuracy {last.get('fg_accuracy', 0):.2f}; {state} -> {out}"
+    )
+
+
+@main.command("train-svm")
+@caches_option
+@click.option("--head", "head_folder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+              help="Fine-tuned head (finetune --out), needed for --features fc6/fc7.")
+@click.option("--features", "layer", type=click.Choice(["pool", "fc6", "fc7"]), default="fc7",
+              help="Window features the SVMs read: the pooled SPP vector or a head layer (paper Table 6 rows).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model folder (svm.npz, svm.json, bbox.npz).")
+@click.option("--bbox/--no-bbox", default=False, help="Also fit per-class box regressors on the pooled features.")
+@click.option("--bbox-lambda", type=click.FloatRange(min=0, min_open=True), default=4000.0, help="Ridge penalty (SPP-net: 4000; R-CNN: 1000).")
+@click.option("--bbox-min-overlap", type=click.FloatRange(0, 1), default=0.5, help="Regress windows with IoU > this (SPP-net: 0.5; R-CNN: 0.6).")
+@click.option("--exclude-difficult", is_flag=True, help="Leave difficult ground truths out of the positives (the release keeps them).")
+@click.option("--C", "svm_c", type=click.FloatRange(min=0, min_open=True), default=1e-3, help="SVM cost (release: 0.001).")
+@device_option
+@force_option
+def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_overlap, exclude_difficult, svm_c, device, force) -> None:
+    """One linear SVM per class with hard-negative mining, optionally box regression (stage 4).
+
+    \b
+    The release's recipe: ground-truth boxes are positives, windows with IoU < 0.3
+    against every box of the class are negatives, features scaled to mean norm 20,
+    liblinear (C = 0.001, positive weight 2, bias feature 10), one mining pass
+    (keep scores > -1.0001, retrain after 2,000 new ones, evict < -1.2).
+
+    \b
+    Examples:
+      spp-detect train-svm --cache runs/feat-trainval --head runs/head --features fc7 --bbox --out runs/svm
+      spp-detect train-svm --cache runs/feat-trainval --features pool --out runs/svm-pool
+    """
+    from spp_detect.stage_dir import SettingsChanged
+    from svm.train import SVMSettings, run_train_svm
+
+    torch_device = _torch_device(device)
+    if layer != "pool" and head_folder is None:
+        raise click.UsageError(f"--features {layer} reads a fine-tuned head: add --head FOLDER (from finetune), or use --features pool")
+    try:
+        settings = SVMSettings(layer=layer, C=svm_c, include_difficult=not exclude_difficult, bbox=bbox,
+                               bbox_lambda=bbox_lambda, bbox_min_overlap=bbox_min_overlap)
+        summary = run_train_svm(caches, out, settings, head_folder=head_folder, device=torch_device, force=force,
+                                progress=_bar("train-svm"))
+    except (SettingsChanged, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if summary.already_done:
+        click.echo(f"train-svm: {out} already holds trained SVMs (use --force to retrain)")
+        return
+    click.echo(
+        f"train-svm: 20 classes on {summary.images} images in {summary.seconds:.0f} s; "
+        f"{sum(summary.positives.values())} positives, {sum(summary.negatives.values())} cached hard negatives"
+        + (f", box regression on {summary.bbox_samples} windows" if bbox else "") + f" -> {out}"
+    )
+    if summary.untrained:
+        click.echo(f"  no ground truth of {', '.join(summary.untrained)} in the training caches: those classes are never detected", err=True)
+
+
+@main.command("detect")
+@click.option("--cache", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="Extract cache of the test images.")
+@click.option("--svm", "svm_folder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="train-svm folder.")
+@click.option("--bbox/--no-bbox", default=False, help="Apply the model's box regressors (train-svm --bbox).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Detections folder: per-image .npz, devkit comp4 files and detections.json (COCO).")
+@click.option("--score-threshold", type=float, default=-1.5, help="Keep SVM scores above this (release: -1.5).")
+@click.option("--nms", "nms_threshold", type=click.FloatRange(0, 1), default=0.3, help="Per-class NMS IoU (release: 0.3).")
+@click.option("--max-per-image", type=click.IntRange(min=1), default=100, help="Detections per class per image (release: 100).")
+@device_option
+@force_option
+def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max_per_image, device, force) -> None:
+    """Score every window of the test cache, NMS per class, write VOC and COCO results (stage 5).
+
+    \b
+    Writes <out>/comp4_det_<image-set>_<class>.txt (the devkit's format) and
+    <out>/detections.json (COCO results); `spp-detect evaluate --detections <out>`
+    reads either. Resumable: rerun to continue.
+
+    \b
+    Example:
+      spp-detect detect --cache runs/feat-test --svm runs/svm --bbox --out runs/dets
+      spp-detect evaluate --voc-root VOCdevkit --image-set test --detections runs/dets
+    """
+    from eval.results import ClassDetections, write_coco_results, write_voc_results
+    from spp_detect.detect import DetectSettings, load_detections, run_detect
+    from spp_detect.stage_dir import SettingsChanged, read_manifest
+    from svm.train import load_svm
+
+    torch_device = _torch_device(device)
+    try:
+        model = load_svm(svm_folder, torch_device)
+        if bbox and model.regressor is None:
+            raise click.BadParameter(f"{svm_folder} has no box regressors: train it with --bbox, or drop --bbox", param_hint="--bbox")
+        settings = DetectSettings(score_threshold=score_threshold, nms_threshold=nms_threshold,
+                                  max_per_image=max_per_image, bbox=bbox)
+        summary = run_detect(cache, out, model, settings, model_key=read_manifest(svm_folder)["key"],
+                             device=torch_device, force=force, progress=_bar("detect"))
+    except (SettingsChanged, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    image_set = read_manifest(cache)["config"].get("image_set", "test")
+    per_class = load_detections(out, model.classes)
+    detections = {name: ClassDetections(*arrays) for name, arrays in per_class.items()}
+    write_voc_results(detections, out, image_set, comp_id="comp4", classes=model.classes)
+    write_coco_results(detections, out / "detections.json", classes=model.classes)
+    count = sum(len(d) for d in detections.values())
+    per_image = summary.seconds / max(summary.done, 1)
+    click.echo(
+        f"detect: {summary.done} image(s) computed ({per_image:.2f} s/image), {summary.skipped} already done; "
+        f"{count} detections -> {out}/comp4_det_{image_set}_*.txt and {out}/detections.json"
+    )
+
+
+@main.command("show")
+@click.option("--detections", type=click.Path(exists=True, path_type=Path), required=True,
+              help="A detect folder, a folder of devkit result files, or a COCO results json.")
+@voc_options(default_image_set="test")
+@click.option("--image", "image_id", required=True, help="Image id, e.g. 000001.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG (or JPEG) to write.")
+@click.option("--threshold", type=float, default=0.0, help="Draw detections scoring above this (SVM margin; 0 is the decision boundary).")
+@click.option("--top", type=click.IntRange(min=1), default=20, help="At most this many boxes, best first.")
+@click.option("--ground-truth/--no-ground-truth", default=True, help="Also draw the annotated boxes (dashed white).")
+def show_cmd(detections, voc_root, year, image_set, image_id, out, threshold, top, ground_truth) -> None:
+    """Draw one image's detections (class and score) and its ground truth into a picture.
+
+    \b
+    Example:
+      spp-detect show --detections runs/dets --voc-root VOCdevkit --image 000001 --out 000001.png
+    """
+    import cv2
+    import numpy as np
+
+    from eval.results import DetectionsError, read_detections
+    from spp_detect.datasets.voc import VOCFormatError, read_voc
+    from spp_detect.extract import ImageReadError, load_image_rgb
+    from spp_detect.show import draw_boxes
+
+    try:
+        images = {im.image_id: im for im in read_voc(voc_root, image_set, year)}
+        if image_id not in images:
+            raise click.BadParameter(f"{image_id} is not in the {image_set} image set", param_hint="--image")
+        image = images[image_id]
+        dets = read_detections(detections, image_set)
+        pixels = load_image_rgb(image.path)
+    except (VOCFormatError, DetectionsError, ImageReadError) as exc:
+        raise click.ClickException(str(exc)) from None
+    from spp_detect.datasets.voc import VOC_CLASSES
+
+    rows = []
+    for c, name in enumerate(VOC_CLASSES):
+        d = dets.get(name)
+        if d is None:
+            continue
+        mine = (d.image_ids == image_id) & (d.scores > threshold)
+        rows += [(float(s), c, name, b) for s, b in zip(d.scores[mine], d.boxes[mine])]
+    rows = sorted(rows, key=lambda r: -r[0])[:top]
+    canvas = draw_boxes(
+        pixels,
+        np.array([r[3] for r in rows]).reshape(-1, 4),
+        [f"{r[2]} {r[0]:.2f}" for r in rows],
+        [r[1] for r in rows],
+        ground_truth=image.boxes if ground_truth else None,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), canvas[:, :, ::-1]):
+        raise click.ClickException(f"cannot write {out} (is the extension .png or .jpg?)")
+    click.echo(f"show: {len(rows)} detection(s) of {image_id} above {threshold:g} -> {out}")
 
 
 @main.command("evaluate")
@@ -388,6 +659,7 @@ def extract_cmd(
     help="The 12 COCO numbers from pycocotools (VOC difficult objects as crowd/ignore regions).",
 )
 @voc_options(default_image_set="test")
+@limit_option
 @click.option(
     "--detections",
     type=click.Path(exists=True, path_type=Path),
@@ -432,6 +704,7 @@ def evaluate_cmd(
     voc_root: Path,
     year: str,
     image_set: str,
+    limit: int | None,
     detections: Path,
     metric: str | None,
     rule: str,
@@ -462,7 +735,7 @@ def evaluate_cmd(
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to --voc2007")
     try:
-        images = read_voc(voc_root, image_set, year)
+        images = read_voc(voc_root, image_set, year)[:limit]
         dets = read_detections(detections, image_set, comp_id=comp_id)
     except (VOCFormatError, DetectionsError) as exc:
         raise click.ClickException(str(exc)) from None

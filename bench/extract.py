@@ -39,7 +39,7 @@ from spp_detect.backbones import build_trunk, resolve_normalization
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
 from spp_detect.device import resolve_device
-from spp_detect.extract import conv_maps, load_image_rgb, prepare_trunk, run_extract
+from spp_detect.extract import ExtractSettings, conv_maps, load_image_rgb, prepare_trunk, run_extract
 from spp_detect.spp import PAPER_LEVELS, spatial_pyramid_pool
 from spp_detect.windows import PAPER_SCALES
 
@@ -120,8 +120,9 @@ def main() -> None:
         results[f"bare_forward_s_per_image_{name}"] = (time.perf_counter() - start) / len(images)
 
         out = work / f"cache-{name}"
-        summary = run_extract(images, proposals, out, backbone="squeezenet1_0", weights=weights, scales=scales,
-                              levels=PAPER_LEVELS, proposals_key="bench", image_set="test", device=device)
+        extract_settings = ExtractSettings(backbone="squeezenet1_0", weights=weights, scales=scales, levels=PAPER_LEVELS)
+        summary = run_extract(images, proposals, out, extract_settings, proposals_key="bench", image_set="test",
+                              device=device)
         results[f"spp_extract_s_per_image_{name}"] = summary.seconds / len(images)
         results[f"cache_bytes_per_image_{name}"] = summary.bytes_written / len(images)
 

@@ -6,7 +6,7 @@ boxes of every image, the fraction of non-difficult ground-truth boxes covered b
 box at IoU >= 0.5 and >= 0.7 (continuous IoU, :func:`spp_detect.boxes.box_iou`).
 
     .venv/bin/python -m bench.proposals --workers 2 --json bench/results/proposals-fast.json
-    .venv/bin/python -m bench.proposals --mode quality --limit 30
+    .venv/bin/python -m bench.proposals --mode opencv-quality --limit 30
 
 Reference: selective search fast mode covers 98% of VOC2007 test objects at IoU 0.5 with
 about 2,000 boxes per image (Uijlings et al., IJCV 2013; R-CNN). Timings are wall clock
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--year", default="2007")
     parser.add_argument("--image-set", default="test")
     parser.add_argument("--limit", type=int, default=None, help="only the first N images of the set")
-    parser.add_argument("--mode", default="fast", choices=["fast", "quality", "rcnn"])
+    parser.add_argument("--mode", default="fast", choices=["fast", "opencv-fast", "opencv-quality"])
     parser.add_argument("--min-size", type=int, default=20)
     parser.add_argument("--max-boxes", type=int, default=2000)
     parser.add_argument("--workers", type=int, default=2)

@@ -62,7 +62,8 @@ class ProposalSettings:
     """Settings of the selective search stage; all of them key the output folder.
 
     Attributes:
-        mode: ``"fast"`` (OpenCV's fast mode), ``"quality"`` or ``"rcnn"``.
+        mode: ``"fast"`` (the paper's fast mode, as R-CNN ran it), ``"opencv-fast"`` or
+            ``"opencv-quality"`` (OpenCV's own modes); see :mod:`proposals.selective_search`.
         min_size: drop boxes narrower or shorter than this, in pixels (R-CNN: 20).
         max_boxes: keep at most this many boxes per image, best ranked first (R-CNN,
             SPP-net: about 2,000).

@@ -20,6 +20,8 @@ atomically through :func:`spp_detect.stage_dir.atomic_write`:
 * ``is_gt``: bool ``[N]``, ground-truth boxes (listed first) vs proposals;
 * ``scale_index``: int64 ``[N]``, the scale each window is pooled at (paper 4.1);
 * ``cells``: int64 ``[N, 4]``, inclusive conv-cell ranges on that scale's map;
+* ``gt_labels``: int64 ``[G]``, class index (into the manifest's ``classes``) of each of
+  the first ``G`` windows, the ground-truth boxes; ``gt_difficult``: bool ``[G]``;
 * ``map_shapes``: int64 ``[S, 3]``; ``map_<k>``: uint8, zlib of the C-order fp16 map.
 """
 
@@ -34,13 +36,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spp_detect.backbones import get_backbone
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.stage_dir import atomic_write, read_manifest
+from spp_detect.windows import scale_factors, windows_to_cells
 
 __all__ = ["FORMAT_VERSION", "CachedImage", "FeatureCache", "encode_map", "decode_map", "write_cached_image"]
 
 #: Bumped whenever the per-image file layout changes (it is part of the manifest key).
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: ground-truth labels and difficult flags stored
 #: zlib level 1: within 10% of level 6's size on post-ReLU maps, at about 3x the speed.
 _ZLIB_LEVEL = 1
 
@@ -67,6 +71,8 @@ def write_cached_image(
     scale_index: Tensor,
     cells: Tensor,
     maps: Sequence[Tensor],
+    gt_labels: Tensor,
+    gt_difficult: Tensor,
 ) -> int:
     """Write one image's cache file atomically; returns its size in bytes.
 
@@ -80,6 +86,8 @@ def write_cached_image(
         "is_gt": is_gt.to("cpu", torch.bool).numpy(),
         "scale_index": scale_index.to("cpu", torch.int64).numpy(),
         "cells": cells.to("cpu", torch.int64).numpy(),
+        "gt_labels": gt_labels.to("cpu", torch.int64).numpy(),
+        "gt_difficult": gt_difficult.to("cpu", torch.bool).numpy(),
         "map_shapes": np.asarray([tuple(m.shape) for m in maps], dtype=np.int64).reshape(-1, 3),
     }
     for k, fmap in enumerate(maps):
@@ -106,6 +114,12 @@ class CachedImage:
         cells: ``Tensor[N, 4]`` int64, inclusive conv cells on that scale's map.
         maps: one float32 ``Tensor[C, h_k, w_k]`` per scale.
         levels: the pyramid levels the cache was made for.
+        gt_labels: ``Tensor[G]`` int64 class indices of the ``G`` ground-truth windows
+            (the first ``G``; ``G == is_gt.sum()``).
+        gt_difficult: ``Tensor[G]`` bool, the devkit's difficult flags.
+        scale_factors: ``Tensor[S]`` float64 resize factor of each map's scale.
+        stride, offset: the trunk's geometry (:class:`spp_detect.backbones.BackboneSpec`),
+            to map windows to another scale's cells (:meth:`cells_at`).
     """
 
     image_id: str
@@ -117,16 +131,40 @@ class CachedImage:
     cells: Tensor
     maps: list[Tensor]
     levels: tuple[int, ...]
+    gt_labels: Tensor
+    gt_difficult: Tensor
+    scale_factors: Tensor
+    stride: int
+    offset: float
+
+    @property
+    def gt_boxes(self) -> Tensor:
+        """``Tensor[G, 4]`` 0-based xyxy ground-truth boxes (the first ``G`` windows)."""
+        return self.boxes[: len(self.gt_labels)]
+
+    def cells_at(self, indices: Tensor, scale_index: Tensor) -> Tensor:
+        """Inclusive cells ``Tensor[K, 4]`` of windows ``indices`` (``Tensor[K]``) on the maps of
+        ``scale_index`` (``Tensor[K]``), e.g. a random scale per window while fine-tuning
+        (the release's ``random_scale``). Equal to :attr:`cells` at the windows' own scales."""
+        sizes = torch.tensor([tuple(m.shape[1:]) for m in self.maps], dtype=torch.int64).reshape(-1, 2)
+        return windows_to_cells(
+            self.boxes[indices], self.scale_factors[scale_index], self.stride, self.offset, sizes[scale_index]
+        )
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
 
-    def features(self, indices: Tensor | None = None, device: torch.device | str | None = None) -> Tensor:
+    def features(
+        self,
+        indices: Tensor | None = None,
+        device: torch.device | str | None = None,
+        scale_index: Tensor | None = None,
+    ) -> Tensor:
         """Pooled SPP features ``Tensor[K, C * sum(n * n)]`` (float32) of the windows ``indices``
         (``Tensor[K]`` int64, default all), in that order, computed on ``device``.
 
-        Each window is pooled on the map of its own scale; the loop runs over scales, never
-        over windows.
+        Each window is pooled on the map of its own scale, or of ``scale_index``
+        (``Tensor[K]``) when given; the loop runs over scales, never over windows.
         """
         device = torch.device(device) if device is not None else self.maps[0].device
         if indices is None:
@@ -134,11 +172,15 @@ class CachedImage:
         indices = indices.to(torch.int64).cpu()
         channels = self.maps[0].shape[0]
         out = torch.empty((len(indices), channels * sum(n * n for n in self.levels)), device=device)
-        chosen = self.scale_index[indices]
+        if scale_index is None:
+            chosen, cells = self.scale_index[indices], self.cells[indices]
+        else:
+            chosen = scale_index.to(torch.int64).cpu()
+            cells = self.cells_at(indices, chosen)
         for k, fmap in enumerate(self.maps):
             rows = torch.nonzero(chosen == k).flatten()
             if len(rows):
-                out[rows.to(device)] = spatial_pyramid_pool(fmap.to(device), self.cells[indices[rows]], self.levels)
+                out[rows.to(device)] = spatial_pyramid_pool(fmap.to(device), cells[rows], self.levels)
         return out
 
     def iter_features(
@@ -171,6 +213,15 @@ class FeatureCache:
         self.scales: tuple[int, ...] = tuple(config["scales"])
         self.levels: tuple[int, ...] = tuple(config["levels"])
         self.backbone: str = config["backbone"]
+        self.mode: str = config.get("mode", "spp")
+        spec = get_backbone(self.backbone)
+        self.stride, self.offset = spec.stride, spec.offset
+        self.channels: int = spec.channels
+
+    @property
+    def feature_dim(self) -> int:
+        """Length of a pooled feature: ``C * sum(n * n)`` (25,600 for SqueezeNet's pyramid)."""
+        return self.channels * sum(n * n for n in self.levels)
 
     @property
     def image_ids(self) -> list[str]:
@@ -180,8 +231,9 @@ class FeatureCache:
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.npz"
 
-    def load(self, image_id: str) -> CachedImage:
-        """Read one image (maps decoded to float32 on the CPU).
+    def load(self, image_id: str, with_maps: bool = True) -> CachedImage:
+        """Read one image (maps decoded to float32 on the CPU; ``with_maps=False`` reads only the
+        windows and ground truth, for labelling, and leaves ``maps`` empty).
 
         Raises:
             FileNotFoundError: the image is not in the cache (not extracted yet).
@@ -194,7 +246,11 @@ class FeatureCache:
             if str(data["key"]) != self.key:
                 raise ValueError(f"{path} was written under other settings than {self.folder}/manifest.json")
             width, height = (int(v) for v in data["image_size"])
-            maps = [decode_map(data[f"map_{k}"], shape) for k, shape in enumerate(data["map_shapes"])]
+            maps = [decode_map(data[f"map_{k}"], shape) for k, shape in enumerate(data["map_shapes"])] if with_maps else []
+            if self.mode == "spp":
+                factors = scale_factors(width, height, self.scales)
+            else:  # crop-warp: one tiled map, no rescaling
+                factors = torch.ones(1, dtype=torch.float64)
             return CachedImage(
                 image_id=image_id,
                 width=width,
@@ -205,6 +261,11 @@ class FeatureCache:
                 cells=torch.from_numpy(data["cells"]),
                 maps=maps,
                 levels=self.levels,
+                gt_labels=torch.from_numpy(data["gt_labels"]),
+                gt_difficult=torch.from_numpy(data["gt_difficult"]),
+                scale_factors=factors,
+                stride=self.stride,
+                offset=self.offset,
             )
 
     def summary(self) -> dict[str, object]:

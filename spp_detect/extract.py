@@ -30,7 +30,7 @@ from spp_detect.cache import FORMAT_VERSION, write_cached_image
 from spp_detect.datasets.voc import VOCImage
 from spp_detect.spp import PAPER_LEVELS, exact_level
 from spp_detect.stage_dir import open_stage_dir, source_key
-from spp_detect.windows import choose_scales, scale_factors, windows_to_cells
+from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
 __all__ = [
     "ImageReadError",
@@ -40,11 +40,16 @@ __all__ = [
     "prepare_trunk",
     "conv_maps",
     "assign_windows",
-    "extract_config",
+    "EXTRACT_MODES",
+    "ExtractSettings",
+    "crop_warp_maps",
     "run_extract",
 ]
 
 log = logging.getLogger(__name__)
+
+#: ``spp``: the paper's shared conv maps; ``crop-warp``: R-CNN's per-window forward (baseline).
+EXTRACT_MODES: tuple[str, ...] = ("spp", "crop-warp")
 
 
 class ImageReadError(RuntimeError):
@@ -122,28 +127,65 @@ def assign_windows(
     return scale_index, cells
 
 
-def extract_config(
-    backbone: str,
-    weights: str,
-    input_norm: str,
-    scales: Sequence[int],
-    levels: Sequence[int],
-    proposals_key: str,
-    image_set: str,
-) -> dict[str, object]:
-    """The settings an extract cache is keyed by (the manifest adds the package version)."""
-    weights_id = weights if weights in ("imagenet", "none") else source_key(Path(weights))
-    norm_name = next(k for k, v in NORMALIZATIONS.items() if v == resolve_normalization(backbone, weights, input_norm))
-    return {
-        "backbone": backbone,
-        "weights": weights_id,
-        "input_norm": norm_name,
-        "scales": [int(s) for s in scales],
-        "levels": [int(n) for n in levels],
-        "proposals": proposals_key,
-        "image_set": image_set,
-        "format": FORMAT_VERSION,
-    }
+@dataclass(frozen=True)
+class ExtractSettings:
+    """What an extract cache is computed with; with the proposals key and the image set it is
+    what the cache's manifest key hashes (:meth:`config`).
+
+    Attributes:
+        backbone, weights, input_norm: see :mod:`spp_detect.backbones`; ``weights`` is
+            ``"imagenet"``, ``"none"`` or a state_dict path (keyed by its SHA-256).
+        scales: shorter-side scales (``PAPER_SCALES``; ``(688,)`` is the paper's 1-scale).
+        levels: pyramid levels the cache will be pooled with.
+        mode: ``"spp"`` (the paper: one conv pass per scale, windows pooled from the shared
+            map) or ``"crop-warp"`` (R-CNN's baseline: every window cropped with context,
+            warped to ``crop_size`` and sent through the trunk on its own; its map is pooled
+            whole with the same pyramid). ``crop-warp`` takes one scale entry, ignored.
+        crop_size: warped crop side in pixels (R-CNN: 227 for AlexNet; 224 here, the
+            backbones' ImageNet input).
+        context_pad: pixels of context around the box in the warped crop (R-CNN
+            ``rcnn_im_crop.m``: ``padding = 16``).
+    """
+
+    backbone: str = "squeezenet1_0"
+    weights: str = "imagenet"
+    input_norm: str = "auto"
+    scales: tuple[int, ...] = PAPER_SCALES
+    levels: tuple[int, ...] = PAPER_LEVELS
+    mode: str = "spp"
+    crop_size: int = 224
+    context_pad: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+        object.__setattr__(self, "levels", tuple(int(n) for n in self.levels))
+        if self.mode not in EXTRACT_MODES:
+            raise ValueError(f"extract mode must be one of {EXTRACT_MODES}, got {self.mode!r}")
+        bad_levels = [n for n in self.levels if not exact_level(n)]
+        if bad_levels:
+            raise ValueError(f"pyramid levels {bad_levels} are not supported by spatial_pyramid_pool")
+        if not self.scales or min(self.scales) <= 0:
+            raise ValueError(f"scales must be positive, got {self.scales}")
+
+    def config(self, proposals_key: str, image_set: str) -> dict[str, object]:
+        """The manifest config (the manifest adds the package version)."""
+        weights_id = self.weights if self.weights in ("imagenet", "none") else source_key(Path(self.weights))
+        norm = resolve_normalization(self.backbone, self.weights, self.input_norm)
+        norm_name = next(k for k, v in NORMALIZATIONS.items() if v == norm)
+        config: dict[str, object] = {
+            "backbone": self.backbone,
+            "weights": weights_id,
+            "input_norm": norm_name,
+            "scales": list(self.scales) if self.mode == "spp" else [self.crop_size],
+            "levels": list(self.levels),
+            "mode": self.mode,
+            "proposals": proposals_key,
+            "image_set": image_set,
+            "format": FORMAT_VERSION,
+        }
+        if self.mode == "crop-warp":
+            config["context_pad"] = self.context_pad
+        return config
 
 
 @dataclass
@@ -166,12 +208,8 @@ def run_extract(
     images: Sequence[VOCImage],
     proposals: dict[str, np.ndarray],
     out: Path,
+    settings: ExtractSettings,
     *,
-    backbone: str,
-    weights: str,
-    input_norm: str = "auto",
-    scales: Sequence[int],
-    levels: Sequence[int] = PAPER_LEVELS,
     proposals_key: str,
     image_set: str,
     device: torch.device,
@@ -182,12 +220,11 @@ def run_extract(
     """Fill the feature cache ``out`` for ``images``; resumable and shardable.
 
     Args:
-        images: the VOC images (ground truth boxes are added to the windows).
+        images: the VOC images (their ground-truth boxes, labels and difficult flags are
+            stored with the windows, so later stages need only the cache).
         proposals: image id -> ``np.ndarray[M, 4]`` float32 0-based xyxy (``proposals.io``).
         out: cache folder. Images whose file exists are skipped.
-        backbone, weights, input_norm: see :mod:`spp_detect.backbones`.
-        scales: shorter-side scales (``PAPER_SCALES``; ``(688,)`` is the paper's 1-scale).
-        levels: pyramid levels the cache will be pooled with.
+        settings: what to compute (:class:`ExtractSettings`).
         proposals_key: identifies the proposals (their manifest key or file hash).
         image_set: recorded in the manifest.
         device: where the trunk runs.
@@ -200,9 +237,6 @@ def run_extract(
         KeyError: an image has no proposals entry.
         ImageReadError: an image cannot be decoded.
     """
-    bad_levels = [n for n in levels if not exact_level(int(n))]
-    if bad_levels:
-        raise ValueError(f"pyramid levels {bad_levels} are not supported by spatial_pyramid_pool")
     k, n = shard
     if not (1 <= k <= n):
         raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
@@ -210,29 +244,100 @@ def run_extract(
     if missing:
         raise KeyError(f"no proposals for {len(missing)} image(s), e.g. {missing[:5]}")
 
-    config = extract_config(backbone, weights, input_norm, scales, levels, proposals_key, image_set)
-    manifest = open_stage_dir(out, "extract", config, force=force)
-    spec = get_backbone(backbone)
+    manifest = open_stage_dir(out, "extract", settings.config(proposals_key, image_set), force=force)
+    spec = get_backbone(settings.backbone)
     mine = list(images)[k - 1 :: n]
     todo = [im for im in mine if not (Path(out) / f"{im.image_id}.npz").is_file()]
     summary = ExtractSummary(skipped=len(mine) - len(todo))
     if not todo:
         return summary
-    trunk = prepare_trunk(build_trunk(backbone, weights), device)
-    norm = resolve_normalization(backbone, weights, input_norm)
+    trunk = prepare_trunk(build_trunk(settings.backbone, settings.weights), device)
+    norm = resolve_normalization(settings.backbone, settings.weights, settings.input_norm)
     start = time.perf_counter()
     for image in progress(todo) if progress else todo:
         pixels = load_image_rgb(image.path)
         height, width = pixels.shape[:2]
         boxes = torch.cat([torch.tensor(image.boxes), torch.tensor(proposals[image.image_id])])  # [N, 4] GT first
         is_gt = torch.arange(len(boxes)) < len(image.boxes)
-        maps = conv_maps(trunk, norm, pixels, scales, device)
-        scale_index, cells = assign_windows(boxes, width, height, scales, spec, [tuple(m.shape[1:]) for m in maps])
+        if settings.mode == "spp":
+            maps = conv_maps(trunk, norm, pixels, settings.scales, device)
+            scale_index, cells = assign_windows(
+                boxes, width, height, settings.scales, spec, [tuple(m.shape[1:]) for m in maps]
+            )
+        else:
+            tiled, cells = crop_warp_maps(trunk, norm, pixels, boxes, settings.crop_size, settings.context_pad, device)
+            maps, scale_index = [tiled], torch.zeros(len(boxes), dtype=torch.int64)
         summary.bytes_written += write_cached_image(
-            Path(out) / f"{image.image_id}.npz", manifest["key"], width, height, boxes, is_gt, scale_index, cells, maps
+            Path(out) / f"{image.image_id}.npz",
+            manifest["key"],
+            width,
+            height,
+            boxes,
+            is_gt,
+            scale_index,
+            cells,
+            maps,
+            gt_labels=torch.tensor(image.labels, dtype=torch.int64),
+            gt_difficult=torch.tensor(image.difficult, dtype=torch.bool),
         )
         summary.done += 1
         summary.windows += len(boxes)
         summary.image_ids.append(image.image_id)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+@torch.inference_mode()
+def crop_warp_maps(
+    trunk: nn.Module,
+    norm: Normalization,
+    image: np.ndarray,
+    boxes: Tensor,
+    crop_size: int,
+    context_pad: int,
+    device: torch.device,
+    batch_size: int = 32,
+) -> tuple[Tensor, Tensor]:
+    """R-CNN's baseline features: every window warped to its own crop and run through ``trunk``.
+
+    Each box is enlarged about its centre so that, once warped to ``crop_size`` pixels,
+    ``context_pad`` of them are context (R-CNN ``rcnn_im_crop.m``, ``'warp'`` with
+    ``padding = 16``), then resampled bilinearly (``roi_align`` at bin centres, one sample
+    per output pixel, no antialiasing). Context falling outside the image is the mean
+    (zero after normalisation), as R-CNN pads with the mean.
+
+    The crops' maps (each ``[C, h, w]``) are tiled side by side into one ``[C, h, N * w]``
+    map, so that pooling window ``j``'s cells ``(j w, 0, j w + w - 1, h - 1)`` with the
+    SPP op pools that crop's whole map: the cache format and every later stage stay as
+    they are.
+
+    Args:
+        image: ``np.ndarray[H, W, 3]`` uint8 RGB.
+        boxes: ``Tensor[N, 4]`` 0-based xyxy in image pixels.
+
+    Returns:
+        ``(tiled Tensor[C, h, N * w] float32 on device, cells Tensor[N, 4] int64)``.
+    """
+    from torchvision.ops import roi_align
+
+    pixels = norm(torch.from_numpy(image).to(device).permute(2, 0, 1)).unsqueeze(0)  # [1, 3, H, W]
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    grow = crop_size / (crop_size - 2.0 * context_pad)  # the box fills the crop minus the padding
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) / 2 * grow
+    padded = torch.cat([centre - half, centre + half], dim=1)  # [N, 4]
+    rois = torch.cat([padded.new_zeros((len(padded), 1)), padded], dim=1)  # [N, 5]
+    parts = []
+    for start in range(0, len(rois), batch_size):
+        crops = roi_align(pixels, rois[start : start + batch_size], crop_size, 1.0, sampling_ratio=1, aligned=True)
+        parts.append(trunk(crops.contiguous(memory_format=torch.channels_last)).contiguous())  # [B, C, h, w]
+    if parts:
+        maps = torch.cat(parts)
+    else:
+        probe = trunk(pixels.new_zeros((1, 3, crop_size, crop_size)))
+        maps = probe[:0]
+    num, channels, h, w = maps.shape
+    tiled = maps.permute(1, 2, 0, 3).reshape(channels, h, num * w)  # crop j at columns j*w .. j*w+w-1
+    j = torch.arange(num, dtype=torch.int64)
+    cells = torch.stack([j * w, torch.zeros_like(j), j * w + w - 1, torch.full_like(j, h - 1)], dim=1)
+    return tiled.contiguous(), cells

@@ -19,7 +19,7 @@ from proposals.io import save_mat
 from spp_detect.backbones import build_trunk, get_backbone, resolve_normalization
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
-from spp_detect.extract import assign_windows, conv_maps, load_image_rgb, prepare_trunk, run_extract
+from spp_detect.extract import ExtractSettings, assign_windows, conv_maps, load_image_rgb, prepare_trunk, run_extract
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.stage_dir import SettingsChanged, source_key
 from tests.conftest import SQUEEZENET_FILE
@@ -44,13 +44,12 @@ def test_images(voc_root):
     return read_voc(voc_root, "test")[:3]
 
 
-def _run(images, proposals, out, **kw):
-    settings = dict(
-        backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=SCALES, proposals_key="test",
-        image_set="test", device=torch.device("cpu"),
+def _run(images, proposals, out, proposals_key="test", image_set="test", force=False, **kw):
+    settings = ExtractSettings(**{"backbone": "squeezenet1_0", "weights": str(SQUEEZENET_FILE), "scales": SCALES, **kw})
+    return run_extract(
+        images, proposals, out, settings, proposals_key=proposals_key, image_set=image_set,
+        device=torch.device("cpu"), force=force,
     )
-    settings.update(kw)
-    return run_extract(images, proposals, out, **settings)
 
 
 def test_cached_features_equal_pooling_the_fresh_conv_map(tmp_path, test_images):

@@ -126,7 +126,7 @@ def synthetic_image(width: int = 96, height: int = 72) -> np.ndarray:
     return image
 
 
-@pytest.mark.parametrize("mode", ["fast", "quality", "rcnn"])
+@pytest.mark.parametrize("mode", ["fast", "opencv-fast", "opencv-quality"])
 def test_selective_search_boxes_are_xyxy_in_image_and_seeded(mode: str):
     image = synthetic_image()
     boxes = selective_search(image, mode)

@@ -1,0 +1,201 @@
+"""The detect stage: score every window of every test image, then NMS, as the release tests.
+
+Per image (``spp_test.m:73-103``, ``imdb_eval_voc.m:65``; FACTS 1.8, 1.9):
+
+1. features of every proposal window (ground-truth windows of the cache are skipped),
+   windows sharing cells and scale computed once;
+2. per class: keep scores > -1.5, greedy NMS at IoU 0.3 (torchvision ``batched_nms``),
+   at most 100 detections per image;
+3. with box regression: each kept window regressed for its class (pooled features),
+   clipped to the image, and NMS 0.3 run again, as the release's evaluation does before
+   writing its result files.
+
+Boxes are 0-based continuous xyxy (IoU in NMS without ``+ 1``; the devkit's rule lives
+in ``eval/``). Results are saved per image (``<id>.npz``: ``boxes [K, 4]``, ``scores [K]``,
+``labels [K]``), so a killed run resumes where it stopped.
+
+The model is any object with the attributes of ``svm.train.SVMModel`` (``layer``,
+``head``, ``classes``, ``regressor``, ``pooled_dim`` and ``scores(features)``); this
+package does not import the learners.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.ops import batched_nms
+
+from spp_detect.boxes import clip_boxes
+from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.head import SPPHead
+from spp_detect.stage_dir import atomic_write, open_stage_dir
+from spp_detect.window_features import window_features
+
+__all__ = ["DetectSettings", "DetectSummary", "Scorer", "detect_image", "run_detect", "load_detections"]
+
+SCORE_THRESHOLD: float = -1.5  # spp_test.m: keep z > -1.5
+NMS_THRESHOLD: float = 0.3  # spp_test.m / imdb_eval_voc.m:65
+MAX_PER_IMAGE: int = 100  # spp_test.m: top 100 per class per image
+
+
+class Scorer(Protocol):
+    layer: str
+    head: SPPHead | None
+    classes: tuple[str, ...]
+    regressor: object | None
+    pooled_dim: int
+
+    def scores(self, features: Tensor) -> Tensor: ...
+
+
+@dataclass(frozen=True)
+class DetectSettings:
+    """How windows become detections (defaults: the release's test, FACTS 1.8)."""
+
+    score_threshold: float = SCORE_THRESHOLD
+    nms_threshold: float = NMS_THRESHOLD
+    max_per_image: int = MAX_PER_IMAGE
+    bbox: bool = False
+
+
+@dataclass
+class DetectSummary:
+    done: int = 0
+    skipped: int = 0
+    detections: int = 0
+    seconds: float = 0.0
+    #: seconds over the images computed: map decode, pooling (+ fc), scoring + NMS
+    timings: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "features": 0.0, "score_nms": 0.0})
+
+
+def _per_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float, max_per_class: int) -> Tensor:
+    """Indices kept by per-class NMS, at most ``max_per_class`` per class, by score."""
+    keep = batched_nms(boxes, scores, labels, threshold)  # sorted by decreasing score
+    if len(keep) == 0:
+        return keep
+    kept_labels = labels[keep]
+    # rank of each kept detection within its class (keep is in decreasing score order)
+    order = torch.argsort(kept_labels, stable=True)
+    sorted_labels = kept_labels[order]
+    starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order)) - starts
+    return keep[rank < max_per_class]
+
+
+@torch.inference_mode()
+def detect_image(
+    image: CachedImage, model: Scorer, settings: DetectSettings, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
+    """Detections of one cached image.
+
+    Returns:
+        ``(boxes Tensor[K, 4] 0-based xyxy, scores Tensor[K], labels Tensor[K] int64 class
+        index, timings)``, sorted by class, then decreasing score.
+    """
+    start = time.perf_counter()
+    windows = torch.nonzero(~image.is_gt).flatten()
+    feats = window_features(image, model.layer, model.head, windows, device=device)
+    t_features = time.perf_counter() - start
+    start = time.perf_counter()
+    scores = model.scores(feats).cpu()  # [N, C]
+    boxes = image.boxes[windows]
+    rows, labels = torch.nonzero(scores > settings.score_threshold, as_tuple=True)
+    cand_boxes, cand_scores = boxes[rows], scores[rows, labels]
+    keep = _per_class_nms(cand_boxes, cand_scores, labels, settings.nms_threshold, settings.max_per_image)
+    rows, labels, out_boxes, out_scores = rows[keep], labels[keep], cand_boxes[keep], cand_scores[keep]
+    t_score = time.perf_counter() - start
+    if settings.bbox:
+        if model.regressor is None:
+            raise ValueError("box regression asked for, but the model has no box regressors (train-svm --bbox)")
+        start = time.perf_counter()
+        pooled = feats[rows] if model.layer == "pool" else window_features(image, "pool", None, windows[rows], device=device)
+        out_boxes = clip_boxes(model.regressor.predict(pooled.cpu(), out_boxes, labels).float(), image.width, image.height)
+        t_features += time.perf_counter() - start
+        start = time.perf_counter()
+        keep = _per_class_nms(out_boxes, out_scores, labels, settings.nms_threshold, settings.max_per_image)
+        out_boxes, out_scores, labels = out_boxes[keep], out_scores[keep], labels[keep]
+        t_score += time.perf_counter() - start
+    order = torch.argsort(labels.double() * 1e6 - out_scores.double(), stable=True)  # class, then score
+    return out_boxes[order], out_scores[order], labels[order], {"features": t_features, "score_nms": t_score}
+
+
+def run_detect(
+    cache_folder: Path | str,
+    out: Path | str,
+    model: Scorer,
+    settings: DetectSettings,
+    *,
+    model_key: str,
+    device: torch.device | str = "cpu",
+    force: bool = False,
+    progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+) -> DetectSummary:
+    """Detect on every image of the extract cache ``cache_folder``; per-image results in ``out``.
+
+    Args:
+        model_key: identifies the model (its train-svm manifest key), for the manifest.
+
+    Raises:
+        SettingsChanged: ``out`` holds other detections and ``force`` is false.
+        ValueError: the model's features do not fit the cache.
+    """
+    out = Path(out)
+    cache = FeatureCache(cache_folder)
+    expected = model.pooled_dim
+    if expected != cache.feature_dim:
+        raise ValueError(
+            f"the model takes {expected}-d pooled features, but {cache_folder} gives {cache.feature_dim} "
+            f"({cache.backbone}, levels {list(cache.levels)}): use a model trained on the same backbone and pyramid"
+        )
+    config = {"settings": asdict(settings), "cache": cache.key, "model": model_key}
+    open_stage_dir(out, "detect", config, force=force)
+    ids = cache.image_ids
+    todo = [i for i in ids if not (out / f"{i}.npz").is_file()]
+    summary = DetectSummary(skipped=len(ids) - len(todo))
+    start = time.perf_counter()
+    for image_id in progress(todo) if progress else todo:
+        t0 = time.perf_counter()
+        image = cache.load(image_id)
+        summary.timings["decode"] += time.perf_counter() - t0
+        boxes, scores, labels, timings = detect_image(image, model, settings, device)
+        for k, v in timings.items():
+            summary.timings[k] += v
+        arrays = {"boxes": boxes.numpy().astype(np.float32), "scores": scores.numpy().astype(np.float64),
+                  "labels": labels.numpy().astype(np.int64)}
+
+        def write(tmp: Path, arrays=arrays) -> None:
+            with open(tmp, "wb") as fh:
+                np.savez(fh, **arrays)
+
+        atomic_write(out / f"{image_id}.npz", write)
+        summary.done += 1
+        summary.detections += len(scores)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def load_detections(folder: Path | str, classes: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """All per-image results of a detect folder, per class: ``(image_ids [K] str,
+    scores [K] float64, boxes [K, 4] float64)``, images in id order."""
+    folder = Path(folder)
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {c: [] for c in range(len(classes))}
+    for path in sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")):
+        with np.load(path, allow_pickle=False) as data:
+            labels, scores, boxes = data["labels"], data["scores"], data["boxes"].astype(np.float64)
+        for c in np.unique(labels):
+            rows = labels == c
+            parts[int(c)].append((np.full(int(rows.sum()), path.stem), scores[rows], boxes[rows]))
+    result = {}
+    for c, name in enumerate(classes):
+        if parts[c]:
+            ids, scores, boxes = (np.concatenate(x) for x in zip(*parts[c]))
+            result[name] = (ids, scores, boxes.reshape(-1, 4))
+    return result

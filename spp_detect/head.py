@@ -1,0 +1,101 @@
+"""The fully connected head on top of pooled SPP features: fc6 -> fc7 -> fc8.
+
+SPP-net detection fine-tunes only the fc layers, on pooled conv5 features (paper 4.1,
+FACTS 1.6): ``fc6 -> ReLU -> dropout 0.5 -> fc7 -> ReLU -> dropout 0.5 -> fc8``, fc8 a
+21-way classifier (20 VOC classes + background, label 0). The backbones on disk have no
+fc layers trained on SPP features, so fc6 and fc7 start from random init (PyTorch's
+default ``nn.Linear`` init); fc8 as the release's new layer (gaussian std 0.01, bias 1:
+``model-defs/pascal_finetune_fc_spm_train.prototxt``).
+
+Because fc6 is random rather than ImageNet-trained, the pooled input is multiplied by a
+fixed ``input_scale`` that brings the training features to a mean L2 norm of 20: the
+release's rule for SVM features (``spp_feature_stats.m``, FACTS 1.7), used here so that
+one learning rate suits every backbone. It is a buffer of the head, saved with it.
+
+Layers whose activations serve as SVM features (:data:`FEATURE_LAYERS`): ``pool`` (the
+pooled SPP vector itself), ``fc6`` and ``fc7`` (after their ReLU, as ``spp_poolX_to_fcX.m``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from spp_detect.stage_dir import atomic_write
+from spp_detect.tensor_io import load_tensors, save_tensors
+
+__all__ = ["FEATURE_LAYERS", "SPPHead", "save_head", "load_head"]
+
+#: SVM feature layers, in network order (paper Table 6 rows "pool5", "fc6", "fc7").
+FEATURE_LAYERS: tuple[str, ...] = ("pool", "fc6", "fc7")
+#: Dropout ratio after fc6 and fc7 (pascal_finetune_fc_spm_train.prototxt).
+DROPOUT: float = 0.5
+
+
+class SPPHead(nn.Module):
+    """fc6 -> fc7 -> fc8 over pooled features ``Tensor[B, in_dim]``.
+
+    Args:
+        in_dim: pooled feature length ``C * sum(n * n)`` (25,600 for SqueezeNet, {1,2,3,6}).
+        fc_dim: width of fc6 and fc7 (paper: 4096; 1,024 is the practical choice on a CPU).
+        num_classes: fc8 outputs, background included (21 for VOC).
+        input_scale: fixed factor applied to the input (see the module docstring).
+    """
+
+    def __init__(self, in_dim: int, fc_dim: int = 4096, num_classes: int = 21, input_scale: float = 1.0) -> None:
+        super().__init__()
+        self.in_dim, self.fc_dim, self.num_classes = int(in_dim), int(fc_dim), int(num_classes)
+        self.register_buffer("input_scale", torch.tensor(float(input_scale)))
+        self.fc6 = nn.Linear(in_dim, fc_dim)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.fc8 = nn.Linear(fc_dim, num_classes)
+        self.dropout = nn.Dropout(DROPOUT)
+        nn.init.normal_(self.fc8.weight, std=0.01)  # release: gaussian std 0.01
+        nn.init.constant_(self.fc8.bias, 1.0)  # release: bias_filler constant 1
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """Class logits ``Tensor[B, num_classes]`` of ``Tensor[B, in_dim]`` pooled features."""
+        x = self.dropout(torch.relu(self.fc6(pooled * self.input_scale)))
+        x = self.dropout(torch.relu(self.fc7(x)))
+        return self.fc8(x)
+
+    def features(self, pooled: Tensor, layer: str) -> Tensor:
+        """Activations of ``layer`` (:data:`FEATURE_LAYERS`) without dropout:
+        ``Tensor[B, in_dim]`` for ``pool`` (the input as given), ``Tensor[B, fc_dim]`` after
+        the ReLU of ``fc6``/``fc7``."""
+        if layer == "pool":
+            return pooled
+        if layer not in FEATURE_LAYERS:
+            raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
+        x = torch.relu(self.fc6(pooled * self.input_scale))
+        return x if layer == "fc6" else torch.relu(self.fc7(x))
+
+    def extra_repr(self) -> str:
+        return f"in_dim={self.in_dim}, fc_dim={self.fc_dim}, num_classes={self.num_classes}"
+
+
+def save_head(folder: Path | str, head: SPPHead, name: str = "head") -> Path:
+    """Write ``<folder>/<name>.npz`` (the state_dict) and ``<name>.json`` (its shape)."""
+    folder = Path(folder)
+    meta = {"in_dim": head.in_dim, "fc_dim": head.fc_dim, "num_classes": head.num_classes}
+    atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    return save_tensors(folder / f"{name}.npz", head.state_dict())
+
+
+def load_head(folder: Path | str, name: str = "head") -> SPPHead:
+    """Read a head written by :func:`save_head`, in eval mode.
+
+    Raises:
+        FileNotFoundError: no such head in ``folder``.
+    """
+    folder = Path(folder)
+    meta_path = folder / f"{name}.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no fine-tuned head ({meta_path.name} missing); run finetune first")
+    meta = json.loads(meta_path.read_text())
+    head = SPPHead(meta["in_dim"], meta["fc_dim"], meta["num_classes"])
+    head.load_state_dict(load_tensors(folder / f"{name}.npz"))
+    return head.eval()

@@ -1,0 +1,155 @@
+"""Window features for the learners and the detector: pooled SPP vectors, or fc6 / fc7 of a
+fine-tuned head computed from them, read from one or several feature caches.
+
+Windows that map to the same cells at the same scale have identical pooled features (the
+release deduplicates them too: ``dedup = true`` in ``spp_train.m``'s
+``sample_negative_features``); :func:`window_features` pools and runs fc layers once per
+distinct ``(scale, cells)`` and copies the result to every window that shares it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.head import FEATURE_LAYERS, SPPHead
+
+__all__ = [
+    "open_caches",
+    "iter_images",
+    "distinct_windows",
+    "window_features",
+    "feature_dim",
+    "mean_feature_norm",
+    "TARGET_NORM",
+]
+
+#: Features are scaled so that their mean L2 norm is 20 (``spp_feature_stats.m``,
+#: ``spp_scale_features.m``; R-CNN ``rcnn_feature_stats.m``; FACTS 1.7).
+TARGET_NORM: float = 20.0
+#: The mean norm is estimated on up to 200 random images x 200 random windows, seed fixed
+#: (``spp_feature_stats.m:40-41``).
+NORM_IMAGES: int = 200
+NORM_WINDOWS: int = 200
+
+
+def open_caches(folders: Sequence[Path | str]) -> list[FeatureCache]:
+    """Open one or more extract caches that a stage reads as one training or test set.
+
+    Raises:
+        ValueError: no folder given, or caches that cannot be mixed (another backbone,
+            pyramid, extract mode or channel count); the message names the two folders
+            and the difference.
+    """
+    if not folders:
+        raise ValueError("no feature cache given")
+    caches = [FeatureCache(f) for f in folders]
+    first = caches[0]
+    for other in caches[1:]:
+        for attr in ("backbone", "levels", "mode", "channels"):
+            if getattr(other, attr) != getattr(first, attr):
+                raise ValueError(
+                    f"caches {first.folder} and {other.folder} differ in {attr}: "
+                    f"{getattr(first, attr)!r} vs {getattr(other, attr)!r}; they cannot be used together"
+                )
+    return caches
+
+
+def iter_images(caches: Sequence[FeatureCache], image_ids: Sequence[tuple[int, str]] | None = None) -> Iterator[CachedImage]:
+    """Load ``(cache index, image id)`` pairs (default: every image of every cache, in order)."""
+    pairs = image_ids if image_ids is not None else [(i, im) for i, c in enumerate(caches) for im in c.image_ids]
+    for index, image_id in pairs:
+        yield caches[index].load(image_id)
+
+
+def distinct_windows(image: CachedImage, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Group windows that pool identical features (same scale, same cells).
+
+    Args:
+        indices: ``Tensor[K]`` window indices (default all).
+
+    Returns:
+        ``(first Tensor[U], inverse Tensor[K])``: ``first[u]`` is the smallest index (into
+        ``indices``) of the ``u``-th distinct window, and ``indices[k]`` shares the features
+        of ``indices[first[inverse[k]]]``.
+    """
+    if indices is None:
+        indices = torch.arange(len(image))
+    keys = torch.cat([image.scale_index[indices, None], image.cells[indices]], dim=1)  # [K, 5]
+    if len(keys) == 0:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    _, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    position = torch.arange(len(keys))
+    first = torch.full((int(inverse.max()) + 1,), len(keys), dtype=torch.int64)
+    first = first.scatter_reduce(0, inverse, position, reduce="amin")
+    return first, inverse
+
+
+@torch.inference_mode()
+def window_features(
+    image: CachedImage,
+    layer: str,
+    head: SPPHead | None = None,
+    indices: Tensor | None = None,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Features ``Tensor[K, D]`` (float32, on ``device``) of windows ``indices`` (default all).
+
+    Args:
+        layer: ``pool``, ``fc6`` or ``fc7`` (:data:`spp_detect.head.FEATURE_LAYERS`).
+        head: the fine-tuned head (needed for ``fc6``/``fc7``), on ``device``.
+        batch_size: distinct windows pooled and run through the head at once.
+    """
+    if layer not in FEATURE_LAYERS:
+        raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
+    if layer != "pool" and head is None:
+        raise ValueError(f"features of {layer} need a fine-tuned head")
+    if indices is None:
+        indices = torch.arange(len(image))
+    first, inverse = distinct_windows(image, indices)
+    parts = []
+    for chunk in first.split(batch_size):
+        pooled = image.features(indices[chunk], device)
+        parts.append(pooled if layer == "pool" else head.features(pooled, layer))
+    if not parts:
+        return torch.zeros((0, feature_dim(image, layer, head)), device=device)
+    return torch.cat(parts)[inverse.to(device)]
+
+
+def feature_dim(image_or_cache: CachedImage | FeatureCache, layer: str, head: SPPHead | None) -> int:
+    """Length of a ``layer`` feature: the pooled length, or the head's ``fc_dim``."""
+    if layer != "pool":
+        return head.fc_dim
+    if isinstance(image_or_cache, FeatureCache):
+        return image_or_cache.feature_dim
+    return image_or_cache.maps[0].shape[0] * sum(n * n for n in image_or_cache.levels)
+
+
+def mean_feature_norm(
+    caches: Sequence[FeatureCache],
+    layer: str,
+    head: SPPHead | None = None,
+    seed: int = 0,
+    num_images: int = NORM_IMAGES,
+    num_windows: int = NORM_WINDOWS,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Mean L2 norm of ``layer`` features over random windows of random training images
+    (the release's estimate; features are then scaled by ``TARGET_NORM / mean``)."""
+    rng = np.random.default_rng(seed)
+    pairs = [(i, im) for i, c in enumerate(caches) for im in c.image_ids]
+    if not pairs:
+        raise ValueError("the feature caches hold no images")
+    chosen = [pairs[int(j)] for j in sorted(rng.choice(len(pairs), min(num_images, len(pairs)), replace=False))]
+    norms = []
+    for image in iter_images(caches, chosen):
+        picks = rng.choice(len(image), min(num_windows, len(image)), replace=False)
+        feats = window_features(image, layer, head, torch.from_numpy(np.sort(picks)), device=device)
+        norms.append(feats.norm(dim=1).cpu())
+    return float(torch.cat(norms).mean())

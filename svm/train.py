@@ -1,0 +1,289 @@
+"""The train-svm stage: one linear SVM per class with hard-negative mining, optionally
+with bounding-box regressors, on features read from extract caches.
+
+The recipe is the release's (``spp_train.m``, FACTS 1.7): positives are the ground-truth
+boxes (difficult ones included by default, as ``with_hard_samples = false`` keeps all
+objects), negatives are windows with IoU < 0.3 against every box of the class, windows
+mapping to the same cells at the same scale are deduplicated, features are scaled to a
+mean norm of 20, and the negatives are mined in one pass (:mod:`svm.hard_negatives`).
+Every class is trained after the first image, then whenever it has gathered more than
+2,000 new negatives, and after the last image.
+
+Outputs in the stage folder: ``svm.npz`` (``weights [D, C]``, ``bias [C]``,
+``feature_scale``), ``svm.json`` (classes, layer, per-class counts, the head used) and,
+with box regression, ``bbox.npz`` (:class:`svm.bbox_reg.BoxRegressor`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from spp_detect.datasets.voc import VOC_CLASSES
+from spp_detect.head import FEATURE_LAYERS, SPPHead, load_head
+from spp_detect.labels import class_overlaps
+from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest
+from spp_detect.tensor_io import load_tensors, save_tensors
+from spp_detect.window_features import TARGET_NORM, distinct_windows, mean_feature_norm, open_caches, window_features
+from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, fit_box_regressor
+from svm.hard_negatives import EVICT_THRESHOLD, HARD_THRESHOLD, NEGATIVE_IOU, RETRAIN_LIMIT, NegativeCache
+from svm.linear import BIAS_MULT, POS_WEIGHT, SVM_C, train_linear_svm
+
+__all__ = ["SVMSettings", "SVMModel", "SVMSummary", "run_train_svm", "load_svm"]
+
+log = logging.getLogger(__name__)
+#: Window keys for the negative caches: ``image_number << WINDOW_BITS | window index``.
+WINDOW_BITS = 24
+#: Bias of a class without positives in the training set: it never scores above any threshold.
+UNTRAINED_BIAS = -1.0e4
+
+
+@dataclass(frozen=True)
+class SVMSettings:
+    """Everything an SVM training run depends on (its manifest key hashes it).
+    Defaults are the release's; each constant's source is where it is defined."""
+
+    layer: str = "fc7"
+    C: float = SVM_C
+    pos_weight: float = POS_WEIGHT
+    bias_mult: float = BIAS_MULT
+    negative_iou: float = NEGATIVE_IOU
+    hard_threshold: float = HARD_THRESHOLD
+    evict_threshold: float = EVICT_THRESHOLD
+    retrain_limit: int = RETRAIN_LIMIT
+    include_difficult: bool = True
+    bbox: bool = False
+    bbox_lambda: float = SPP_LAMBDA
+    bbox_min_overlap: float = SPP_MIN_OVERLAP
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.layer not in FEATURE_LAYERS:
+            raise ValueError(f"unknown feature layer {self.layer!r}; choose from {FEATURE_LAYERS}")
+
+
+@dataclass
+class SVMModel:
+    """Linear scorers for every class: ``score = (feature_scale * f) @ weights + bias``.
+
+    Attributes:
+        weights: ``Tensor[D, C]`` float32; ``bias``: ``Tensor[C]``.
+        feature_scale: brings ``layer`` features to mean norm 20.
+        layer: ``pool``, ``fc6`` or ``fc7``; ``classes``: class names, in column order.
+        head: the fine-tuned head (for ``fc6``/``fc7``) or None.
+        regressor: box regressors on pooled features, or None.
+    """
+
+    weights: Tensor
+    bias: Tensor
+    feature_scale: float
+    layer: str
+    classes: tuple[str, ...]
+    head: SPPHead | None = None
+    regressor: BoxRegressor | None = None
+
+    @property
+    def pooled_dim(self) -> int:
+        """Length of the pooled features the model reads (its head's input, or its SVMs')."""
+        return self.head.in_dim if self.head is not None else int(self.weights.shape[0])
+
+    def scores(self, features: Tensor) -> Tensor:
+        """``Tensor[N, C]`` scores of ``Tensor[N, D]`` unscaled ``layer`` features."""
+        return (features * self.feature_scale) @ self.weights.to(features) + self.bias.to(features)
+
+
+@dataclass
+class SVMSummary:
+    images: int = 0
+    seconds: float = 0.0
+    positives: dict[str, int] = field(default_factory=dict)
+    negatives: dict[str, int] = field(default_factory=dict)
+    retrains: dict[str, int] = field(default_factory=dict)
+    bbox_samples: int = 0
+    untrained: list[str] = field(default_factory=list)
+    already_done: bool = False
+
+
+def run_train_svm(
+    cache_folders: Sequence[Path | str],
+    out: Path | str,
+    settings: SVMSettings,
+    *,
+    head_folder: Path | str | None = None,
+    device: torch.device | str = "cpu",
+    force: bool = False,
+    progress: Callable[[Sequence], Sequence] | None = None,
+) -> SVMSummary:
+    """Train the SVMs (and box regressors) of ``settings`` on the images of ``cache_folders``.
+
+    Args:
+        cache_folders: one or more extract caches (training images).
+        out: the stage folder.
+        head_folder: a ``finetune`` folder; required for ``fc6``/``fc7`` features.
+        device: where features are pooled and the head runs.
+        force: start over even if ``out`` holds another model.
+        progress: ``progress(pairs, desc)`` wraps the image sequence of each pass (e.g. tqdm).
+
+    Raises:
+        SettingsChanged: ``out`` holds another model and ``force`` is false.
+        ValueError: fc6/fc7 without a head, caches that cannot be mixed, a class without
+            positives.
+    """
+    out = Path(out)
+    device = torch.device(device)
+    caches = open_caches(cache_folders)
+    head = None
+    if settings.layer != "pool":
+        if head_folder is None:
+            raise ValueError(f"--features {settings.layer} needs a fine-tuned head (--head FOLDER from finetune)")
+        head = load_head(head_folder).to(device)
+        if head.in_dim != caches[0].feature_dim:
+            raise ValueError(f"the head in {head_folder} takes {head.in_dim}-d features, the caches give {caches[0].feature_dim}")
+    head_key = read_manifest(head_folder)["key"] if head is not None else None
+    config = {"settings": asdict(settings), "caches": [c.key for c in caches], "head": head_key}
+    open_stage_dir(out, "train-svm", config, force=force)
+    summary = SVMSummary()
+    if (out / "svm.npz").is_file():
+        summary.already_done = True
+        return summary
+    start = time.perf_counter()
+    num_classes = len(VOC_CLASSES)
+    pairs = [(i, im) for i, c in enumerate(caches) for im in c.image_ids]
+    summary.images = len(pairs)
+
+    scale = TARGET_NORM / mean_feature_norm(caches, settings.layer, head, seed=settings.seed, device=device)
+    pool_scale = scale if settings.layer == "pool" else TARGET_NORM / mean_feature_norm(caches, "pool", seed=settings.seed, device=device)
+
+    # pass 1: positives (ground-truth boxes) and box-regression samples
+    positives: list[list[Tensor]] = [[] for _ in range(num_classes)]
+    bbox_parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    for image in _lazy(caches, pairs, "positives", progress):
+        gt = torch.arange(len(image.gt_labels))
+        if not settings.include_difficult:
+            gt = gt[~image.gt_difficult]
+        if len(gt):
+            feats = window_features(image, settings.layer, head, gt, device=device).cpu() * scale
+            for c in image.gt_labels[gt].unique().tolist():
+                positives[c].append(feats[image.gt_labels[gt] == c])
+        if settings.bbox and len(image.gt_labels):
+            from spp_detect.boxes import box_iou
+
+            iou = box_iou(image.boxes, image.gt_boxes)  # [N, G]
+            best, which = iou.max(dim=1)
+            rows = torch.nonzero(best > settings.bbox_min_overlap).flatten()  # strictly >, FACTS 1.9
+            if len(rows):
+                pooled = window_features(image, "pool", None, rows, device=device).cpu()
+                bbox_parts.append((pooled, image.boxes[rows], image.gt_boxes[which[rows]], image.gt_labels[which[rows]]))
+    pos = [torch.cat(p) if p else torch.zeros(0) for p in positives]
+    active = [c for c in range(num_classes) if len(pos[c])]
+    if not active:
+        raise ValueError("the training caches hold no ground-truth windows: nothing to train")
+    summary.untrained = [VOC_CLASSES[c] for c in range(num_classes) if not len(pos[c])]
+    if summary.untrained:
+        log.warning("no positives for %s: those classes get no detector", ", ".join(summary.untrained))
+
+    # pass 2: hard-negative mining, one epoch
+    dim = pos[active[0]].shape[1]
+    weights = torch.zeros((dim, num_classes))
+    bias = torch.full((num_classes,), UNTRAINED_BIAS)
+    negatives = [NegativeCache(dim, settings.retrain_limit) for _ in range(num_classes)]
+    retrains = [0] * num_classes
+    trained = [False] * num_classes
+
+    def retrain(c: int) -> None:
+        w, b = train_linear_svm(pos[c], negatives[c].features, settings.C, settings.pos_weight, settings.bias_mult)
+        weights[:, c], bias[c] = w, b
+        trained[c] = True
+        retrains[c] += 1
+        negatives[c].retrained(negatives[c].features @ w + b, settings.evict_threshold)
+
+    for number, image in enumerate(_lazy(caches, pairs, "mining", progress)):
+        last = number == len(pairs) - 1
+        feats = window_features(image, settings.layer, head, device=device).cpu() * scale  # [N, D]
+        overlaps = class_overlaps(image.boxes, image.gt_boxes, image.gt_labels, num_classes)  # [N, C]
+        first, inverse = distinct_windows(image)
+        is_first = torch.zeros(len(image), dtype=torch.bool)
+        is_first[first] = True  # one window per distinct (scale, cells): the release's dedup
+        keys = (number << WINDOW_BITS) + torch.arange(len(image), dtype=torch.int64)
+        scores = feats @ weights + bias  # [N, C]
+        for c in active:
+            cand = torch.nonzero(is_first & (overlaps[:, c] < settings.negative_iou)).flatten()
+            negatives[c].offer(keys[cand], feats[cand], scores[cand, c] if trained[c] else None, settings.hard_threshold)
+            if (not trained[c] or negatives[c].needs_retraining() or last) and len(negatives[c]):
+                retrain(c)
+    for c in active:
+        if not trained[c]:
+            raise ValueError(f"no negative windows for class {VOC_CLASSES[c]}")
+    summary.positives = {VOC_CLASSES[c]: len(pos[c]) for c in range(num_classes)}
+    summary.negatives = {VOC_CLASSES[c]: len(negatives[c]) for c in range(num_classes)}
+    summary.retrains = {VOC_CLASSES[c]: retrains[c] for c in range(num_classes)}
+
+    if settings.bbox:
+        feats, windows, targets, labels = (torch.cat(t) for t in zip(*bbox_parts))
+        regressor = fit_box_regressor(feats, windows, targets, labels, num_classes, pool_scale, settings.bbox_lambda)
+        save_tensors(out / "bbox.npz", regressor.to_tensors())
+        summary.bbox_samples = len(feats)
+    meta = {
+        "classes": list(VOC_CLASSES),
+        "layer": settings.layer,
+        "head": str(Path(head_folder).resolve()) if head is not None else None,
+        "head_key": head_key,
+        "feature_scale": scale,
+        "positives": summary.positives,
+        "negatives": summary.negatives,
+        "retrains": summary.retrains,
+        "bbox_samples": summary.bbox_samples,
+        "untrained_classes": summary.untrained,
+    }
+    atomic_write(out / "svm.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
+    save_tensors(out / "svm.npz", {"weights": weights, "bias": bias, "feature_scale": torch.tensor(scale)})
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _lazy(caches, pairs, desc: str, progress):
+    """Images loaded one at a time, behind the progress wrapper."""
+    seq = progress(pairs, desc) if progress else pairs
+    for index, image_id in seq:
+        yield caches[index].load(image_id)
+
+
+def load_svm(folder: Path | str, device: torch.device | str = "cpu") -> SVMModel:
+    """Read a ``train-svm`` folder, with its head (checked against the recorded key) and box
+    regressors if present.
+
+    Raises:
+        FileNotFoundError: not a finished train-svm folder, or its head folder is gone.
+        ValueError: the head folder now holds another head than the SVMs were trained on.
+    """
+    folder = Path(folder)
+    meta_path = folder / "svm.json"
+    if not (folder / "svm.npz").is_file() or not meta_path.is_file():
+        raise FileNotFoundError(f"{folder} holds no trained SVMs (svm.npz missing); run train-svm first")
+    meta = json.loads(meta_path.read_text())
+    tensors = load_tensors(folder / "svm.npz")
+    head = None
+    if meta["layer"] != "pool":
+        head_folder = Path(meta["head"])
+        if not head_folder.is_dir():
+            raise FileNotFoundError(f"the SVMs in {folder} score {meta['layer']} features of the head in {head_folder}, which is gone")
+        if read_manifest(head_folder)["key"] != meta["head_key"]:
+            raise ValueError(f"{head_folder} now holds another head than the SVMs in {folder} were trained on; retrain them")
+        head = load_head(head_folder).to(device)
+    regressor = BoxRegressor.from_tensors(load_tensors(folder / "bbox.npz")) if (folder / "bbox.npz").is_file() else None
+    return SVMModel(
+        weights=tensors["weights"].to(device),
+        bias=tensors["bias"].to(device),
+        feature_scale=float(tensors["feature_scale"]),
+        layer=meta["layer"],
+        classes=tuple(meta["classes"]),
+        head=head,
+        regressor=regressor,
+    )

@@ -1,0 +1,276 @@
+"""The detector stages on real cached features: labels, SVMs, mining, box regression,
+fine-tuning, detection, and the crop-warp baseline."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+import cli
+from eval.results import read_detections
+from spp_detect.box_coder import decode_boxes, encode_boxes
+from spp_detect.cache import FeatureCache
+from spp_detect.datasets import read_voc
+from spp_detect.detect import DetectSettings, _per_class_nms
+from spp_detect.extract import ExtractSettings, run_extract
+from spp_detect.finetune import FinetuneSettings, _round_batches, collect_training_windows, run_finetune
+from spp_detect.head import SPPHead, load_head
+from spp_detect.labels import class_overlaps
+from spp_detect.spp import spatial_pyramid_pool
+from spp_detect.window_features import distinct_windows, open_caches, window_features
+from svm.bbox_reg import fit_box_regressor, fit_ridge
+from svm.hard_negatives import NegativeCache
+from svm.linear import train_linear_svm
+from tests.conftest import SQUEEZENET_FILE
+
+SCALES = (240, 336)
+
+
+def _proposals(images, count, seed=0):
+    """Random windows plus jittered copies of each ground truth (so there are positives)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for im in images:
+        size = np.array([im.width, im.height], dtype=np.float64)
+        xy = rng.uniform(0, 1, (count, 2)) * (size - 20)
+        wh = 20 + rng.uniform(0, 1, (count, 2)) * (size - 20 - xy)
+        boxes = [np.concatenate([xy, xy + wh], axis=1)]
+        for box in im.boxes:
+            w, h = box[2] - box[0], box[3] - box[1]
+            jitter = rng.uniform(-0.08, 0.08, (6, 4)) * np.array([w, h, w, h])
+            boxes.append(np.clip(box + jitter, 0, np.concatenate([size, size]) - 1))
+        out[im.image_id] = np.concatenate(boxes).astype(np.float32)
+    return out
+
+
+def _extract(images, out, mode="spp", scales=SCALES, count=40):
+    settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=scales, mode=mode)
+    run_extract(images, _proposals(images, count), out, settings, proposals_key="test", image_set="x",
+                device=torch.device("cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def train_cache(voc_root, tmp_path_factory):
+    images = read_voc(voc_root, "trainval")[:8]
+    return _extract(images, tmp_path_factory.mktemp("feat") / "train")
+
+
+@pytest.fixture(scope="module")
+def test_cache(voc_root, tmp_path_factory):
+    images = read_voc(voc_root, "test")[:3]
+    return _extract(images, tmp_path_factory.mktemp("feat") / "test")
+
+
+# --------------------------------------------------------------------------- labels, cache
+def test_class_overlaps_hand_example():
+    gt = torch.tensor([[0.0, 0, 10, 10], [20, 20, 30, 30]])
+    windows = torch.tensor([[0.0, 0, 10, 5], [20, 20, 30, 30], [50, 50, 60, 60]])
+    out = class_overlaps(windows, gt, torch.tensor([2, 0]), 3)
+    expected = torch.tensor([[0.0, 0, 0.5], [1.0, 0, 0], [0, 0, 0]])
+    assert torch.allclose(out, expected)
+    assert class_overlaps(windows[:0], gt, torch.tensor([2, 0]), 3).shape == (0, 3)
+    assert class_overlaps(windows, gt[:0], torch.tensor([], dtype=torch.int64), 3).abs().sum() == 0
+
+
+def test_cache_stores_labels_and_cells_at_own_scale_match(train_cache, voc_root):
+    cache = FeatureCache(train_cache)
+    voc = {im.image_id: im for im in read_voc(voc_root, "trainval")[:8]}
+    image = cache.load(cache.image_ids[0])
+    assert image.gt_labels.tolist() == voc[image.image_id].labels.tolist()
+    assert image.gt_difficult.tolist() == voc[image.image_id].difficult.tolist()
+    every = torch.arange(len(image))
+    assert torch.equal(image.cells_at(every, image.scale_index), image.cells)
+    other = 1 - image.scale_index  # two scales: the other one
+    feats = image.features(every, scale_index=other)
+    fmap = image.maps[1]
+    rows = other == 1
+    assert torch.equal(feats[rows], spatial_pyramid_pool(fmap, image.cells_at(every[rows], other[rows])))
+
+
+def test_window_features_dedup_equals_plain_pooling(train_cache):
+    image = FeatureCache(train_cache).load(FeatureCache(train_cache).image_ids[1])
+    dup = torch.cat([torch.arange(len(image)), torch.tensor([0, 0, 3])])
+    first, inverse = distinct_windows(image, dup)
+    assert len(first) < len(dup) and len(inverse) == len(dup)
+    keys = torch.cat([image.scale_index[dup, None], image.cells[dup]], 1)
+    assert torch.equal(keys[first][inverse], keys)  # every window shares its group's key
+    assert torch.equal(window_features(image, "pool", None, dup), image.features(dup))
+    head = SPPHead(image.features(torch.tensor([0])).shape[1], 16).eval()
+    with torch.no_grad():
+        assert torch.allclose(window_features(image, "fc7", head, dup), head.features(image.features(dup), "fc7"), atol=1e-5)
+
+
+def test_crop_warp_cache_pools_each_crop_whole(voc_root, tmp_path):
+    from spp_detect.backbones import build_trunk, resolve_normalization
+    from spp_detect.extract import crop_warp_maps, load_image_rgb, prepare_trunk
+
+    image = read_voc(voc_root, "test")[0]
+    out = _extract([image], tmp_path / "cw", mode="crop-warp", scales=(224,), count=3)
+    cached = FeatureCache(out).load(image.image_id)
+    trunk = prepare_trunk(build_trunk("squeezenet1_0", SQUEEZENET_FILE), torch.device("cpu"))
+    norm = resolve_normalization("squeezenet1_0", SQUEEZENET_FILE)
+    pixels = load_image_rgb(image.path)
+    for j in (0, len(cached) - 1):  # a ground truth and a proposal, each on its own
+        tiled, cells = crop_warp_maps(trunk, norm, pixels, cached.boxes[j : j + 1], 224, 16, torch.device("cpu"))
+        assert tiled.shape[1:] == (13, 13) and cells.tolist() == [[0, 0, 12, 12]]
+        alone = spatial_pyramid_pool(tiled, cells)
+        assert torch.allclose(cached.features(torch.tensor([j])), alone.half().float(), rtol=2e-3, atol=1e-2)
+
+
+# --------------------------------------------------------------------------- SVMs and mining
+def test_svm_separates_two_classes_of_real_features(train_cache):
+    caches = open_caches([train_cache])
+    feats, labels = [], []
+    for image_id in caches[0].image_ids:
+        image = caches[0].load(image_id)
+        overlaps = class_overlaps(image.boxes, image.gt_boxes, image.gt_labels, 20)
+        best, cls = overlaps.max(1)
+        rows = torch.nonzero(best >= 0.7).flatten()
+        feats.append(window_features(image, "pool", None, rows))
+        labels.append(cls[rows])
+    feats, labels = torch.cat(feats), torch.cat(labels)
+    a, b = torch.bincount(labels).topk(2).indices.tolist()  # the two commonest classes
+    scale = 20 / feats.norm(dim=1).mean()
+    pos, neg = feats[labels == a] * scale, feats[labels == b] * scale
+    w, bias = train_linear_svm(pos, neg, C=1.0)
+    assert bool(((pos @ w + bias) > 0).all()) and bool(((neg @ w + bias) < 0).all())
+    with pytest.raises(ValueError, match="positives and negatives"):
+        train_linear_svm(pos, neg[:0])
+
+
+def test_mining_adds_and_evicts_by_the_release_thresholds():
+    cache = NegativeCache(dim=1, retrain_limit=3)
+    feats = torch.arange(6, dtype=torch.float32)[:, None]
+    assert cache.offer(torch.arange(6), feats, None) == 6  # first image: every negative
+    assert cache.needs_retraining()  # 6 > 3 added
+    # scores in cache order: -1.2 stays (not < -1.2), -1.2001 goes
+    evicted = cache.retrained(torch.tensor([-1.2, -1.2001, -5.0, 0.3, -1.0, -1.19999]))
+    assert evicted == 2 and cache.keys.tolist() == [0, 3, 4, 5] and cache.num_added == 0
+    # later images: only score > -1.0001 and not cached yet
+    keys = torch.tensor([3, 10, 11, 12, 13])
+    scores = torch.tensor([5.0, -1.0001, -1.00009, 0.0, -2.0])
+    assert cache.offer(keys, torch.zeros(5, 1), scores) == 2  # 11 and 12; 3 is cached, 10 is not > -1.0001
+    assert cache.keys.tolist() == [0, 3, 4, 5, 11, 12] and not cache.needs_retraining()
+    assert cache.features.shape == (6, 1) and cache.features[:4, 0].tolist() == [0.0, 3.0, 4.0, 5.0]
+
+
+# --------------------------------------------------------------------------- box regression
+def test_box_coder_round_trip_and_hand_example():
+    windows = torch.tensor([[0.0, 0, 10, 10], [5.5, 3, 40, 90]])
+    targets = torch.tensor([[5.0, 0, 15, 20], [0, 0, 50, 80]])
+    deltas = encode_boxes(windows, targets)
+    assert torch.allclose(deltas[0], torch.tensor([0.5, 0.5, 0.0, math.log(2)]))
+    assert torch.allclose(decode_boxes(windows, deltas), targets, atol=1e-5)
+    assert decode_boxes(windows[:0], deltas[:0]).shape == (0, 4)
+
+
+def test_ridge_primal_and_dual_agree_and_recover_the_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    w = torch.randn(5, 4, generator=g, dtype=torch.float64)
+    assert torch.allclose(fit_ridge(x, x @ w, 1e-8), w, atol=1e-6)  # d <= n: primal
+    wide = torch.randn(30, 300, generator=g, dtype=torch.float64)  # d > n: dual
+    y = torch.randn(30, 4, generator=g, dtype=torch.float64)
+    lam = 3.0
+    primal = torch.linalg.solve(wide.T @ wide + lam * torch.eye(300, dtype=torch.float64), wide.T @ y)
+    assert torch.allclose(fit_ridge(wide, y, lam), primal, atol=1e-8)
+
+
+def test_box_regressor_learns_a_synthetic_shift():
+    g = torch.Generator().manual_seed(1)
+    features = torch.randn(400, 8, generator=g)
+    true = torch.randn(8, 4, generator=g) * 0.05
+    windows = torch.tensor([[10.0, 20, 110, 220]]).repeat(400, 1)
+    targets = decode_boxes(windows, (features @ true).double()).float()
+    labels = torch.zeros(400, dtype=torch.int64)
+    regressor = fit_box_regressor(features, windows, targets, labels, num_classes=2, feature_scale=1.0, lam=1e-6)
+    assert bool(regressor.trained[0]) and not bool(regressor.trained[1])
+    predicted = regressor.predict(features, windows, labels)
+    assert torch.allclose(predicted, targets, atol=0.05)
+    untouched = regressor.predict(features[:3], windows[:3], torch.ones(3, dtype=torch.int64))
+    assert torch.equal(untouched, windows[:3])
+
+
+# --------------------------------------------------------------------------- fine-tuning
+def test_finetune_lowers_the_loss_and_resumes_to_the_same_state(train_cache, tmp_path):
+    settings = FinetuneSettings(fc_dim=64, iterations=40, base_lr=0.01, lr_steps=(30,), batch_size=32, round_iterations=10)
+    caches = open_caches([train_cache])
+    windows = collect_training_windows(caches)
+    feats, labels = _round_batches(caches, windows, settings, round_index=99, iterations=4, device=torch.device("cpu"))
+    assert int((labels > 0).sum()) == 4 * 8  # exactly 25% foreground per minibatch
+
+    straight = tmp_path / "straight"
+    run_finetune([train_cache], straight, settings)
+    head = load_head(straight)
+    interrupted = tmp_path / "interrupted"
+    first = run_finetune([train_cache], interrupted, settings, stop_after=20)
+    assert first.iterations_run == 20 and not (interrupted / "head.npz").exists()
+    second = run_finetune([train_cache], interrupted, settings)
+    assert second.resumed_from == 20 and second.iterations_run == 20
+    resumed = load_head(interrupted)
+    for (name, a), (_, b) in zip(head.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+
+    torch.manual_seed(0)
+    fresh = SPPHead(head.in_dim, 64, 21, input_scale=float(head.input_scale)).eval()
+    loss = torch.nn.functional.cross_entropy
+    with torch.no_grad():
+        assert loss(head(feats.float()), labels) < loss(fresh(feats.float()), labels)
+    log = json.loads((straight / "train_log.json").read_text())
+    assert [r["iteration"] for r in log] == [10, 20, 30, 40]
+
+
+# --------------------------------------------------------------------------- detect and the CLI
+def test_per_class_nms_caps_each_class():
+    boxes = torch.tensor([[0.0, 0, 10, 10], [0, 0, 10, 10.5], [50, 50, 60, 60], [100, 100, 110, 110], [0, 0, 10, 10]])
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    labels = torch.tensor([0, 0, 0, 0, 1])
+    keep = _per_class_nms(boxes, scores, labels, 0.3, max_per_class=2)
+    assert sorted(keep.tolist()) == [0, 2, 4]  # 1 suppressed by 0; 3 over the cap of 2 for class 0
+
+
+def test_pipeline_cli_trains_detects_and_evaluate_reads_the_files(train_cache, test_cache, tmp_path, voc_root):
+    runner = CliRunner()
+    head, svm, dets = tmp_path / "head", tmp_path / "svm", tmp_path / "dets"
+    r = runner.invoke(cli.main, ["-q", "finetune", "--cache", str(train_cache), "--out", str(head), "--fc-dim", "32",
+                                 "--iterations", "20", "--round-iterations", "10", "--batch-size", "32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli.main, ["-q", "train-svm", "--cache", str(train_cache), "--head", str(head), "--features", "fc7",
+                                 "--bbox", "--C", "0.1", "--out", str(svm)])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli.main, ["-q", "detect", "--cache", str(test_cache), "--svm", str(svm), "--bbox", "--out", str(dets)])
+    assert r.exit_code == 0, r.output
+    ids = FeatureCache(test_cache).image_ids
+    assert sorted(p.stem for p in dets.glob("0*.npz")) == ids
+    from_files = read_detections(dets, "x")
+    from_json = read_detections(dets / "detections.json", "x")
+    assert sum(len(d) for d in from_files.values()) == sum(len(d) for d in from_json.values()) > 0
+    # the test split's cache was made with image set "x": evaluate against its 3 images
+    test_list = tmp_path / "voc" / "VOC2007" / "ImageSets" / "Main"
+    test_list.mkdir(parents=True)
+    for sub in ("JPEGImages", "Annotations"):
+        (tmp_path / "voc" / "VOC2007" / sub).symlink_to(voc_root / "VOC2007" / sub)
+    (test_list / "x.txt").write_text("\n".join(ids) + "\n")
+    r = runner.invoke(cli.main, ["evaluate", "--voc-root", str(tmp_path / "voc"), "--image-set", "x", "--detections", str(dets)])
+    assert r.exit_code == 0, r.output
+    assert "mAP" in r.output
+    again = runner.invoke(cli.main, ["-q", "detect", "--cache", str(test_cache), "--svm", str(svm), "--bbox", "--out", str(dets)])
+    assert again.exit_code == 0 and "0 image(s) computed" in again.output and "3 already done" in again.output
+    png = tmp_path / "shown.png"
+    r = runner.invoke(cli.main, ["show", "--detections", str(dets), "--voc-root", str(tmp_path / "voc"), "--image-set", "x",
+                                 "--image", ids[0], "--out", str(png), "--threshold", "-10"])
+    assert r.exit_code == 0, r.output
+    import cv2
+
+    assert cv2.imread(str(png)) is not None
+
+
+def test_train_svm_refuses_fc_features_without_a_head(train_cache, tmp_path):
+    r = CliRunner().invoke(cli.main, ["train-svm", "--cache", str(train_cache), "--features", "fc7", "--out", str(tmp_path / "s")])
+    assert r.exit_code != 0 and "--head" in r.output
