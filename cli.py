@@ -121,6 +121,8 @@ def main(verbose: int, quiet: bool) -> None:
       5. detect      score windows, NMS; VOC comp4 files and COCO json
       6. evaluate    VOC07 11-point AP (devkit-exact) / COCO metrics, PR curves
     Tools:
+      calibrate      per-class score calibration of a model, for combine
+      combine        union of several models' detections, then NMS (paper 4.4)
       show           detections drawn on an image
       info           what a stage folder holds (settings, progress, recall, sizes)
       download-voc2007
@@ -557,7 +559,6 @@ def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max
       spp-detect detect --cache runs/feat-test --svm runs/svm --bbox --out runs/dets
       spp-detect evaluate --voc-root VOCdevkit --image-set test --detections runs/dets
     """
-    from eval.results import ClassDetections, write_coco_results, write_voc_results
     from spp_detect.detect import DetectSettings, load_detections, run_detect
     from spp_detect.stage_dir import SettingsChanged, read_manifest
     from svm.train import load_svm
@@ -574,16 +575,138 @@ def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max
     except (SettingsChanged, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     image_set = read_manifest(cache)["config"].get("image_set", "test")
-    per_class = load_detections(out, model.classes)
-    detections = {name: ClassDetections(*arrays) for name, arrays in per_class.items()}
-    write_voc_results(detections, out, image_set, comp_id="comp4", classes=model.classes)
-    write_coco_results(detections, out / "detections.json", classes=model.classes)
-    count = sum(len(d) for d in detections.values())
+    model_info = {"svm": str(svm_folder.resolve()), "classes": list(model.classes), "image_set": image_set}
+    count = _write_results(out, load_detections(out, model.classes), model.classes, image_set, model_info)
     per_image = summary.seconds / max(summary.done, 1)
     click.echo(
         f"detect: {summary.done} image(s) computed ({per_image:.2f} s/image), {summary.skipped} already done; "
         f"{count} detections -> {out}/comp4_det_{image_set}_*.txt and {out}/detections.json"
     )
+
+
+def _write_results(out: Path, per_class: dict, classes, image_set: str, info: dict) -> int:
+    """The devkit comp4 files, detections.json (COCO) and model.json of a detections folder;
+    returns the number of detections."""
+    import json
+
+    from eval.results import ClassDetections, write_coco_results, write_voc_results
+    from spp_detect.stage_dir import atomic_write
+
+    detections = {name: ClassDetections(*arrays) for name, arrays in per_class.items()}
+    write_voc_results(detections, out, image_set, comp_id="comp4", classes=classes)
+    write_coco_results(detections, out / "detections.json", classes=classes)
+    atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+    return sum(len(d) for d in detections.values())
+
+
+@main.command("calibrate")
+@caches_option
+@click.option("--svm", "svm_folder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="train-svm folder; the calibration is stored in it (calibration.npz).")
+@device_option
+def calibrate_cmd(caches, svm_folder, device) -> None:
+    """Fit per-class score calibrations of a model on its training images (for combine).
+
+    \b
+    Detects on the training caches as `detect` does and fits, per class, a logistic
+    map from SVM score to P(IoU >= 0.5 with a ground truth of the class). Use the
+    model's own training caches, never the test set.
+
+    \b
+    Example:
+      spp-detect calibrate --cache runs/feat-trainval --svm runs/svm
+    """
+    import json
+
+    from spp_detect.combine import fit_calibration
+    from spp_detect.stage_dir import atomic_write
+    from svm.train import load_svm
+
+    torch_device = _torch_device(device)
+    try:
+        model = load_svm(svm_folder, torch_device)
+        calibration, counts = fit_calibration(caches, model, device=torch_device, progress=_bar("calibrate"))
+    except (FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    calibration.save(svm_folder / "calibration.npz")
+    info = {"caches": [str(Path(c).resolve()) for c in caches], "detections_per_class": counts,
+            "fitted": [n for n, f in zip(calibration.classes, calibration.fitted.tolist()) if f]}
+    atomic_write(svm_folder / "calibration.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+    unfitted = [n for n, f in zip(calibration.classes, calibration.fitted.tolist()) if not f]
+    click.echo(f"calibrate: {sum(counts.values())} training detections, {len(info['fitted'])} classes fitted -> {svm_folder}/calibration.npz")
+    if unfitted:
+        click.echo(f"  too few correct or wrong detections to fit {', '.join(unfitted)}: sigmoid(score) used", err=True)
+
+
+@main.command("combine")
+@click.option("--detections", "inputs", type=click.Path(exists=True, path_type=Path), multiple=True, required=True,
+              help="A detect (or combine) folder; repeat for each model (two or more). With --scores raw, "
+              "also a folder of devkit result files or a COCO json.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Combined detections folder.")
+@click.option("--nms", "nms_threshold", type=click.FloatRange(0, 1), default=0.3, help="NMS IoU over the union (paper: 0.3).")
+@click.option("--scores", type=click.Choice(["calibrated", "raw"]), default="calibrated",
+              help="calibrated (default): each model's scores mapped per class to P(correct) by the logistic fit "
+              "that `spp-detect calibrate` stored with it on its training images, because SVM margins of different "
+              "models are on different scales. raw: the paper's plain union of SVM scores (4.4), right for models "
+              "whose SVMs were trained alike.")
+@click.option("--image-set", default=None, help="Name used for the devkit files [default: the inputs' own].")
+@force_option
+def combine_cmd(inputs, out, nms_threshold, scores, image_set, force) -> None:
+    """Combine two or more models: union of their scored windows, then NMS (paper 4.4).
+
+    \b
+    Example:
+      spp-detect calibrate --cache runs/sq-trainval --svm runs/sq-svm
+      spp-detect calibrate --cache runs/mb-trainval --svm runs/mb-svm
+      spp-detect combine --detections runs/sq-dets --detections runs/mb-dets --out runs/both
+      spp-detect evaluate --voc-root VOCdevkit --image-set test --detections runs/both
+    """
+    import json
+
+    from eval.results import DetectionsError, read_detections
+    from spp_detect.combine import ScoreCalibration, as_class_arrays, check_compatible, union_nms, write_per_image
+    from spp_detect.datasets.voc import VOC_CLASSES
+    from spp_detect.detect import load_detections
+    from spp_detect.stage_dir import SettingsChanged, open_stage_dir, source_key
+
+    if len(inputs) < 2:
+        raise click.UsageError("give --detections at least twice: combine joins two or more models")
+    names, classes, image_ids, arrays, image_sets = [], [], [], [], []
+    try:
+        for path in inputs:
+            info_path = path / "model.json"
+            if path.is_dir() and info_path.is_file():
+                info = json.loads(info_path.read_text())
+                cls = tuple(info["classes"])
+                ids = {p.stem for p in path.glob("*.npz") if not p.name.startswith(".")}
+                dets = load_detections(path, cls)
+                image_sets.append(info.get("image_set"))
+                if scores == "calibrated":
+                    calib = Path(info.get("calibration") or Path(info["svm"]) / "calibration.npz") if "svm" in info else None
+                    if calib is None or not calib.is_file():
+                        raise click.ClickException(
+                            f"{path}: its model has no score calibration ({calib}); run `spp-detect calibrate --svm "
+                            f"{info.get('svm', 'SVM')} --cache TRAIN` or use --scores raw")
+                    dets = ScoreCalibration.load(calib).apply(dets)
+            else:
+                if scores == "calibrated":
+                    raise click.ClickException(f"{path} is not a detect folder: it has no model to calibrate with; use --scores raw")
+                cls, ids = VOC_CLASSES, None
+                dets = as_class_arrays(read_detections(path, image_set or "test"))
+            names.append(str(path)), classes.append(cls), image_ids.append(ids), arrays.append(dets)
+        check_compatible(names, classes, image_ids)
+        config = {"inputs": [source_key(p) if p.is_dir() and (p / "manifest.json").is_file() else str(p.resolve()) for p in inputs],
+                  "scores": scores, "nms": nms_threshold}
+        open_stage_dir(out, "combine", config, force=force)
+    except (ValueError, DetectionsError, SettingsChanged, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    merged = union_nms(arrays, nms_threshold)
+    cls = classes[0]
+    known = [i for i in image_ids if i is not None]
+    write_per_image(out, merged, cls, set().union(*known) if known else None)
+    name = image_set or next((s for s in image_sets if s), "test")
+    count = _write_results(out, merged, cls, name, {"combined": names, "scores": scores, "classes": list(cls), "image_set": name})
+    click.echo(f"combine: {len(inputs)} models, {count} detections after NMS {nms_threshold:g} ({scores} scores) -> {out}")
 
 
 @main.command("show")

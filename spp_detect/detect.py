@@ -38,7 +38,7 @@ from spp_detect.head import SPPHead
 from spp_detect.stage_dir import atomic_write, open_stage_dir
 from spp_detect.window_features import window_features
 
-__all__ = ["DetectSettings", "DetectSummary", "Scorer", "detect_image", "run_detect", "load_detections"]
+__all__ = ["DetectSettings", "DetectSummary", "Scorer", "detect_image", "run_detect", "write_image_detections", "load_detections"]
 
 SCORE_THRESHOLD: float = -1.5  # spp_test.m: keep z > -1.5
 NMS_THRESHOLD: float = 0.3  # spp_test.m / imdb_eval_voc.m:65
@@ -168,18 +168,26 @@ def run_detect(
         boxes, scores, labels, timings = detect_image(image, model, settings, device)
         for k, v in timings.items():
             summary.timings[k] += v
-        arrays = {"boxes": boxes.numpy().astype(np.float32), "scores": scores.numpy().astype(np.float64),
-                  "labels": labels.numpy().astype(np.int64)}
-
-        def write(tmp: Path, arrays=arrays) -> None:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **arrays)
-
-        atomic_write(out / f"{image_id}.npz", write)
+        write_image_detections(out, image_id, boxes.numpy(), scores.numpy(), labels.numpy())
         summary.done += 1
         summary.detections += len(scores)
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def write_image_detections(folder: Path, image_id: str, boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> Path:
+    """Write one image's detections (``boxes [K, 4]`` 0-based xyxy, ``scores [K]``,
+    ``labels [K]`` class index) to ``<folder>/<image_id>.npz`` atomically."""
+    arrays = {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "scores": np.asarray(scores, np.float64),
+              "labels": np.asarray(labels, np.int64)}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    path = Path(folder) / f"{image_id}.npz"
+    atomic_write(path, write)
+    return path
 
 
 def load_detections(folder: Path | str, classes: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -1,0 +1,209 @@
+"""Model combination (SPP-net paper 4.4 / TPAMI 4.5): the union of several models' scored
+windows, then NMS, so that a more confident window of one model suppresses the others'.
+
+Scores of different models are margins of different SVMs and live on different scales.
+:class:`ScoreCalibration` maps each model's margins, per class, to the probability that a
+detection is correct (IoU >= 0.5 with a ground truth of its class), by a logistic fit on
+the model's detections on its *training* images (:func:`fit_calibration`); the union of
+calibrated scores compares like with like. The paper combined two ZF-5 nets whose SVMs
+were trained the same way and took the plain union (``scores="raw"`` here).
+
+Detections are handled as in :func:`spp_detect.detect.load_detections`: per class,
+``(image_ids [K] str, scores [K] float64, boxes [K, 4] float64)``, boxes 0-based xyxy.
+"""
+
+from __future__ import annotations
+
+import json
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torchvision.ops import batched_nms
+
+from spp_detect.cache import FeatureCache
+from spp_detect.detect import DetectSettings, Scorer, detect_image, write_image_detections
+from spp_detect.labels import class_overlaps
+from spp_detect.tensor_io import load_tensors, save_tensors
+
+__all__ = [
+    "ClassArrays",
+    "ScoreCalibration",
+    "union_nms",
+    "fit_logistic",
+    "fit_calibration",
+    "check_compatible",
+    "as_class_arrays",
+    "write_per_image",
+]
+
+#: Per class: ``(image_ids [K] str, scores [K] float64, boxes [K, 4] float64)``.
+ClassArrays = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
+#: A detection counts as correct for the calibration at IoU >= 0.5 (the VOC criterion).
+CORRECT_IOU: float = 0.5
+
+
+def union_nms(models: Sequence[ClassArrays], nms_threshold: float = 0.3) -> ClassArrays:
+    """Union of the models' detections, then greedy NMS per image and class.
+
+    Returns:
+        The kept detections per class, sorted by image id, then decreasing score. Classes
+        without detections are left out.
+    """
+    out: ClassArrays = {}
+    names = sorted({name for model in models for name in model})
+    for name in names:
+        parts = [m[name] for m in models if name in m and len(m[name][1])]
+        if not parts:
+            continue
+        ids = np.concatenate([p[0] for p in parts])
+        scores = np.concatenate([p[1] for p in parts])
+        boxes = np.concatenate([p[2] for p in parts]).reshape(-1, 4)
+        unique_ids, group = np.unique(ids, return_inverse=True)
+        keep = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(group), nms_threshold)
+        keep = keep.numpy()
+        order = np.lexsort((-scores[keep], group[keep]))  # by image, then score
+        keep = keep[order]
+        out[name] = (ids[keep], scores[keep], boxes[keep])
+    return out
+
+
+def fit_logistic(scores: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """``(slope, intercept)`` of ``P(correct | score) = sigmoid(slope * score + intercept)``,
+    a maximum-likelihood fit (scikit-learn, regularisation negligible).
+
+    Raises:
+        ValueError: fewer than 2 samples of either outcome.
+    """
+    from sklearn.linear_model import LogisticRegression
+
+    correct = np.asarray(correct, dtype=bool)
+    if correct.sum() < 2 or (~correct).sum() < 2:
+        raise ValueError(f"a calibration needs correct and wrong detections, got {int(correct.sum())} and {int((~correct).sum())}")
+    model = LogisticRegression(C=1e6, max_iter=1000).fit(np.asarray(scores, dtype=np.float64).reshape(-1, 1), correct)
+    return float(model.coef_[0, 0]), float(model.intercept_[0])
+
+
+@dataclass
+class ScoreCalibration:
+    """Per-class logistic maps from a model's scores to probabilities.
+
+    Attributes:
+        slope, intercept: ``Tensor[C]`` float64; ``fitted``: ``Tensor[C]`` bool (a class
+            without enough training detections keeps ``sigmoid(score)``: slope 1, intercept 0).
+        classes: class names in column order.
+    """
+
+    slope: torch.Tensor
+    intercept: torch.Tensor
+    fitted: torch.Tensor
+    classes: tuple[str, ...]
+
+    def apply(self, arrays: ClassArrays) -> ClassArrays:
+        """The same detections with probabilities for scores."""
+        out: ClassArrays = {}
+        for name, (ids, scores, boxes) in arrays.items():
+            c = self.classes.index(name)
+            z = float(self.slope[c]) * scores + float(self.intercept[c])
+            out[name] = (ids, 1.0 / (1.0 + np.exp(-z)), boxes)
+        return out
+
+    def save(self, path: Path | str) -> Path:
+        """Write ``.npz`` (the class names as UTF-8 JSON bytes, so the file stays numeric)."""
+        names = np.frombuffer(json.dumps(list(self.classes)).encode(), dtype=np.uint8)
+        return save_tensors(path, {"slope": self.slope, "intercept": self.intercept, "fitted": self.fitted, "classes": names})
+
+    @classmethod
+    def load(cls, path: Path | str) -> ScoreCalibration:
+        t = load_tensors(path)
+        classes = tuple(json.loads(bytes(t["classes"].numpy()).decode()))
+        return cls(t["slope"], t["intercept"], t["fitted"].bool(), classes)
+
+
+def fit_calibration(
+    cache_folders: Sequence[Path | str],
+    model: Scorer,
+    settings: DetectSettings = DetectSettings(),
+    device: torch.device | str = "cpu",
+    progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+) -> tuple[ScoreCalibration, dict[str, int]]:
+    """Fit one logistic map per class on the model's detections on training images.
+
+    Each training image is detected exactly as ``detect`` does (``settings``), and each
+    detection is labelled correct when its IoU with a ground truth of its class is >= 0.5.
+
+    Returns:
+        ``(calibration, counts)``, ``counts[name]`` the detections the class was fitted on.
+    """
+    classes = tuple(model.classes)
+    per_class_scores: list[list[np.ndarray]] = [[] for _ in classes]
+    per_class_correct: list[list[np.ndarray]] = [[] for _ in classes]
+    for folder in cache_folders:
+        cache = FeatureCache(folder)
+        ids = cache.image_ids
+        for image_id in progress(ids) if progress else ids:
+            image = cache.load(image_id)
+            boxes, scores, labels, _ = detect_image(image, model, settings, device)
+            overlaps = class_overlaps(boxes, image.gt_boxes, image.gt_labels, len(classes))  # [K, C]
+            correct = overlaps.gather(1, labels[:, None]).flatten() >= CORRECT_IOU
+            for c in labels.unique().tolist():
+                rows = labels == c
+                per_class_scores[c].append(scores[rows].numpy())
+                per_class_correct[c].append(correct[rows].numpy())
+    slope = torch.ones(len(classes), dtype=torch.float64)
+    intercept = torch.zeros(len(classes), dtype=torch.float64)
+    fitted = torch.zeros(len(classes), dtype=torch.bool)
+    counts = {}
+    for c, name in enumerate(classes):
+        s = np.concatenate(per_class_scores[c]) if per_class_scores[c] else np.zeros(0)
+        y = np.concatenate(per_class_correct[c]) if per_class_correct[c] else np.zeros(0, bool)
+        counts[name] = len(s)
+        try:
+            a, b = fit_logistic(s, y)
+        except ValueError:
+            continue
+        slope[c], intercept[c], fitted[c] = a, b, True
+    return ScoreCalibration(slope, intercept, fitted, classes), counts
+
+
+def check_compatible(names: Sequence[str], classes: Sequence[Sequence[str]], image_ids: Sequence[set[str] | None]) -> None:
+    """Refuse inputs that cannot be combined, naming the difference.
+
+    Raises:
+        ValueError: another class list, or another image set (when known).
+    """
+    for name, cls, ids in zip(names[1:], classes[1:], image_ids[1:]):
+        if tuple(cls) != tuple(classes[0]):
+            missing, extra = sorted(set(classes[0]) - set(cls)), sorted(set(cls) - set(classes[0]))
+            detail = f"missing {missing}, extra {extra}" if missing or extra else "same classes in another order"
+            raise ValueError(f"{name} has other classes than {names[0]}: {detail}")
+        if ids is not None and image_ids[0] is not None and ids != image_ids[0]:
+            only_a, only_b = sorted(image_ids[0] - ids), sorted(ids - image_ids[0])
+            raise ValueError(
+                f"{name} covers other images than {names[0]}: {len(only_a)} only in {names[0]} (e.g. {only_a[:3]}), "
+                f"{len(only_b)} only in {name} (e.g. {only_b[:3]})"
+            )
+
+
+def as_class_arrays(detections: Mapping[str, object]) -> ClassArrays:
+    """``eval.results`` detections (objects with ``image_ids``, ``scores``, ``boxes``) -> arrays."""
+    return {name: (d.image_ids, d.scores, d.boxes) for name, d in detections.items()}
+
+
+def write_per_image(folder: Path | str, arrays: ClassArrays, classes: Sequence[str], image_ids: set[str] | None = None) -> None:
+    """Write ``arrays`` as ``detect`` does, one ``<id>.npz`` per image (``image_ids``, default
+    the images that have detections), so combined results can be read, shown and combined
+    again like any detect folder."""
+    ids_all = np.concatenate([a[0] for a in arrays.values()]) if arrays else np.zeros(0, str)
+    labels_all = np.concatenate([np.full(len(a[0]), classes.index(n)) for n, a in arrays.items()]) if arrays else np.zeros(0, np.int64)
+    scores_all = np.concatenate([a[1] for a in arrays.values()]) if arrays else np.zeros(0)
+    boxes_all = np.concatenate([a[2].reshape(-1, 4) for a in arrays.values()]) if arrays else np.zeros((0, 4))
+    order = np.argsort(ids_all, kind="stable")
+    ids_sorted = ids_all[order]
+    for image_id in sorted(image_ids if image_ids is not None else set(ids_all.tolist())):
+        lo, hi = np.searchsorted(ids_sorted, image_id, "left"), np.searchsorted(ids_sorted, image_id, "right")
+        rows = order[lo:hi]
+        write_image_detections(Path(folder), image_id, boxes_all[rows], scores_all[rows], labels_all[rows])
