@@ -117,6 +117,11 @@ def read_voc_or_usage_error(voc_root: Path, image_set: str, year: str, limit: in
         raise
 
 
+def message(exc: BaseException) -> str:
+    """An exception's text for the command line (a KeyError's without the quotes repr adds)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
 def write_error(exc: OSError) -> click.ClickException:
     """One line for a failed write (a full disk, no permission); finished files are kept."""
     import errno
@@ -298,7 +303,7 @@ def proposals_cmd(
     except (BadImageError, VOCFormatError) as exc:
         raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from None
     except (SettingsChanged, FileNotFoundError, KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
+        raise click.ClickException(message(exc)) from None
     except OSError as exc:
         raise write_error(exc) from None
 
@@ -416,12 +421,12 @@ def extract_cmd(
     except (VOCFormatError, ImageReadError) as exc:
         raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from None
     except (SettingsChanged, KeyError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
+        raise click.ClickException(message(exc)) from None
     except OSError as exc:
         raise write_error(exc) from None
     summary.bad[:0] = bad or []
     for error in summary.bad:
-        click.echo(f"  skipped {str(error).strip(chr(39) + chr(34))}", err=True)
+        click.echo(f"  skipped {message(error)}", err=True)
     per_image = summary.bytes_written / max(summary.done, 1) / 1e6
     redone = f", {summary.redone} damaged file(s) redone" if summary.redone else ""
     click.echo(

@@ -236,7 +236,7 @@ def import_proposals(source: Path, out: Path, *, force: bool = False) -> Proposa
     open_stage_dir(out, STAGE, config, force=force)
     summary = ProposalsSummary(out=out, images=len(proposals), action="imported")
     for image_id, boxes in proposals.items():
-        if boxes_path(out, image_id).is_file():
+        if _finished(boxes_path(out, image_id)):
             summary.already_done += 1
         else:
             write_boxes(out, image_id, boxes)

@@ -264,7 +264,10 @@ def run_extract(
     try:
         trunk = prepare_trunk(build_trunk(backbone, weights), device)
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            first_line = "not a state_dict file (torch.load(weights_only=True) cannot read it)"
+        else:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadSetting("weights", f"cannot load {weights} into {backbone}: {first_line}") from None
     norm = resolve_normalization(backbone, weights, input_norm)
     _check_smallest_scale(trunk, norm, backbone, min(scales), device)
