@@ -93,15 +93,43 @@ def backbone_options(f):
 
 def parse_scales(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
     """Callback for comma-separated scale lists like ``480,576,688,864,1200``."""
+    what = param.name if param is not None and param.name else "scales"
     try:
         scales = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
     if not scales or any(s <= 0 for s in scales):
-        raise click.BadParameter(f"expected positive scales, got {value!r}")
+        raise click.BadParameter(f"expected positive {what}, got {value!r}")
     if len(set(scales)) != len(scales):
-        raise click.BadParameter(f"scales repeat: {value!r}")
+        raise click.BadParameter(f"{what} repeat: {value!r}")
     return scales
+
+
+def read_voc_or_usage_error(voc_root: Path, image_set: str, year: str, limit: int | None = None, bad: list | None = None):
+    """``read_voc``, turning a missing image-set list (a bad --image-set / --year) into a usage error."""
+    from spp_detect.datasets.voc import VOCFormatError, read_voc
+
+    try:
+        return read_voc(voc_root, image_set, year, bad=bad, limit=limit)
+    except VOCFormatError as exc:
+        if exc.image_id is None and str(exc).startswith("image-set list not found"):
+            raise click.BadParameter(str(exc), param_hint="'--image-set' / '--year'") from None
+        raise
+
+
+def message(exc: BaseException) -> str:
+    """An exception's text for the command line (a KeyError's without the quotes repr adds)."""
+    return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+
+
+def write_error(exc: OSError) -> click.ClickException:
+    """One line for a failed write (a full disk, no permission); finished files are kept."""
+    import errno
+
+    text = str(exc) if exc.filename is None else f"cannot write {exc.filename}: {exc.strerror}"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        text += "; free some space and rerun the same command (finished files are kept and reused)"
+    return click.ClickException(text)
 
 
 # --------------------------------------------------------------------------- the group
@@ -178,7 +206,17 @@ def _not_required(*names: str):
 @click.option("--max-boxes", type=click.IntRange(min=1), default=2000, help="Keep the best-ranked N boxes per image (R-CNN: ~2000).")
 @click.option("--min-size", type=click.IntRange(min=0), default=20, help="Drop boxes narrower or shorter than this, in pixels (R-CNN: 20).")
 @click.option("--seed", type=int, default=0, help="Seed for OpenCV's random ranking, reset per image (results do not depend on order or --workers).")
-@click.option("--skip-bad", is_flag=True, help="Skip unreadable images (counted in the summary) instead of stopping.")
+@click.option(
+    "--max-pixels",
+    type=click.IntRange(min=10_000),
+    default=1_000_000,
+    help="Search larger images on a copy shrunk to this many pixels (boxes scaled back); bounds memory and time.",
+)
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Skip images that are missing, unreadable or badly annotated (counted and listed in the summary) instead of stopping.",
+)
 @click.option(
     "--import",
     "import_file",
@@ -206,6 +244,7 @@ def proposals_cmd(
     max_boxes: int,
     min_size: int,
     seed: int,
+    max_pixels: int,
     skip_bad: bool,
     import_file: Path | None,
     export_mat: Path | None,
@@ -225,13 +264,13 @@ def proposals_cmd(
 
     from proposals.io import load_proposals, save_mat
     from proposals.run import BadImageError, ProposalSettings, import_proposals, run_proposals
-    from spp_detect.datasets.voc import VOCFormatError, read_voc
+    from spp_detect.datasets.voc import VOCFormatError
     from spp_detect.stage_dir import SettingsChanged
 
     def on_command_line(name: str) -> bool:
         return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
 
-    search_options = ("voc_root", "limit", "mode", "max_boxes", "min_size", "seed", "skip_bad", "workers")
+    search_options = ("voc_root", "limit", "mode", "max_boxes", "min_size", "seed", "max_pixels", "skip_bad", "workers")
     image_ids = None
     try:
         if import_file is not None:
@@ -241,8 +280,9 @@ def proposals_cmd(
             summary = import_proposals(import_file, out, force=force)
             click.echo(f"imported {import_file}: {summary.describe()}")
         elif voc_root is not None:
-            settings = ProposalSettings(mode=mode, min_size=min_size, max_boxes=max_boxes, seed=seed)
-            images = read_voc(voc_root, image_set, year)[:limit]
+            settings = ProposalSettings(mode=mode, min_size=min_size, max_boxes=max_boxes, seed=seed, max_pixels=max_pixels)
+            voc_bad: list[VOCFormatError] | None = [] if skip_bad else None
+            images = read_voc_or_usage_error(voc_root, image_set, year, limit, voc_bad)
             image_ids = [image.image_id for image in images]
             summary = run_proposals(
                 images,
@@ -254,6 +294,8 @@ def proposals_cmd(
                 skip_bad=skip_bad,
                 progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,  # hidden by -q
             )
+            summary.bad[:0] = voc_bad or []
+            summary.images += len(voc_bad or [])
             click.echo(summary.describe())
             for error in summary.bad:
                 click.echo(f"  skipped {error}", err=True)
@@ -265,10 +307,12 @@ def proposals_cmd(
             proposals = load_proposals(out, image_ids)
             save_mat(export_mat, proposals)
             click.echo(f"exported {len(proposals)} images to {export_mat}")
-    except BadImageError as exc:
-        raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from exc
-    except (SettingsChanged, VOCFormatError, FileNotFoundError, KeyError, ValueError) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from exc
+    except (BadImageError, VOCFormatError) as exc:
+        raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from None
+    except (SettingsChanged, FileNotFoundError, KeyError, ValueError) as exc:
+        raise click.ClickException(message(exc)) from None
+    except OSError as exc:
+        raise write_error(exc) from None
 
 
 def parse_shard(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
@@ -315,6 +359,12 @@ def parse_shard(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @device_option
 @force_option
 @click.option("--shard", default="1/1", callback=parse_shard, help="K/N: process every N-th image from the K-th.")
+@click.option(
+    "--skip-bad",
+    is_flag=True,
+    help="Skip images that are missing, unreadable, badly annotated or without usable proposals "
+    "(counted and listed in the summary) instead of stopping.",
+)
 def extract_cmd(
     voc_root: Path,
     year: str,
@@ -331,6 +381,7 @@ def extract_cmd(
     device: str,
     force: bool,
     shard: tuple[int, int],
+    skip_bad: bool,
 ) -> None:
     """Conv maps once per scale per image, windows assigned to scales, cached.
 
@@ -348,9 +399,9 @@ def extract_cmd(
     from tqdm import tqdm
 
     from proposals.io import load_proposals
-    from spp_detect.datasets.voc import VOCFormatError, read_voc
+    from spp_detect.datasets.voc import VOCFormatError
     from spp_detect.device import resolve_device
-    from spp_detect.extract import ExtractSettings, ImageReadError, run_extract
+    from spp_detect.extract import BadSetting, ExtractSettings, ImageReadError, run_extract
     from spp_detect.stage_dir import SettingsChanged, source_key
 
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
@@ -359,12 +410,15 @@ def extract_cmd(
         torch_device = resolve_device(device)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
+    bad: list[Exception] | None = [] if skip_bad else None
     try:
-        images = read_voc(voc_root, image_set, year)[:limit]
-        boxes = load_proposals(proposals_path, [im.image_id for im in images])
         settings = ExtractSettings(
             backbone=backbone, weights=weights, input_norm=input_norm, scales=scales, levels=levels, mode=mode
         )
+        images = read_voc_or_usage_error(voc_root, image_set, year, limit, bad)
+        boxes = load_proposals(proposals_path, [im.image_id for im in images], bad=bad)
+        if bad:
+            images = [im for im in images if im.image_id in boxes]
         summary = run_extract(
             images,
             boxes,
@@ -376,12 +430,23 @@ def extract_cmd(
             force=force,
             shard=shard,
             progress=lambda todo: tqdm(todo, desc="extract", unit="img"),
+            skip_bad=skip_bad,
         )
-    except (VOCFormatError, SettingsChanged, ImageReadError, KeyError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc).strip("'\"")) from None
+    except BadSetting as exc:
+        raise click.BadParameter(str(exc), param_hint=f"--{exc.setting}") from None
+    except (VOCFormatError, ImageReadError) as exc:
+        raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from None
+    except (SettingsChanged, KeyError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(message(exc)) from None
+    except OSError as exc:
+        raise write_error(exc) from None
+    summary.bad[:0] = bad or []
+    for error in summary.bad:
+        click.echo(f"  skipped {message(error)}", err=True)
     per_image = summary.bytes_written / max(summary.done, 1) / 1e6
+    redone = f", {summary.redone} damaged file(s) redone" if summary.redone else ""
     click.echo(
-        f"extract: {summary.done} image(s) computed, {summary.skipped} already cached, "
+        f"extract: {summary.done} image(s) computed, {summary.skipped} already cached, {len(summary.bad)} bad{redone}, "
         f"{summary.windows / max(summary.done, 1):.0f} windows/image, {per_image:.2f} MB/image, "
         f"{summary.images_per_second:.2f} img/s on {torch_device} -> {out}"
     )
@@ -846,7 +911,7 @@ def evaluate_cmd(
     import json
 
     from eval.results import DetectionsError, read_detections
-    from spp_detect.datasets.voc import VOC_CLASSES, VOCFormatError, read_voc
+    from spp_detect.datasets.voc import VOC_CLASSES, VOCFormatError
     from spp_detect.stage_dir import atomic_write
 
     if protocol == "coco":
@@ -858,7 +923,7 @@ def evaluate_cmd(
         if given:
             raise click.UsageError(f"{', '.join(given)} only apply to --voc2007")
     try:
-        images = read_voc(voc_root, image_set, year)[:limit]
+        images = read_voc_or_usage_error(voc_root, image_set, year, limit)
         dets = read_detections(detections, image_set, comp_id=comp_id)
     except (VOCFormatError, DetectionsError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -903,7 +968,10 @@ def evaluate_cmd(
         title = f"VOC{year} {image_set}: COCO AP50 per class (IoU 0.5, 101 recall points)"
 
     if json_out is not None:
-        atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, sort_keys=True)))
+        try:
+            atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, sort_keys=True)))
+        except OSError as exc:
+            raise write_error(exc) from None
         click.echo(f"wrote {json_out}")
     if plots is not None:
         from eval.plots import plot_pr_curves
@@ -939,6 +1007,8 @@ def info_cmd(folder: Path, voc_root: Path | None, year: str, image_set: str | No
         manifest = read_manifest(folder)
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint="FOLDER") from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     stage, config = manifest.get("stage"), manifest.get("config", {})
     click.echo(f"{folder}: {stage} stage, key {manifest.get('key', '')[:12]}")
     click.echo("  settings: " + json.dumps(config, sort_keys=True))
@@ -947,14 +1017,16 @@ def info_cmd(folder: Path, voc_root: Path | None, year: str, image_set: str | No
 
         from proposals.io import load_proposals
         from proposals.recall import proposal_recall
-        from spp_detect.datasets.voc import read_voc
 
-        proposals = load_proposals(folder)
+        damaged: list = []
+        proposals = load_proposals(folder, bad=damaged)
         counts = [len(b) for b in proposals.values()]
         click.echo(f"  images: {len(proposals)}, boxes/image: {np.mean(counts) if counts else 0:.1f}")
+        for error in damaged:
+            click.echo(f"  unusable: {error}")
         if voc_root is not None:
             name = image_set or config.get("dataset", {}).get("image_set", "test")
-            images = [im for im in read_voc(voc_root, name, year) if im.image_id in proposals]
+            images = [im for im in read_voc_or_usage_error(voc_root, name, year) if im.image_id in proposals]
             table = proposal_recall(images, proposals)
             click.echo(f"  recall of {table['num_objects']} non-difficult objects in {len(images)} images:")
             for threshold, by_k in table["recall"].items():
@@ -971,6 +1043,8 @@ def info_cmd(folder: Path, voc_root: Path | None, year: str, image_set: str | No
         )
         click.echo(f"  feature: {stats['feature_dim']} numbers per window (levels {config['levels']})")
         click.echo(f"  windows per scale: {shares}")
+        for line in stats["damaged"]:
+            click.echo(f"  damaged (rerun extract to redo it): {line}")
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 
 from spp_detect.boxes import from_voc_1based, to_voc_1based
-from spp_detect.stage_dir import atomic_write, read_manifest
+from spp_detect.stage_dir import atomic_write, check_file, read_manifest
 
 __all__ = [
+    "ProposalsError",
     "STAGE",
     "BOXES_SUFFIX",
     "boxes_path",
@@ -48,6 +49,30 @@ __all__ = [
 STAGE = "proposals"
 #: Suffix of the per-image files in a proposals folder.
 BOXES_SUFFIX = ".npy"
+
+
+class ProposalsError(ValueError):
+    """One image's proposals are missing, damaged or invalid; the message names the file.
+    ``image_id`` is that image."""
+
+    def __init__(self, message: str, image_id: str | None = None) -> None:
+        super().__init__(message)
+        self.image_id = image_id
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.image_id))
+
+
+def check_boxes(boxes: np.ndarray, where: str) -> None:
+    """Raise :class:`ProposalsError` if ``boxes`` (``[N, 4]`` xyxy) hold NaN/infinite
+    coordinates or inverted boxes (``x2 < x1`` or ``y2 < y1``); ``where`` starts the message."""
+    finite = np.isfinite(boxes).all(axis=1)
+    if not finite.all():
+        raise ProposalsError(f"{where}: {int((~finite).sum())} of {len(boxes)} boxes have NaN or infinite coordinates")
+    inverted = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if inverted.any():
+        first = boxes[np.argmax(inverted)].tolist()
+        raise ProposalsError(f"{where}: {int(inverted.sum())} of {len(boxes)} boxes are inverted (x2 < x1 or y2 < y1), e.g. {first}")
 
 
 def mat_to_xyxy(raw: np.ndarray) -> np.ndarray:
@@ -81,13 +106,18 @@ def write_boxes(folder: Path, image_id: str, boxes: np.ndarray) -> Path:
     return path
 
 
-def load_proposals(path: Path | str, image_ids: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+def load_proposals(
+    path: Path | str, image_ids: Iterable[str] | None = None, *, bad: list[ProposalsError] | None = None
+) -> dict[str, np.ndarray]:
     """Load proposals from a proposals stage folder or an R-CNN selective-search ``.mat``.
 
     Args:
         path: a folder written by ``spp-detect proposals`` or a ``.mat`` file with
             ``images`` and ``boxes`` (1-based ``(y1, x1, y2, x2)``, converted on load).
         image_ids: if given, only these images, and every one of them must be present.
+        bad: if given, an image whose entry is missing, truncated, or holds NaN or
+            inverted boxes is appended here (a :class:`ProposalsError` with its
+            ``image_id``) and left out, instead of raising (``--skip-bad``).
 
     Returns:
         image id -> ``np.ndarray[N, 4]`` float32, 0-based continuous ``(x1, y1, x2, y2)``
@@ -96,30 +126,59 @@ def load_proposals(path: Path | str, image_ids: Iterable[str] | None = None) -> 
 
     Raises:
         FileNotFoundError: ``path`` does not exist or is a folder without a manifest.
-        ValueError: the folder is another stage's output, or the file is malformed.
+        ValueError: the folder is another stage's output, or the file is malformed
+            (:class:`ProposalsError` for one image's truncated file or invalid boxes).
         KeyError: an id of ``image_ids`` has no proposals (the message names up to 5).
     """
     path = Path(path)
+    errors: list[ProposalsError] = []
     if path.is_dir():
-        proposals = _load_folder(path, None if image_ids is None else list(image_ids))
+        proposals = _load_folder(path, None if image_ids is None else list(image_ids), errors)
     elif path.is_file():
         if path.suffix.lower() != ".mat":
             raise ValueError(f"proposals: expected a proposals folder or a .mat file, got {path}")
-        proposals = load_mat(path)
+        proposals = load_mat(path, errors)
     else:
         raise FileNotFoundError(f"proposals: no such file or folder: {path}")
+    if errors and bad is None:
+        raise errors[0]
     if image_ids is None:
+        if bad is not None:
+            bad.extend(errors)
         return proposals
     wanted = list(image_ids)
-    missing = [i for i in wanted if i not in proposals]
-    if missing:
+    failed = {e.image_id for e in errors}
+    missing = [i for i in wanted if i not in proposals and i not in failed]
+    if missing and bad is None:
         more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise KeyError(f"proposals: {path} has no boxes for {len(missing)} image(s): {', '.join(missing[:5])}{more}")
-    return {i: proposals[i] for i in wanted}
+        raise KeyError(
+            f"proposals: {path} has no boxes for {len(missing)} of the {len(wanted)} image(s): "
+            f"{', '.join(missing[:5])}{more}{_made_for(path)}"
+        )
+    if bad is not None:
+        bad.extend(e for e in errors if e.image_id in set(wanted))
+        bad.extend(ProposalsError(f"proposals: {path} has no boxes for {i}{_made_for(path)}", i) for i in missing)
+    return {i: proposals[i] for i in wanted if i in proposals}
 
 
-def load_mat(path: Path | str) -> dict[str, np.ndarray]:
+def _made_for(path: Path) -> str:
+    """`` (it was made for image set 'X')`` for a proposals folder that records its image set."""
+    if not path.is_dir():
+        return ""
+    try:
+        dataset = read_manifest(path).get("config", {}).get("dataset", {})
+    except (FileNotFoundError, ValueError):
+        return ""
+    if not isinstance(dataset, dict) or "image_set" not in dataset:
+        return ""
+    return f" (it was made for image set '{dataset['image_set']}' of VOC{dataset.get('year', '?')})"
+
+
+def load_mat(path: Path | str, errors: list[ProposalsError] | None = None) -> dict[str, np.ndarray]:
     """Read an R-CNN-style selective-search ``.mat`` (``images``, ``boxes``).
+
+    ``errors``: if given, images whose boxes are NaN or inverted are appended here and
+    left out instead of raising.
 
     Returns:
         image id -> ``np.ndarray[N, 4]`` float32, 0-based continuous xyxy, file order.
@@ -152,7 +211,16 @@ def load_mat(path: Path | str) -> dict[str, np.ndarray]:
         raw = np.asarray(raw)
         if raw.size % 4 or (raw.size and (raw.ndim != 2 or raw.shape[1] != 4)):
             raise ValueError(f"proposals: {path}: boxes of {image_id!r} have shape {raw.shape}, expected [N, 4]")
-        proposals[image_id] = mat_to_xyxy(raw)
+        boxes = mat_to_xyxy(raw)
+        try:
+            check_boxes(boxes, f"proposals: {path}: boxes of {image_id!r}")
+        except ProposalsError as exc:
+            exc.image_id = image_id
+            if errors is None:
+                raise
+            errors.append(exc)
+            continue
+        proposals[image_id] = boxes
     return proposals
 
 
@@ -181,7 +249,7 @@ def save_mat(path: Path | str, proposals: Mapping[str, np.ndarray], image_ids: I
     return path
 
 
-def _load_folder(folder: Path, image_ids: list[str] | None) -> dict[str, np.ndarray]:
+def _load_folder(folder: Path, image_ids: list[str] | None, errors: list[ProposalsError]) -> dict[str, np.ndarray]:
     manifest = read_manifest(folder)
     if manifest.get("stage") != STAGE:
         raise ValueError(f"proposals: {folder} holds '{manifest.get('stage')}' output, not proposals")
@@ -195,10 +263,22 @@ def _load_folder(folder: Path, image_ids: list[str] | None) -> dict[str, np.ndar
     for image_id, file in pairs:
         if not file.is_file():
             continue  # reported as missing by the caller
-        boxes = np.load(file, allow_pickle=False)
-        if boxes.ndim != 2 or boxes.shape[1] != 4:
-            raise ValueError(f"proposals: {file} holds an array of shape {boxes.shape}, expected [N, 4]")
-        proposals[image_id] = boxes.astype(np.float32, copy=False)
+        problem = check_file(file)
+        if problem is None:
+            boxes = np.load(file, allow_pickle=False)
+            if boxes.ndim != 2 or boxes.shape[1] != 4:
+                problem = f"an array of shape {boxes.shape}, expected [N, 4]"
+        if problem is not None:
+            errors.append(ProposalsError(f"proposals: {file} is unusable: {problem}; rerun `spp-detect proposals` to redo it", image_id))
+            continue
+        boxes = boxes.astype(np.float32, copy=False)
+        try:
+            check_boxes(boxes, f"proposals: {file}")
+        except ProposalsError as exc:
+            exc.image_id = image_id
+            errors.append(exc)
+            continue
+        proposals[image_id] = boxes
     return proposals
 
 

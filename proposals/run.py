@@ -25,7 +25,8 @@ import numpy as np
 
 from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
 from proposals.selective_search import MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, propose
-from spp_detect.stage_dir import open_stage_dir, source_key
+from spp_detect.images import ImageReadError, read_image
+from spp_detect.stage_dir import check_file, open_stage_dir, source_key
 
 __all__ = [
     "BadImageError",
@@ -68,16 +69,21 @@ class ProposalSettings:
         max_boxes: keep at most this many boxes per image, best ranked first (R-CNN,
             SPP-net: about 2,000).
         seed: seed of the C ``rand()`` that OpenCV ranks regions with, set per image.
+        max_pixels: larger images are searched on a copy shrunk to this many pixels,
+            boxes scaled back (bounded memory; VOC images are at most 0.25 MP).
     """
 
     mode: str = "fast"
     min_size: float = R_CNN_MIN_SIZE
     max_boxes: int = R_CNN_MAX_BOXES
     seed: int = 0
+    max_pixels: int = 1_000_000
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"ProposalSettings: unknown mode {self.mode!r}; choose from {list(MODES)}")
+        if self.max_pixels < 1:
+            raise ValueError(f"ProposalSettings: need max_pixels >= 1, got {self.max_pixels}")
         if self.min_size < 0 or self.max_boxes < 1:
             raise ValueError(f"ProposalSettings: need min_size >= 0 and max_boxes >= 1, got {self.min_size}, {self.max_boxes}")
 
@@ -179,7 +185,7 @@ def run_proposals(
     todo = [
         _Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
         for image in images
-        if not boxes_path(out, image.image_id).is_file()
+        if not _finished(boxes_path(out, image.image_id))
     ]
     summary = ProposalsSummary(out=out, images=len(images), already_done=len(images) - len(todo), workers=workers)
     log.info("proposals: %d images, %d to compute, %d workers, %s", len(images), len(todo), workers, config)
@@ -231,7 +237,7 @@ def import_proposals(source: Path, out: Path, *, force: bool = False) -> Proposa
     open_stage_dir(out, STAGE, config, force=force)
     summary = ProposalsSummary(out=out, images=len(proposals), action="imported")
     for image_id, boxes in proposals.items():
-        if boxes_path(out, image_id).is_file():
+        if _finished(boxes_path(out, image_id)):
             summary.already_done += 1
         else:
             write_boxes(out, image_id, boxes)
@@ -288,20 +294,30 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _finished(path: Path) -> bool:
+    """The image's file exists and is whole; a damaged one (e.g. a copy cut short) is
+    removed, to be redone."""
+    if not path.is_file():
+        return False
+    problem = check_file(path)
+    if problem is None:
+        return True
+    log.warning("proposals: redoing %s: %s", path, problem)
+    path.unlink(missing_ok=True)
+    return False
+
+
 def _propose_one(task: _Task) -> _Result:
     import cv2
 
-    image = cv2.imread(task.path, cv2.IMREAD_COLOR)
-    if image is None:
-        reason = "file not found" if not Path(task.path).is_file() else "cannot decode it as an image"
-        return _Result(task.image_id, task.path, error=reason)
-    height, width = image.shape[:2]
-    if (width, height) != (task.width, task.height):
-        return _Result(task.image_id, task.path, error=f"decoded size {width}x{height}, annotation says {task.width}x{task.height}")
+    try:
+        image = read_image(task.path, (task.width, task.height))
+    except ImageReadError as exc:
+        return _Result(task.image_id, task.path, error=exc.reason)
     start = time.perf_counter()
     settings = task.settings
     try:
-        boxes = propose(image, settings.mode, settings.min_size, settings.max_boxes, settings.seed)
+        boxes = propose(image, settings.mode, settings.min_size, settings.max_boxes, settings.seed, settings.max_pixels)
     except cv2.error as exc:
         return _Result(task.image_id, task.path, error=f"OpenCV selective search failed ({exc})")
     seconds = time.perf_counter() - start

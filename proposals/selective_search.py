@@ -145,14 +145,32 @@ def propose(
     min_size: float = R_CNN_MIN_SIZE,
     max_boxes: int | None = R_CNN_MAX_BOXES,
     seed: int = 0,
+    max_pixels: int | None = None,
 ) -> np.ndarray:
     """:func:`selective_search` then :func:`filter_boxes` on the image's own size.
+
+    Args:
+        max_pixels: an image with more pixels is searched on a copy shrunk (``INTER_AREA``)
+            to at most this many, which bounds time and memory (OpenCV's selective search
+            needs ~1 KB per pixel); its boxes are scaled back to the original pixels before
+            filtering. ``None``: always the original (VOC images are <= 0.25 MP).
 
     Returns:
         ``np.ndarray[K, 4]`` float32, 0-based continuous xyxy image pixels, ranked.
     """
+    import cv2
+
     height, width = image_bgr.shape[:2]
-    return filter_boxes(selective_search(image_bgr, mode, seed=seed), width, height, min_size, max_boxes)
+    searched = image_bgr
+    if max_pixels is not None and width * height > max_pixels:
+        factor = (max_pixels / (width * height)) ** 0.5
+        size = (max(1, int(width * factor)), max(1, int(height * factor)))
+        searched = cv2.resize(image_bgr, size, interpolation=cv2.INTER_AREA)
+    boxes = selective_search(searched, mode, seed=seed)
+    if searched is not image_bgr:
+        gain = np.array([width / size[0], height / size[1]] * 2, dtype=np.float32)
+        boxes = boxes * gain
+    return filter_boxes(boxes, width, height, min_size, max_boxes)
 
 
 def _configure_rcnn_fast(search, image_bgr: np.ndarray, cv2) -> None:

@@ -27,6 +27,7 @@ atomically through :func:`spp_detect.stage_dir.atomic_write`:
 
 from __future__ import annotations
 
+import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -38,10 +39,18 @@ from torch import Tensor
 
 from spp_detect.backbones import get_backbone
 from spp_detect.spp import spatial_pyramid_pool
-from spp_detect.stage_dir import atomic_write, read_manifest
+from spp_detect.stage_dir import check_file, read_manifest, write_npz
 from spp_detect.windows import scale_factors, windows_to_cells
 
-__all__ = ["FORMAT_VERSION", "CachedImage", "FeatureCache", "encode_map", "decode_map", "write_cached_image"]
+__all__ = [
+    "FORMAT_VERSION",
+    "CachedImage",
+    "FeatureCache",
+    "encode_map",
+    "decode_map",
+    "write_cached_image",
+    "cached_file_problem",
+]
 
 #: Bumped whenever the per-image file layout changes (it is part of the manifest key).
 FORMAT_VERSION = 2  # 2: ground-truth labels and difficult flags stored
@@ -92,13 +101,26 @@ def write_cached_image(
     }
     for k, fmap in enumerate(maps):
         arrays[f"map_{k}"] = encode_map(fmap)
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    atomic_write(path, write)
+    write_npz(path, arrays)  # atomic, and the same bytes for the same arrays
     return Path(path).stat().st_size
+
+
+def cached_file_problem(path: Path, key: str) -> str | None:
+    """Why the cache file ``path`` cannot be reused under manifest ``key`` (damaged, cut
+    short, written under another key), or ``None``. Reads the zip directory and the key
+    only, not the maps."""
+    problem = check_file(path)
+    if problem is not None:
+        return problem
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "key" not in data.files:
+                return "not a feature-cache file (no key)"
+            if str(data["key"]) != key:
+                return "written under other settings (another manifest key)"
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return f"damaged ({exc})"
+    return None
 
 
 @dataclass
@@ -269,13 +291,19 @@ class FeatureCache:
             )
 
     def summary(self) -> dict[str, object]:
-        """Totals over the finished images, without decoding any map: ``images``,
+        """Totals over the finished images, without decoding any map: ``damaged`` (files
+        that are cut short or of another key, ``"<name>: <reason>"``; left out), ``images``,
         ``windows_per_image``, ``bytes_per_image``, ``feature_dim`` (``C * sum(n * n)``) and
         ``scale_share`` (fraction of windows pooled at each scale)."""
-        ids = self.image_ids
+        ids, damaged = [], []
         windows, size, per_scale, channels = 0, 0, np.zeros(len(self.scales), dtype=np.int64), 0
-        for image_id in ids:
+        for image_id in self.image_ids:
             path = self.path(image_id)
+            problem = cached_file_problem(path, self.key)
+            if problem is not None:
+                damaged.append(f"{path.name}: {problem}")
+                continue
+            ids.append(image_id)
             size += path.stat().st_size
             with np.load(path, allow_pickle=False) as data:
                 scale_index = data["scale_index"]
@@ -284,6 +312,7 @@ class FeatureCache:
             per_scale += np.bincount(scale_index, minlength=len(self.scales))
         count = max(len(ids), 1)
         return {
+            "damaged": damaged,
             "images": len(ids),
             "windows_per_image": windows / count,
             "bytes_per_image": size / count,

@@ -15,6 +15,7 @@ scales.
 from __future__ import annotations
 
 import logging
+import pickle
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,13 +27,15 @@ import torch
 from torch import Tensor, nn
 
 from spp_detect.backbones import NORMALIZATIONS, BackboneSpec, Normalization, build_trunk, get_backbone, resolve_normalization
-from spp_detect.cache import FORMAT_VERSION, write_cached_image
+from spp_detect.cache import FORMAT_VERSION, cached_file_problem, write_cached_image
 from spp_detect.datasets.voc import VOCImage
+from spp_detect.images import ImageReadError, read_image
 from spp_detect.spp import PAPER_LEVELS, exact_level
 from spp_detect.stage_dir import open_stage_dir, source_key
 from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
 __all__ = [
+    "BadSetting",
     "ImageReadError",
     "ExtractSummary",
     "load_image_rgb",
@@ -52,20 +55,26 @@ log = logging.getLogger(__name__)
 EXTRACT_MODES: tuple[str, ...] = ("spp", "crop-warp")
 
 
-class ImageReadError(RuntimeError):
-    """An image file could not be decoded; the message names it."""
+class BadSetting(ValueError):
+    """A setting cannot work (weights that do not fit the backbone, a scale too small for
+    it); ``setting`` names it (``"weights"``, ``"scales"``, ``"levels"``)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
-def load_image_rgb(path: Path | str) -> np.ndarray:
-    """``np.ndarray[H, W, 3]`` uint8 RGB (grey images are replicated to 3 channels).
+def load_image_rgb(path: Path | str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
+    """``np.ndarray[H, W, 3]`` uint8 RGB, the stored pixels (EXIF orientation ignored; grey
+    images replicated to 3 channels), read through :func:`spp_detect.images.read_image`.
+
+    Args:
+        expected_size: ``(width, height)`` from the annotation, checked if given.
 
     Raises:
-        ImageReadError: missing or undecodable file.
+        ImageReadError: missing, empty, truncated or undecodable file, or another size.
     """
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ImageReadError(f"cannot read image {path}")
-    return np.ascontiguousarray(image[:, :, ::-1])
+    return np.ascontiguousarray(read_image(path, expected_size)[:, :, ::-1])
 
 
 def resize_shorter_side(image: np.ndarray, scale: int) -> np.ndarray:
@@ -163,9 +172,9 @@ class ExtractSettings:
             raise ValueError(f"extract mode must be one of {EXTRACT_MODES}, got {self.mode!r}")
         bad_levels = [n for n in self.levels if not exact_level(n)]
         if bad_levels:
-            raise ValueError(f"pyramid levels {bad_levels} are not supported by spatial_pyramid_pool")
+            raise BadSetting("levels", f"pyramid levels {bad_levels} are not supported by spatial_pyramid_pool")
         if not self.scales or min(self.scales) <= 0:
-            raise ValueError(f"scales must be positive, got {self.scales}")
+            raise BadSetting("scales", f"scales must be positive, got {self.scales}")
 
     def config(self, proposals_key: str, image_set: str) -> dict[str, object]:
         """The manifest config (the manifest adds the package version)."""
@@ -188,6 +197,18 @@ class ExtractSettings:
         return config
 
 
+def _check_smallest_scale(trunk: nn.Module, norm: Normalization, backbone: str, scale: int, device: torch.device) -> None:
+    """Raise :class:`BadSetting` if a ``scale x scale`` image (the smallest any image is
+    resized to) gives ``trunk`` an empty conv map."""
+    try:
+        (fmap,) = conv_maps(trunk, norm, np.zeros((scale, scale, 3), dtype=np.uint8), [scale], device)
+        empty = min(fmap.shape[1:]) < 1
+    except RuntimeError:  # "Output size is too small" inside the trunk
+        empty = True
+    if empty:
+        raise BadSetting("scales", f"scale {scale} is too small for {backbone}: its conv map would be empty")
+
+
 @dataclass
 class ExtractSummary:
     """What a run did. Times are wall seconds over the images it computed."""
@@ -198,6 +219,8 @@ class ExtractSummary:
     bytes_written: int = 0
     seconds: float = 0.0
     image_ids: list[str] = field(default_factory=list)
+    bad: list[Exception] = field(default_factory=list)  # skipped (skip_bad): each names its file
+    redone: int = 0  # damaged files found in the cache and recomputed
 
     @property
     def images_per_second(self) -> float:
@@ -216,6 +239,7 @@ def run_extract(
     force: bool = False,
     shard: tuple[int, int] = (1, 1),
     progress: Callable[[Sequence[VOCImage]], Sequence[VOCImage]] | None = None,
+    skip_bad: bool = False,
 ) -> ExtractSummary:
     """Fill the feature cache ``out`` for ``images``; resumable and shardable.
 
@@ -231,31 +255,66 @@ def run_extract(
         force: recompute even if ``out`` was made with other settings.
         shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...``.
         progress: wraps the image sequence (e.g. a tqdm bar); identity if None.
+        skip_bad: skip (and list in ``summary.bad``) images that cannot be read or have no
+            proposals, instead of raising.
+
+    A file already in the cache that is damaged (cut short) or was written under another
+    key is recomputed (``summary.redone``).
 
     Raises:
         SettingsChanged: ``out`` holds another configuration and ``force`` is false.
-        KeyError: an image has no proposals entry.
-        ImageReadError: an image cannot be decoded.
+        KeyError: an image has no proposals entry (unless ``skip_bad``).
+        ImageReadError: an image cannot be decoded (unless ``skip_bad``).
+        StageWriteError: a cache file cannot be written (e.g. disk full); finished files stay.
     """
     k, n = shard
     if not (1 <= k <= n):
         raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
     missing = [im.image_id for im in images if im.image_id not in proposals]
-    if missing:
+    if missing and not skip_bad:
         raise KeyError(f"no proposals for {len(missing)} image(s), e.g. {missing[:5]}")
 
     manifest = open_stage_dir(out, "extract", settings.config(proposals_key, image_set), force=force)
     spec = get_backbone(settings.backbone)
     mine = list(images)[k - 1 :: n]
-    todo = [im for im in mine if not (Path(out) / f"{im.image_id}.npz").is_file()]
-    summary = ExtractSummary(skipped=len(mine) - len(todo))
+    summary = ExtractSummary()
+    todo = []
+    for im in mine:
+        path = Path(out) / f"{im.image_id}.npz"
+        problem = cached_file_problem(path, manifest["key"]) if path.is_file() else "missing"
+        if problem is None:
+            summary.skipped += 1
+            continue
+        if problem != "missing":
+            log.warning("extract: redoing %s: %s", path, problem)
+            summary.redone += 1
+        if im.image_id not in proposals:
+            summary.bad.append(KeyError(f"no proposals for image {im.image_id}"))
+            continue
+        todo.append(im)
     if not todo:
         return summary
-    trunk = prepare_trunk(build_trunk(settings.backbone, settings.weights), device)
-    norm = resolve_normalization(settings.backbone, settings.weights, settings.input_norm)
+    backbone, weights = settings.backbone, settings.weights
+    try:
+        trunk = prepare_trunk(build_trunk(backbone, weights), device)
+    except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
+        if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
+            first_line = "not a state_dict file (torch.load(weights_only=True) cannot read it)"
+        else:
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadSetting("weights", f"cannot load {weights} into {backbone}: {first_line}") from None
+    norm = resolve_normalization(backbone, weights, settings.input_norm)
+    _check_smallest_scale(trunk, norm, backbone, settings.crop_size if settings.mode == "crop-warp" else min(settings.scales), device)
     start = time.perf_counter()
     for image in progress(todo) if progress else todo:
-        pixels = load_image_rgb(image.path)
+        try:
+            pixels = load_image_rgb(image.path, (image.width, image.height))
+        except ImageReadError as exc:
+            if not skip_bad:
+                raise
+            log.warning("%s (skipped)", exc)
+            summary.bad.append(exc)
+            continue
         height, width = pixels.shape[:2]
         boxes = torch.cat([torch.tensor(image.boxes), torch.tensor(proposals[image.image_id])])  # [N, 4] GT first
         is_gt = torch.arange(len(boxes)) < len(image.boxes)

@@ -10,29 +10,69 @@ A stage (``proposals``, ``extract``, ...) writes into one folder:
 
 Reopening a folder whose manifest has another key is refused with a message naming the
 settings that changed, unless ``force=True``, which deletes the old per-image files.
-A rerun with the same settings skips images whose file exists.
+A rerun with the same settings skips images whose file exists and is complete
+(:func:`check_file`); a damaged one is redone.
+
+Temporary files are named ``.<stem>.tmp-<pid>-<host>-<random><suffix>``. A run killed
+with SIGKILL leaves its temporary file behind; the next :func:`open_stage_dir` of the
+folder removes every temporary file whose writer process is dead (other live processes,
+e.g. the other ``--shard`` workers of the same folder, keep theirs). A write that fails
+(a full disk) removes its temporary file and raises :class:`StageWriteError`; files
+already finished stay valid.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Callable
+import time
+import zipfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from spp_detect import __version__
 
-__all__ = ["SettingsChanged", "config_key", "atomic_write", "open_stage_dir", "read_manifest", "source_key", "file_sha256"]
+__all__ = [
+    "SettingsChanged",
+    "StageWriteError",
+    "config_key",
+    "atomic_write",
+    "write_npz",
+    "check_file",
+    "remove_stale_temp_files",
+    "open_stage_dir",
+    "read_manifest",
+    "source_key",
+    "file_sha256",
+]
 
 MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
+
+#: A short tag of this machine, in temp names (a pid only says something on its own host).
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
+#: ``.<stem>.tmp-<pid>-<host>-<random><suffix>``; older versions wrote ``.<stem>.<random>.tmp<suffix>``.
+_TEMP_RE = re.compile(r"^\..*\.tmp-(?P<pid>\d+)-(?P<host>[A-Za-z0-9]*)-")
+#: Temp files of the old naming (no pid) count as stale when older than this process.
+_PROCESS_START = time.time()
 
 
 class SettingsChanged(RuntimeError):
     """A stage folder holds results computed with other settings."""
+
+
+class StageWriteError(OSError):
+    """Writing a stage file failed (e.g. the disk is full); ``str()`` names the file and
+    the reason. Nothing half-written is left under a final name."""
 
 
 def config_key(config: dict[str, Any]) -> str:
@@ -46,21 +86,131 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
     The temporary file keeps ``path``'s suffix (some writers, like ``np.savez``, append one
     otherwise). On any error the temporary file is removed and ``path`` is untouched.
+
+    The temporary name carries this process's pid (see :func:`remove_stale_temp_files`);
+    the file's data is flushed to disk (``fsync``) before the rename, so that a crash of
+    the machine cannot leave an empty file under the final name.
+
+    Raises:
+        StageWriteError: an ``OSError`` while writing (e.g. ``ENOSPC``, disk full), naming
+            ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; finished files get the usual mode
+    tmp: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{path.stem}.tmp-{os.getpid()}-{_HOST}-"
+        fd, tmp_name = tempfile.mkstemp(prefix=prefix, suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(tmp_name)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; finished files get the usual mode
         write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, StageWriteError):
+            code = exc.errno or errno.EIO
+            raise StageWriteError(code, f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
+
+
+def write_npz(path: Path, arrays: Mapping[str, object]) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz`` (what ``np.savez`` writes, readable by
+    ``np.load``) atomically, byte for byte the same for the same arrays: the zip entries
+    carry a fixed date instead of the time of writing."""
+    import numpy as np
+
+    def write(tmp: Path) -> None:
+        with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+            for name, value in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.external_attr = 0o644 << 16
+                with archive.open(info, "w", force_zip64=True) as fh:
+                    np.lib.format.write_array(fh, np.asanyarray(value), allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def check_file(path: Path) -> str | None:
+    """Why a stage file is not complete, or ``None`` if it looks whole (cheap: no data read).
+
+    ``.npy``: the header parses and the file is exactly header + data long. ``.npz``: the
+    zip's central directory (at its end) reads. ``.json``: it parses. Other suffixes:
+    it exists and is not empty.
+    """
+    import numpy as np
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return "empty file (0 bytes)"
+        if path.suffix == ".npy":
+            with open(path, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read_header(fh)
+                expected = fh.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if size != expected:
+                return f"{size} bytes, its header promises {expected} (truncated)"
+        elif path.suffix == ".npz":
+            with zipfile.ZipFile(path) as archive:
+                archive.infolist()
+        elif path.suffix == ".json":
+            json.loads(path.read_text())
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+        return f"damaged or truncated ({exc})"
+    return None
+
+
+def remove_stale_temp_files(folder: Path) -> list[Path]:
+    """Remove temporary files of writers that no longer run; returns the removed paths.
+
+    A temp file of a process on this host that is dead goes; one of a live process stays
+    (a concurrent ``--shard`` worker may be writing it). A file of the older naming
+    (no pid) goes when it is older than this process; one of another host when it is
+    over a day old.
+    """
+    removed = []
+    for entry in Path(folder).glob(".*"):
+        if ".tmp" not in entry.name or not entry.is_file():
+            continue
+        match = _TEMP_RE.match(entry.name)
+        try:
+            if match is None:
+                stale = entry.stat().st_mtime < _PROCESS_START
+            elif match["host"] == _HOST:
+                stale = not _pid_alive(int(match["pid"]))
+            else:
+                stale = entry.stat().st_mtime < time.time() - 86400
+            if stale:
+                entry.unlink()
+                removed.append(entry)
+        except FileNotFoundError:  # renamed into place or removed meanwhile
+            continue
+    if removed:
+        log.info("removed %d temporary file(s) left by an interrupted run in %s", len(removed), folder)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
 
 
 def file_sha256(path: Path) -> str:
@@ -86,11 +236,18 @@ def read_manifest(folder: Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: ``folder`` is not a stage folder (no ``manifest.json``).
+        ValueError: the manifest is not valid JSON.
     """
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not a spp-detect stage folder (no {MANIFEST})")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged ({exc}); rerun the stage with --force to start the folder again") from None
+    return manifest
 
 
 def open_stage_dir(folder: Path, stage: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
@@ -112,8 +269,14 @@ def open_stage_dir(folder: Path, stage: str, config: dict[str, Any], force: bool
     manifest = {"stage": stage, "config": config, "key": config_key(config)}
     old_path = folder / MANIFEST
     if old_path.is_file():
-        old = json.loads(old_path.read_text())
+        try:
+            old = read_manifest(folder)
+        except ValueError as exc:
+            if not force:
+                raise SettingsChanged(str(exc)) from None
+            old = {}
         if old.get("stage") == stage and old.get("key") == manifest["key"]:
+            remove_stale_temp_files(folder)
             return old
         if not force:
             raise SettingsChanged(_describe_change(folder, old, manifest))

@@ -28,7 +28,10 @@ _CLASS_INDEX = {name: i for i, name in enumerate(VOC_CLASSES)}
 
 
 class VOCFormatError(ValueError):
-    """A VOC file is missing or malformed; the message names the file."""
+    """A VOC file is missing or malformed; the message names the file. ``image_id`` is the
+    image the entry belongs to (``None`` for the image-set list itself)."""
+
+    image_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -61,33 +64,69 @@ def voc_year_dir(voc_root: Path | str, year: str | int = 2007) -> Path:
     return root / f"VOC{year}"
 
 
-def read_voc(voc_root: Path | str, image_set: str, year: str | int = 2007) -> list[VOCImage]:
+def read_voc(
+    voc_root: Path | str,
+    image_set: str,
+    year: str | int = 2007,
+    *,
+    bad: list[VOCFormatError] | None = None,
+    limit: int | None = None,
+) -> list[VOCImage]:
     """Read every image of ``ImageSets/Main/<image_set>.txt``, in list order.
 
+    Args:
+        limit: only the first ``limit`` entries of the list.
+        bad: if given, an entry with a missing or malformed annotation or a missing image
+            file is appended here (its ``image_id`` set) and left out, instead of raising
+            (``--skip-bad``). A missing list still raises.
+
     Raises:
-        VOCFormatError: a missing list, annotation or image file, bad XML, or an unknown
-            class name; the message names the offending file.
+        VOCFormatError: a missing list, annotation or image file, bad XML, an unknown
+            class name, or a box that is inverted, of zero area or outside the image; the
+            message names the offending file.
     """
     year_dir = voc_year_dir(voc_root, year)
     list_file = year_dir / "ImageSets" / "Main" / f"{image_set}.txt"
     if not list_file.is_file():
         raise VOCFormatError(f"image-set list not found: {list_file}")
-    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    ids = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()][:limit]
     images = []
     for image_id in ids:
         xml_path = year_dir / "Annotations" / f"{image_id}.xml"
-        image = _read_annotation(str(xml_path), str(year_dir / "JPEGImages" / f"{image_id}.jpg"))
+        try:
+            image = _read_annotation(str(xml_path), str(year_dir / "JPEGImages" / f"{image_id}.jpg"))
+        except VOCFormatError as exc:
+            exc.image_id = image_id
+            if bad is None:
+                raise
+            bad.append(exc)
+            continue
         images.append(image)
     return images
 
 
 def _read_annotation(xml_path: str, image_path: str) -> VOCImage:
     if not Path(xml_path).is_file():
-        raise VOCFormatError(f"annotation file not found: {xml_path}")
+        raise VOCFormatError(f"annotation file not found: {xml_path} (listed in the image set)")
     if not Path(image_path).is_file():
-        raise VOCFormatError(f"image file not found: {image_path}")
+        raise VOCFormatError(f"image file not found: {image_path} (listed in the image set)")
     stat = Path(xml_path).stat()
     return _parse_annotation(xml_path, image_path, stat.st_mtime_ns, stat.st_size)
+
+
+def _check_box(xml_path: str, number: int, name: str, box: list[float], width: int, height: int) -> None:
+    """VOC boxes are 1-based inclusive: ``1 <= xmin <= xmax <= width`` (``xmin == xmax`` is
+    one pixel wide; ``xmax == xmin - 1`` is zero wide)."""
+    xmin, ymin, xmax, ymax = box
+    where = f"{xml_path}: object {number} ({name}) box {xmin:g},{ymin:g},{xmax:g},{ymax:g}"
+    if not all(np.isfinite(box)):
+        raise VOCFormatError(f"{where} is not finite")
+    if xmax == xmin - 1 or ymax == ymin - 1:
+        raise VOCFormatError(f"{where} has zero area")
+    if xmax < xmin or ymax < ymin:
+        raise VOCFormatError(f"{where} is inverted (xmax < xmin or ymax < ymin)")
+    if xmin < 1 or ymin < 1 or xmax > width or ymax > height:
+        raise VOCFormatError(f"{where} lies outside the {width}x{height} image (1-based pixels 1..{width}, 1..{height})")
 
 
 @lru_cache(maxsize=None)
@@ -97,13 +136,17 @@ def _parse_annotation(xml_path: str, image_path: str, mtime_ns: int, size: int) 
         root = ET.parse(xml_path).getroot()
         width = int(root.findtext("size/width"))
         height = int(root.findtext("size/height"))
+        if width <= 0 or height <= 0:
+            raise VOCFormatError(f"{xml_path}: image size {width}x{height} is not positive")
         boxes, labels, difficult = [], [], []
-        for obj in root.iter("object"):
+        for number, obj in enumerate(root.iter("object"), start=1):
             name = obj.findtext("name").strip()
             if name not in _CLASS_INDEX:
                 raise VOCFormatError(f"{xml_path}: unknown class name {name!r}")
             bb = obj.find("bndbox")
-            boxes.append([float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")])
+            box = [float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")]
+            _check_box(xml_path, number, name, box, width, height)
+            boxes.append(box)
             labels.append(_CLASS_INDEX[name])
             difficult.append(int(obj.findtext("difficult", default="0")) == 1)
     except VOCFormatError:

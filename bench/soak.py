@@ -1,0 +1,205 @@
+"""Soak test: kill a stage with SIGKILL at random moments, restart it, compare with a clean run.
+
+For ``extract`` (the default): a VOC tree of the first ``--images`` VOC2007 test images
+(symlinked from ../shared/data), their selective-search proposals, then
+
+1. one uninterrupted ``spp-detect extract`` run into ``reference/`` (timed: its start-up
+   time and seconds per image size the kill moments);
+2. ``--kills`` times: start the same command into ``soaked/``, SIGKILL its process group
+   after a random delay (uniform between 0 and start-up + 1.6 x the time of 30/kills
+   images, so that kills land in start-up, in the conv pass and in file writes, and the
+   run never finishes on its own), and restart;
+3. a last, uninterrupted restart, then the comparison: the same file names in both
+   folders (so no temporary file is left) and every file byte for byte equal.
+
+Prints a table and writes ``--json`` (keys per stage: ``kills``, ``restarts``,
+``images``, ``equal``, ``identical_files``, ``differing_files``, ``missing_files``,
+``temp_files_left``, ``temp_files_seen_after_kills``, ``done_after_each_kill``,
+``kill_moments_s``, ``reference_seconds``, ``soak_seconds``).
+
+Other stages join through :data:`SOAKS`: a function ``(args, work folder, rng) -> dict``
+with the same keys; it can reuse :func:`soak_command` for the kill/restart loop and
+:func:`compare_folders` for the comparison.
+
+    python -m bench.soak [--images 30] [--kills 20] [--scales 480,576,688,864,1200] [--json bench/results/soak.json]
+
+About 4 minutes on an idle 2-core machine with the defaults; 14 minutes when the cores are
+shared (bench/results/soak.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, write_json
+
+
+def spp_detect(args: list, **kwargs) -> subprocess.Popen:
+    """Start ``python -m cli ARGS`` in its own process group (so a kill takes its workers too)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cli", "-q", *map(str, args)], cwd=REPO_ROOT, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **kwargs,
+    )
+
+
+def run_to_end(args: list) -> float:
+    """Run ``spp-detect ARGS`` to completion; returns its wall seconds."""
+    start = time.perf_counter()
+    proc = spp_detect(args)
+    _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"spp-detect {' '.join(map(str, args))} failed:\n{err.decode()[-2000:]}")
+    return time.perf_counter() - start
+
+
+def temp_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.glob(".*") if ".tmp" in p.name) if folder.exists() else []
+
+
+def soak_command(args: list, out: Path, per_image: str, kills: int, max_delay: float, rng: random.Random) -> dict:
+    """Start ``spp-detect ARGS`` and SIGKILL it after ``uniform(0, max_delay)`` seconds,
+    ``kills`` times, then once more to the end. A run that ends before its kill is
+    counted in ``finished_early`` and restarted."""
+    moments, done, temps, early, restarts = [], [], set(), 0, 0
+    start = time.perf_counter()
+    while len(moments) < kills:
+        delay = rng.uniform(0.0, max_delay)
+        proc = spp_detect(args)
+        restarts += 1
+        try:
+            proc.wait(timeout=delay)
+            early += 1  # finished (or failed) before the kill
+            if proc.returncode != 0:
+                raise SystemExit(f"run failed: {proc.stderr.read().decode()[-2000:]}")
+            continue
+        except subprocess.TimeoutExpired:
+            pass
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+        moments.append(round(delay, 3))
+        done.append(len(list(out.glob(per_image))) if out.exists() else 0)
+        temps.update(temp_files(out))
+        print(f"  kill {len(moments):2d} at {delay:5.2f} s: {done[-1]} image(s) done, {len(temp_files(out))} temp file(s) left", flush=True)
+    run_to_end(args)
+    return {
+        "kills": len(moments),
+        "restarts": restarts,  # restarts after a kill (= starts - 1, the final run included)
+        "finished_early": early,
+        "kill_moments_s": moments,
+        "done_after_each_kill": done,
+        "temp_files_seen_after_kills": len(temps),
+        "soak_seconds": round(time.perf_counter() - start, 1),
+    }
+
+
+def compare_folders(reference: Path, soaked: Path) -> dict:
+    """Names and SHA-256 of every file in both folders."""
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+    a, b = digests(reference), digests(soaked)
+    identical = sorted(n for n in a if b.get(n) == a[n])
+    differing = sorted(n for n in a if n in b and b[n] != a[n])
+    return {
+        "equal": a == b,
+        "identical_files": len(identical),
+        "differing_files": differing,
+        "missing_files": sorted(set(a) - set(b)),
+        "extra_files": sorted(set(b) - set(a)),
+        "temp_files_left": temp_files(soaked),
+    }
+
+
+def soak_extract(args: argparse.Namespace, work: Path, rng: random.Random) -> dict:
+    ids = (VOC_ROOT / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
+    root = work / "voc" / "VOC2007"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for sub in ("JPEGImages", "Annotations"):
+        (root / sub).symlink_to(VOC_ROOT / "VOC2007" / sub)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    voc = ["--voc-root", work / "voc", "--image-set", "test"]
+    print(f"proposals for {len(ids)} images ...", flush=True)
+    run_to_end(["proposals", *voc, "--workers", "2", "--out", work / "proposals"])
+
+    def extract(out: Path) -> list:
+        return ["extract", *voc, "--proposals", work / "proposals", "--weights", SQUEEZENET_FILE,
+                "--scales", args.scales, "--device", "cpu", "--out", out]
+
+    print("uninterrupted extract ...", flush=True)
+    started = time.perf_counter()
+    proc = spp_detect(extract(work / "reference"))
+    while not list((work / "reference").glob("0*.npz")) and proc.poll() is None:
+        time.sleep(0.01)
+    startup = time.perf_counter() - started
+    proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit("the reference extract run failed")
+    seconds = time.perf_counter() - started
+    per_image = (seconds - startup) / max(len(ids) - 1, 1)
+    max_delay = startup + 1.6 * per_image * len(ids) / args.kills
+    print(f"start-up {startup:.1f} s, {per_image:.2f} s/image: kills within {max_delay:.1f} s of each start", flush=True)
+    result = soak_command(extract(work / "soaked"), work / "soaked", "0*.npz", args.kills, max_delay, rng)
+    return {
+        "images": len(ids),
+        "scales": args.scales,
+        "reference_seconds": round(seconds, 1),
+        "reference_startup_seconds": round(startup, 2),
+        **result,
+        **compare_folders(work / "reference", work / "soaked"),
+    }
+
+
+#: Stage name -> soak function. The train-svm soak (5 kills) joins here once that stage exists.
+SOAKS: dict[str, Callable[[argparse.Namespace, Path, random.Random], dict]] = {"extract": soak_extract}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--stage", choices=sorted(SOAKS), action="append", help="stage(s) to soak [default: all]")
+    parser.add_argument("--images", type=int, default=30)
+    parser.add_argument("--kills", type=int, default=20)
+    parser.add_argument("--scales", default="480,576,688,864,1200")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    payload: dict[str, object] = {"machine": machine(), "seed": args.seed}
+    ok = True
+    for stage in args.stage or sorted(SOAKS):
+        with tempfile.TemporaryDirectory(prefix=f"soak-{stage}-") as tmp:
+            result = SOAKS[stage](args, Path(tmp), random.Random(args.seed))
+        payload[stage] = result
+        ok &= bool(result["equal"]) and not result["temp_files_left"]
+        print_table(
+            [
+                ("images", str(result["images"])),
+                ("kills (SIGKILL)", str(result["kills"])),
+                ("restarts", f"{result['restarts']} ({result['finished_early']} ended before their kill)"),
+                ("images done after each kill", " ".join(map(str, result["done_after_each_kill"]))),
+                ("temp files seen after kills", str(result["temp_files_seen_after_kills"])),
+                ("temp files left at the end", str(len(result["temp_files_left"]))),
+                ("files identical to the clean run", f"{result['identical_files']} (differing: {len(result['differing_files'])}, missing: {len(result['missing_files'])})"),
+                ("cache equal to the clean run", "yes" if result["equal"] else "NO"),
+                ("time: clean run / soak", f"{result['reference_seconds']} s / {result['soak_seconds']} s"),
+            ],
+            f"soak: {stage}",
+        )
+    write_json(args.json, payload)
+    if not ok:
+        raise SystemExit("soak: the interrupted run's output differs from the clean run's")
+
+
+if __name__ == "__main__":
+    main()
