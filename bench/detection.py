@@ -58,7 +58,8 @@ RELEASE_C, RELEASE_TRAIN_IMAGES = 1e-3, 5011  # spp_train.m -c 0.001, on VOC07 t
 
 def _proposals(work: Path, split: str, images, windows: int) -> tuple[dict[str, np.ndarray], str]:
     folder = work / f"proposals-{split}"
-    run_proposals(images, folder, ProposalSettings(mode="fast"), {"year": "2007", "image_set": split}, workers=2)
+    if not all((folder / f"{im.image_id}.npy").is_file() for im in images):  # reuse a finished folder as it is
+        run_proposals(images, folder, ProposalSettings(mode="fast"), {"year": "2007", "image_set": split}, workers=2)
     boxes = load_proposals(folder, [im.image_id for im in images])
     return {k: v[:windows] for k, v in boxes.items()}, f"{read_manifest(folder)['key']}-top{windows}"
 

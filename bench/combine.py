@@ -1,0 +1,109 @@
+"""Benchmark: model combination (SPP-net 4.4) of a SqueezeNet and a MobileNetV2 detector.
+
+Both detectors are trained by the same stages on ``voc2007-mini`` trainval and tested on
+its test split, in the detection benchmark's setting (``bench/detection.py``: the first
+``--images`` images of each split, the top ``--windows`` selective-search windows, 1
+scale, fc7 SVMs with box regression; stage folders shared with it under ``--work``).
+Then: each model alone, the paper's plain union of SVM scores + NMS 0.3, and the union of
+scores calibrated per model and class on the training images (``spp-detect calibrate``).
+
+    python -m bench.combine [--images 100] [--windows 100] [--json bench/results/combine.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from bench.common import SHARED_DATA, SQUEEZENET_FILE, VOC_ROOT, machine, write_json
+from bench.detection import RELEASE_C, RELEASE_TRAIN_IMAGES, _proposals
+from eval.results import ClassDetections
+from eval.voc import evaluate_voc
+from spp_detect.combine import fit_calibration, union_nms
+from spp_detect.datasets.voc import VOC_CLASSES, read_voc
+from spp_detect.detect import DetectSettings, load_detections, run_detect
+from spp_detect.extract import ExtractSettings, run_extract
+from spp_detect.finetune import FinetuneSettings, run_finetune
+from spp_detect.stage_dir import read_manifest
+from svm.train import SVMSettings, load_svm, run_train_svm
+
+MOBILENET_FILE = SHARED_DATA / "weights" / "mobilenet_v2-imagenet1001-coral.pth"
+MODELS = {"squeezenet1_0": SQUEEZENET_FILE, "mobilenet_v2": MOBILENET_FILE}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--images", type=int, default=100)
+    parser.add_argument("--windows", type=int, default=100)
+    parser.add_argument("--fc-dim", type=int, default=1024)
+    parser.add_argument("--iterations", type=int, default=400)
+    parser.add_argument("--scales", default="688")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    scales = tuple(int(s) for s in args.scales.split(","))
+    work = args.work
+    start = time.perf_counter()
+    train_images = read_voc(VOC_ROOT, "trainval")[: args.images]
+    test_images = read_voc(VOC_ROOT, "test")[: args.images]
+    train_props, train_key = _proposals(work, "trainval", train_images, args.windows)
+    test_props, test_key = _proposals(work, "test", test_images, args.windows)
+    svm_c = RELEASE_C * RELEASE_TRAIN_IMAGES / len(train_images)
+    tag = "1scale" if scales == (688,) else "x".join(map(str, scales))
+    detections, calibrated = {}, {}
+    for backbone, weights in MODELS.items():
+        name = tag if backbone == "squeezenet1_0" else f"{tag}-{backbone}"  # squeezenet folders = bench.detection's
+        settings = ExtractSettings(backbone=backbone, weights=str(weights), scales=scales)
+        caches = {}
+        for split, images, props, key in (("trainval", train_images, train_props, train_key),
+                                          ("test", test_images, test_props, test_key)):
+            caches[split] = work / f"feat-{name}-{split}-{args.images}-{args.windows}"
+            run_extract(images, props, caches[split], settings, proposals_key=key, image_set=split, device=device)
+        suffix = f"{args.images}-{args.windows}-{args.fc_dim}-{args.iterations}"
+        head = work / f"head-{name}-{suffix}"
+        run_finetune([caches["trainval"]], head, FinetuneSettings(fc_dim=args.fc_dim, iterations=args.iterations,
+                     base_lr=0.02, lr_steps=(int(args.iterations * 0.75),)), device=device)
+        svm = work / f"svm-{name}-fc7-{suffix}"
+        run_train_svm([caches["trainval"]], svm, SVMSettings(layer="fc7", C=svm_c, bbox=True), head_folder=head, device=device)
+        model = load_svm(svm, device)
+        dets = work / f"dets-{name}-ftfc7bb-{suffix}"
+        run_detect(caches["test"], dets, model, DetectSettings(bbox=True), model_key=read_manifest(svm)["key"], device=device)
+        detections[backbone] = load_detections(dets, VOC_CLASSES)
+        calibration, _ = fit_calibration([caches["trainval"]], model, DetectSettings(bbox=True), device)
+        calibrated[backbone] = calibration.apply(detections[backbone])
+
+    def score(arrays) -> tuple[float, dict[str, float]]:
+        result = evaluate_voc({n: ClassDetections(*a) for n, a in arrays.items()}, test_images)
+        return result.map, dict(result.ap)
+
+    maps, per_class = {}, {}
+    for backbone in MODELS:
+        maps[backbone], per_class[backbone] = score(detections[backbone])
+    maps["union"], per_class["union"] = score(union_nms(list(detections.values()), 0.3))
+    maps["calibrated"], per_class["calibrated"] = score(union_nms(list(calibrated.values()), 0.3))
+    names = list(MODELS)
+    better = {k: sum(per_class[k][c] > max(per_class[n][c] for n in names) for c in VOC_CLASSES) for k in ("union", "calibrated")}
+    result = {
+        "machine": machine(), "train_images": len(train_images), "test_images": len(test_images),
+        "windows_per_image": args.windows, "scales": list(scales), "row": "ftfc7 bb", "svm_C": svm_c,
+        "map": maps, "per_class_ap": per_class,
+        "classes_better_than_both": better["calibrated"], "classes_better_than_both_union": better["union"],
+        "wall_seconds": time.perf_counter() - start,
+    }
+    print(f"\nmAP (%), ftfc7 bb, scales {list(scales)}, {len(train_images)} trainval -> {len(test_images)} test images")
+    for k, v in maps.items():
+        print(f"  {k:>14}: {100 * v:5.1f}")
+    print(f"\n{'class':<12}" + "".join(f"{k[:11]:>12}" for k in per_class))
+    for c in VOC_CLASSES:
+        print(f"{c:<12}" + "".join(f"{100 * per_class[k][c]:>12.1f}" for k in per_class))
+    print(f"\nclasses where the combination beats both models: calibrated {better['calibrated']}, plain union {better['union']}")
+    write_json(args.json, result)
+
+
+if __name__ == "__main__":
+    main()
