@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from spp_detect.backbones import get_backbone
+from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.stage_dir import check_file, read_manifest, write_npz
 from spp_detect.windows import scale_factors, windows_to_cells
@@ -239,6 +240,8 @@ class FeatureCache:
         spec = get_backbone(self.backbone)
         self.stride, self.offset = spec.stride, spec.offset
         self.channels: int = spec.channels
+        #: class names the ground-truth labels index (VOC's, in the devkit's order)
+        self.classes: tuple[str, ...] = tuple(config.get("classes", VOC_CLASSES))
 
     @property
     def feature_dim(self) -> int:

@@ -35,7 +35,7 @@ from torchvision.ops import batched_nms
 from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.head import SPPHead
-from spp_detect.stage_dir import atomic_write, open_stage_dir
+from spp_detect.stage_dir import open_stage_dir, write_npz
 from spp_detect.window_features import window_features
 
 __all__ = ["DetectSettings", "DetectSummary", "Scorer", "detect_image", "run_detect", "write_image_detections", "load_detections"]
@@ -155,6 +155,12 @@ def run_detect(
             f"the model takes {expected}-d pooled features, but {cache_folder} gives {cache.feature_dim} "
             f"({cache.backbone}, levels {list(cache.levels)}): use a model trained on the same backbone and pyramid"
         )
+    if tuple(model.classes) != tuple(cache.classes):
+        missing, extra = sorted(set(cache.classes) - set(model.classes)), sorted(set(model.classes) - set(cache.classes))
+        raise ValueError(
+            f"the model's classes differ from those of {cache_folder}: missing {missing}, extra {extra}"
+            + ("" if missing or extra else " (same names, another order)")
+        )
     config = {"settings": asdict(settings), "cache": cache.key, "model": model_key}
     open_stage_dir(out, "detect", config, force=force)
     ids = cache.image_ids
@@ -180,13 +186,8 @@ def write_image_detections(folder: Path, image_id: str, boxes: np.ndarray, score
     ``labels [K]`` class index) to ``<folder>/<image_id>.npz`` atomically."""
     arrays = {"boxes": np.asarray(boxes, np.float32).reshape(-1, 4), "scores": np.asarray(scores, np.float64),
               "labels": np.asarray(labels, np.int64)}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
     path = Path(folder) / f"{image_id}.npz"
-    atomic_write(path, write)
+    write_npz(path, arrays)  # atomic, and the same bytes for the same detections
     return path
 
 

@@ -14,20 +14,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spp_detect.stage_dir import atomic_write
+from spp_detect.stage_dir import write_npz
 
 __all__ = ["save_tensors", "load_tensors"]
 
 
 def save_tensors(path: Path | str, tensors: Mapping[str, Tensor | np.ndarray]) -> Path:
-    """Write ``{name: tensor}`` to ``path`` (``.npz``) atomically; returns ``path``."""
+    """Write ``{name: tensor}`` to ``path`` (``.npz``) atomically and byte-reproducibly;
+    returns ``path``."""
     arrays = {name: (t.detach().cpu().numpy() if isinstance(t, Tensor) else np.asarray(t)) for name, t in tensors.items()}
-
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)
-
-    atomic_write(Path(path), write)
+    write_npz(Path(path), arrays)  # atomic, and the same bytes for the same tensors
     return Path(path)
 
 

@@ -277,6 +277,8 @@ def load_svm(folder: Path | str, device: torch.device | str = "cpu") -> SVMModel
         if read_manifest(head_folder)["key"] != meta["head_key"]:
             raise ValueError(f"{head_folder} now holds another head than the SVMs in {folder} were trained on; retrain them")
         head = load_head(head_folder).to(device)
+    if tensors["weights"].ndim != 2 or tensors["weights"].shape[1] != len(meta["classes"]) or len(tensors["bias"]) != len(meta["classes"]):
+        raise ValueError(f"{folder}/svm.npz does not match the {len(meta['classes'])} classes of its svm.json: damaged or mixed up")
     regressor = BoxRegressor.from_tensors(load_tensors(folder / "bbox.npz")) if (folder / "bbox.npz").is_file() else None
     return SVMModel(
         weights=tensors["weights"].to(device),

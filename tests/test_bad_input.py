@@ -584,15 +584,44 @@ class StageRun:
     """
 
     name: str
-    args: Callable[[Path, Path, Path], list]
+    args: Callable[[Path, Path, Path, dict[str, Path]], list]
     per_image: str
     images: int = 6
 
 
+def _finetune_args(out: Path, made: dict[str, Path]) -> list:
+    return ["-q", "finetune", "--cache", made["cache"], "--fc-dim", "32", "--iterations", "60", "--round-iterations", "10",
+            "--batch-size", "32", "--out", out]
+
+
 STAGE_RUNS = [
-    StageRun("proposals", lambda root, mat, out: [*stage_args("proposals", root, out)[:-2], "--max-pixels", "60000", "--out", out], "0*.npy"),
-    StageRun("extract", lambda root, mat, out: [*stage_args("extract", root, out, mat)[:-4], "--scales", "480", "--out", out], "0*.npz"),
+    StageRun("proposals", lambda root, mat, out, made: [*stage_args("proposals", root, out)[:-2], "--max-pixels", "60000", "--out", out], "0*.npy"),
+    StageRun("extract", lambda root, mat, out, made: [*stage_args("extract", root, out, mat)[:-4], "--scales", "480", "--out", out], "0*.npz"),
+    # finetune: progress is its checkpoint (one per round of 10 iterations); a rerun resumes from it
+    StageRun("finetune", lambda root, mat, out, made: _finetune_args(out, made), "checkpoint.npz", images=4),
+    # train-svm: one mining pass; a killed run starts over and must end with the same model
+    StageRun("train-svm", lambda root, mat, out, made: ["-q", "train-svm", "--cache", made["cache"], "--head", made["head"],
+             "--features", "fc7", "--bbox", "--C", "0.1", "--out", out], "svm.npz", images=3),
+    StageRun("detect", lambda root, mat, out, made: ["-q", "detect", "--cache", made["cache"], "--svm", made["svm"], "--bbox",
+             "--out", out], "0*.npz"),
 ]
+
+
+@pytest.fixture(scope="module")
+def detector_inputs(run_inputs, tmp_path_factory) -> dict[str, Path]:
+    """A 1-scale cache of the 6 run images, a fine-tuned head and SVMs, for the detector stages."""
+    root, mat = run_inputs
+    base = tmp_path_factory.mktemp("detector")
+    made = {"cache": base / "feat", "head": base / "head", "svm": base / "svm"}
+    for args in (
+        [*stage_args("extract", root, made["cache"], mat)[:-4], "--scales", "480", "--out", made["cache"]],
+        _finetune_args(made["head"], made),
+        ["-q", "train-svm", "--cache", made["cache"], "--head", made["head"], "--features", "fc7", "--bbox", "--C", "0.1",
+         "--out", made["svm"]],
+    ):
+        result = invoke(args)
+        assert result.exit_code == 0, result.output
+    return made
 
 
 def kill_at_random_point(args: list, out: Path, per_image: str, images: int, rng: random.Random) -> int:
@@ -624,15 +653,16 @@ def run_inputs(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("run", STAGE_RUNS, ids=lambda r: r.name)
-def test_sigkill_then_rerun_equals_an_uninterrupted_run_byte_for_byte(run: StageRun, run_inputs, tmp_path: Path):
+def test_sigkill_then_rerun_equals_an_uninterrupted_run_byte_for_byte(run: StageRun, run_inputs, request, tmp_path: Path):
     root, mat = run_inputs
+    made = request.getfixturevalue("detector_inputs") if run.name in ("finetune", "train-svm", "detect") else {}
     reference = tmp_path / "reference"
-    result = invoke(run.args(root, mat, reference))
+    result = invoke(run.args(root, mat, reference, made))
     assert result.exit_code == 0, result.output
     out = tmp_path / "killed"
-    finished = kill_at_random_point(run.args(root, mat, out), out, run.per_image, run.images, random.Random(run.name))
+    finished = kill_at_random_point(run.args(root, mat, out, made), out, run.per_image, run.images, random.Random(run.name))
     assert finished < run.images
-    result = invoke(run.args(root, mat, out))
+    result = invoke(run.args(root, mat, out, made))
     assert result.exit_code == 0, result.output
     assert outputs(out) == outputs(reference)  # same names (no temporary file left), same bytes
 
@@ -691,3 +721,29 @@ def test_bad_option_value_gives_a_usage_error(name: str, args: list, needle: str
     assert isinstance(result.exception, SystemExit)
     line = assert_one_line_error(result, needle, code=2)
     assert len(line) < 400
+
+
+# --------------------------------------------------------------------------- models given to detect
+def test_detect_refuses_a_model_for_other_features_or_classes(detector_inputs, tmp_path: Path):
+    import json as _json
+
+    made = detector_inputs
+    other_features = tmp_path / "svm-other"
+    shutil.copytree(made["svm"], other_features)
+    meta = _json.loads((other_features / "svm.json").read_text())
+    meta.update(layer="pool", head=None, head_key=None)  # a model of pooled features of another trunk (96 x 50)
+    (other_features / "svm.json").write_text(_json.dumps(meta))
+    from spp_detect.tensor_io import save_tensors
+
+    save_tensors(other_features / "svm.npz", {"weights": np.zeros((96 * 50, 20), np.float32), "bias": np.zeros(20, np.float32),
+                                               "feature_scale": np.float32(1.0)})
+    result = invoke(["detect", "--cache", made["cache"], "--svm", other_features, "--out", tmp_path / "d1"])
+    assert_one_line_error(result, "takes 4800-d pooled features", "gives 25600")
+
+    other_classes = tmp_path / "svm-classes"
+    shutil.copytree(made["svm"], other_classes)
+    meta = _json.loads((other_classes / "svm.json").read_text())
+    meta["classes"] = [*meta["classes"][:19], "zebra"]
+    (other_classes / "svm.json").write_text(_json.dumps(meta))
+    result = invoke(["detect", "--cache", made["cache"], "--svm", other_classes, "--out", tmp_path / "d2"])
+    assert_one_line_error(result, "classes differ", "zebra")
