@@ -114,11 +114,15 @@ def evaluate_voc_cls(
         scores: class name -> {image id -> score} (images missing score ``-inf``), or an
             ``np.ndarray[N, K]`` of scores in the order of ``images`` and ``classes``.
         images: the image set, in list order (ranking ties keep this order).
+        classes: the VOC classes to score (all 20 by default, or a subset), in score-column order.
 
     Raises:
         DetectionsError: a class is missing, or a score names an image outside the set.
     """
-    gt = voc_cls_ground_truth(images, len(classes))
+    unknown = [name for name in classes if name not in VOC_CLASSES]
+    if unknown:
+        raise ValueError(f"not VOC classes: {unknown}")
+    gt = voc_cls_ground_truth(images)[:, [VOC_CLASSES.index(name) for name in classes]]
     if isinstance(scores, np.ndarray):
         if scores.shape != gt.shape:
             raise ValueError(f"scores must be [{gt.shape[0]}, {gt.shape[1]}], got {scores.shape}")
