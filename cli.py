@@ -117,6 +117,10 @@ def main(verbose: int, quiet: bool) -> None:
       1. proposals   selective search windows per image (or import R-CNN's .mat)
       2. extract     conv maps once per scale, windows assigned to scales, cached
       5. evaluate    VOC07 11-point AP (devkit-exact) / COCO metrics, PR curves
+    Image classification (paper section 3):
+      classify-features, train-classifier   whole-image SPP features, linear SVMs
+      train-spp-classifier                  SPP classifier trained end to end
+      evaluate --voc2007-cls                devkit classification AP
     Tools:
       info           what a stage folder holds (settings, progress, recall, sizes)
       download-voc2007

@@ -67,6 +67,8 @@ def test_cls_ap_hand_computed_with_difficult_only_image():
     result = evaluate_voc_cls(scores, images)
     assert result.ap["aeroplane"] == pytest.approx(expected, abs=1e-12)
     assert result.positives["aeroplane"] == 3
+    column = np.array([[0.9], [0.95], [0.8], [0.7], [0.6], [-np.inf]])  # the same as a one-class score matrix
+    assert evaluate_voc_cls(column, images, classes=("aeroplane",)).ap == {"aeroplane": pytest.approx(expected, abs=1e-12)}
     # Counting the difficult-only image as a negative would give 0.5 instead.
     as_negative = voc_cls_ap(np.array([0.9, 0.95, 0.8, 0.7, 0.6, -np.inf]), np.array([1, -1, -1, 1, -1, 1]))[0]
     assert as_negative == pytest.approx(0.5, abs=1e-12)
