@@ -44,6 +44,7 @@ __all__ = [
     "epoch_size",
     "build_classifier",
     "make_batches",
+    "multilabel_loss",
     "train_epoch",
     "run_training",
     "load_trained",
