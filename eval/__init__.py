@@ -35,3 +35,8 @@ __all__ = [
     "write_coco_results",
     "write_voc_results",
 ]
+
+# Image classification AP (VOCevalcls.m).
+from eval.voc_cls import ClsEvaluation, evaluate_voc_cls, read_cls_results, voc_cls_ap, write_cls_results  # noqa: E402
+
+__all__ += ["ClsEvaluation", "evaluate_voc_cls", "read_cls_results", "voc_cls_ap", "write_cls_results"]
