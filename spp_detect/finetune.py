@@ -341,7 +341,7 @@ def run_finetune(
             totals += torch.stack([loss_sum.detach().double(), hits.double(), fg.sum().double()])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss_sum) / max(local, 1):.3f}", lr=f"{lr:g}")
+                bar.set_postfix(loss=f"{float(loss_sum.detach()) / max(local, 1):.3f}", lr=f"{lr:g}")
         if parallel:
             dist.all_reduce(totals)
         loss_sum_round, fg_hits, fg_total = (float(v) for v in totals.cpu())

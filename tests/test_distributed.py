@@ -247,3 +247,37 @@ def test_torchrun_finetune_equals_one_process_at_the_same_batch(train_cache, tmp
     assert [r["iteration"] for r in log_two] == [3, 6]
     for x, y in zip(log_one, log_two):
         assert x["loss"] == pytest.approx(y["loss"], rel=1e-5) and x["fg_accuracy"] == y["fg_accuracy"]
+
+
+# --------------------------------------------------------------------------- detect and train-svm
+def test_detect_shards_write_their_images_and_the_last_one_the_result_files(train_cache, voc6, tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    _, _, ids, test_cache = voc6
+    runner = CliRunner()
+    svm = tmp_path / "svm"
+    r = runner.invoke(cli.main, ["-q", "train-svm", "--cache", str(train_cache), "--features", "pool", "--C", "0.1",
+                                 "--device", "cpu", "--out", str(svm)])
+    assert r.exit_code == 0, r.output
+    detect = ["-q", "detect", "--cache", str(test_cache), "--svm", str(svm), "--device", "cpu", "--score-threshold", "-5"]
+    whole = tmp_path / "whole"
+    assert runner.invoke(cli.main, [*detect, "--out", str(whole)]).exit_code == 0
+
+    sharded = tmp_path / "sharded"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")  # the second process finishes first: it leaves the result files
+    r = runner.invoke(cli.main, [*detect, "--out", str(sharded)])
+    assert r.exit_code == 0, r.output
+    assert "detect [shard 2/2 (torchrun rank 1)]: 3 image(s) computed" in r.output and "3 image(s) left to other shards" in r.output
+    assert sorted(p.stem for p in sharded.glob("0*.npz")) == ids[1::2] and not list(sharded.glob("*.txt"))
+    monkeypatch.setenv("RANK", "0")
+    r = runner.invoke(cli.main, [*detect, "--out", str(sharded)])
+    assert r.exit_code == 0, r.output
+    assert "detect [shard 1/2 (torchrun rank 0)]: 3 image(s) computed" in r.output and "comp4_det_test_*.txt" in r.output
+    files = sorted(p.name for p in whole.iterdir() if p.suffix in (".txt", ".json") and p.name != "manifest.json")
+    assert files and files == sorted(p.name for p in sharded.iterdir() if p.suffix in (".txt", ".json") and p.name != "manifest.json")
+    for name in files:
+        assert (whole / name).read_bytes() == (sharded / name).read_bytes(), name
+
+    r = runner.invoke(cli.main, ["train-svm", "--cache", str(train_cache), "--features", "pool", "--out", str(tmp_path / "s2")])
+    assert r.exit_code != 0 and "train-svm runs in one process" in r.output and "torchrun started 2" in r.output
