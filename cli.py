@@ -589,7 +589,7 @@ def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_o
         raise click.UsageError(
             f"train-svm runs in one process (hard-negative mining goes through the images in order, each pass "
             f"training on the negatives the previous images gave), but {launch.launcher} started {launch.world_size}: "
-            "run it without a launcher (docs/scaling.md)"
+            "run it without a launcher (under SLURM: srun --ntasks 1; docs/scaling.md)"
         )
     torch_device = _torch_device(device)
     if layer != "pool" and head_folder is None:
