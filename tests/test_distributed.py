@@ -281,3 +281,14 @@ def test_detect_shards_write_their_images_and_the_last_one_the_result_files(trai
 
     r = runner.invoke(cli.main, ["train-svm", "--cache", str(train_cache), "--features", "pool", "--out", str(tmp_path / "s2")])
     assert r.exit_code != 0 and "train-svm runs in one process" in r.output and "torchrun started 2" in r.output
+
+
+def test_proposals_shard_takes_every_nth_image_into_the_shared_folder(voc6, tmp_path):
+    from proposals.run import ProposalSettings, run_proposals
+
+    voc, _, ids, _ = voc6
+    images = read_voc(voc, "test")[:4]
+    out = tmp_path / "ss"
+    summary = run_proposals(images, out, ProposalSettings(max_boxes=50), workers=1, progress=False, shard=(4, 4))
+    assert summary.describe().startswith(f"shard 4/4: 1 images -> {out}: 1 computed, 0 already done")
+    assert [p.stem for p in out.glob("0*.npy")] == [ids[3]]
