@@ -57,11 +57,50 @@ device_option = click.option(
     "--device",
     default="auto",
     show_default=True,
-    help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+    help="auto (CUDA when present, else CPU; cuda:LOCAL_RANK under torchrun / srun), cpu, cuda or cuda:N.",
 )
 workers_option = click.option(
     "--workers", type=click.IntRange(min=1), default=None, help="Worker processes [default: CPU count]."
 )
+
+
+def _check_shard(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from spp_detect.distributed import parse_shard
+
+    try:
+        parse_shard(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return value
+
+
+shard_option = click.option(
+    "--shard",
+    default="auto",
+    callback=_check_shard,
+    help="K/N: this process takes every N-th image from the K-th, into the same --out. auto: "
+    "from torchrun (RANK/WORLD_SIZE) or srun (SLURM_PROCID/SLURM_NTASKS) when launched by one, "
+    "else 1/1. See docs/scaling.md.",
+)
+
+
+def _launch():
+    """This process's place in a torchrun / srun job (spp_detect.distributed)."""
+    from spp_detect.distributed import launch_from_env
+
+    try:
+        return launch_from_env()
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def _process_device(device: str, launch):
+    from spp_detect.distributed import process_device
+
+    try:
+        return process_device(device, launch)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
 
 
 def backbone_options(f):
@@ -236,6 +275,7 @@ def _not_required(*names: str):
 )
 @workers_option
 @force_option
+@shard_option
 @click.pass_context
 def proposals_cmd(
     ctx: click.Context,
@@ -254,6 +294,7 @@ def proposals_cmd(
     export_mat: Path | None,
     workers: int | None,
     force: bool,
+    shard: str,
 ) -> None:
     """Selective search windows per image (stage 1), or import / export precomputed boxes.
 
@@ -263,6 +304,8 @@ def proposals_cmd(
     Import the standard R-CNN VOC07 boxes, or export yours to share them:
       spp-detect proposals --import selective_search_data/voc_2007_test.mat --out props/test
       spp-detect proposals --out props/test --export-mat voc_2007_test.mat
+    Several processes (machines) fill one folder, each a shard of the images:
+      torchrun --nproc-per-node 4 --no-python spp-detect proposals --voc-root VOCdevkit --out props/test
     """
     from click.core import ParameterSource
 
@@ -284,6 +327,18 @@ def proposals_cmd(
             summary = import_proposals(import_file, out, force=force)
             click.echo(f"imported {import_file}: {summary.describe()}")
         elif voc_root is not None:
+            import os
+
+            from spp_detect.distributed import resolve_shard
+
+            launch = _launch()
+            shard_kn = resolve_shard(shard, launch)
+            if export_mat is not None and shard_kn[1] > 1:
+                raise click.UsageError("--export-mat needs every shard's boxes: export once the job is done "
+                                       "(spp-detect proposals --out DIR --export-mat FILE, one process)")
+            if workers is None and launch.world_size > 1:  # share this machine's CPUs among its processes
+                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+                workers = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             settings = ProposalSettings(mode=mode, min_size=min_size, max_boxes=max_boxes, seed=seed, max_pixels=max_pixels)
             voc_bad: list[VOCFormatError] | None = [] if skip_bad else None
             images = read_voc_or_usage_error(voc_root, image_set, year, limit, voc_bad)
@@ -297,6 +352,7 @@ def proposals_cmd(
                 force=force,
                 skip_bad=skip_bad,
                 progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,  # hidden by -q
+                shard=shard_kn,
             )
             summary.bad[:0] = voc_bad or []
             summary.images += len(voc_bad or [])
@@ -317,17 +373,6 @@ def proposals_cmd(
         raise click.ClickException(message(exc)) from None
     except OSError as exc:
         raise write_error(exc) from None
-
-
-def parse_shard(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, int]:
-    """Callback for ``--shard K/N`` (1-based K)."""
-    try:
-        k, n = (int(v) for v in value.split("/"))
-    except ValueError:
-        raise click.BadParameter(f"expected K/N such as 1/4, got {value!r}") from None
-    if not 1 <= k <= n:
-        raise click.BadParameter(f"need 1 <= K <= N, got {value!r}")
-    return k, n
 
 
 @main.command("extract")
@@ -362,7 +407,7 @@ def parse_shard(ctx: click.Context, param: click.Parameter, value: str) -> tuple
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
 @device_option
 @force_option
-@click.option("--shard", default="1/1", callback=parse_shard, help="K/N: process every N-th image from the K-th.")
+@shard_option
 @click.option(
     "--skip-bad",
     is_flag=True,
@@ -384,7 +429,7 @@ def extract_cmd(
     out: Path,
     device: str,
     force: bool,
-    shard: tuple[int, int],
+    shard: str,
     skip_bad: bool,
 ) -> None:
     """Conv maps once per scale per image, windows assigned to scales, cached.
@@ -392,28 +437,30 @@ def extract_cmd(
     \b
     Every window (ground truth + proposals) goes to the scale where its area is
     closest to 224x224 and is mapped to that map's cells; the cache stores the
-    fp16 conv maps (deflate-compressed) and pools on read. Rerun to resume; run
-    several `--shard K/N` processes to fill one cache in parallel.
+    fp16 conv maps (deflate-compressed) and pools on read. Rerun to resume.
+    Under torchrun or srun each process takes its shard of the images (and
+    GPU LOCAL_RANK); or run `--shard K/N` processes by hand (docs/scaling.md).
 
     \b
     Example:
       spp-detect extract --voc-root VOCdevkit --image-set test --proposals runs/ss-test \\
           --backbone squeezenet1_0 --weights squeezenet.pth --out runs/feat-test
+      torchrun --nproc-per-node 4 --no-python spp-detect extract --voc-root VOCdevkit \\
+          --image-set test --proposals runs/ss-test --out runs/feat-test
     """
     from tqdm import tqdm
 
     from proposals.io import load_proposals
     from spp_detect.datasets.voc import VOCFormatError
-    from spp_detect.device import resolve_device
+    from spp_detect.distributed import resolve_shard
     from spp_detect.extract import BadSetting, ExtractSettings, ImageReadError, run_extract
     from spp_detect.stage_dir import SettingsChanged, source_key
 
     if weights not in ("imagenet", "none") and not Path(weights).is_file():
         raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {weights}", param_hint="--weights")
-    try:
-        torch_device = resolve_device(device)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from None
+    launch = _launch()
+    shard_kn = resolve_shard(shard, launch)
+    torch_device = _process_device(device, launch)
     bad: list[Exception] | None = [] if skip_bad else None
     try:
         settings = ExtractSettings(
@@ -432,8 +479,9 @@ def extract_cmd(
             image_set=image_set,
             device=torch_device,
             force=force,
-            shard=shard,
-            progress=lambda todo: tqdm(todo, desc="extract", unit="img"),
+            shard=shard_kn,
+            progress=lambda todo: tqdm(todo, desc="extract" if shard_kn[1] == 1 else f"extract {shard_kn[0]}/{shard_kn[1]}",
+                                       unit="img", position=shard_kn[0] - 1 if launch.world_size > 1 else None),
             skip_bad=skip_bad,
         )
     except BadSetting as exc:
@@ -449,11 +497,18 @@ def extract_cmd(
         click.echo(f"  skipped {message(error)}", err=True)
     per_image = summary.bytes_written / max(summary.done, 1) / 1e6
     redone = f", {summary.redone} damaged file(s) redone" if summary.redone else ""
+    where = "" if shard_kn[1] == 1 and launch.launcher == "none" else f" [{_shard_label(shard_kn, launch)}]"
     click.echo(
-        f"extract: {summary.done} image(s) computed, {summary.skipped} already cached, {len(summary.bad)} bad{redone}, "
+        f"extract{where}: {summary.done} image(s) computed, {summary.skipped} already cached, {len(summary.bad)} bad{redone}, "
         f"{summary.windows / max(summary.done, 1):.0f} windows/image, {per_image:.2f} MB/image, "
         f"{summary.images_per_second:.2f} img/s on {torch_device} -> {out}"
     )
+
+
+def _shard_label(shard: tuple[int, int], launch) -> str:
+    """E.g. ``shard 2/4 (torchrun rank 1)``, for per-process summary lines."""
+    text = f"shard {shard[0]}/{shard[1]}"
+    return text + (f" ({launch.launcher} rank {launch.rank})" if launch.launcher != "none" else "")
 
 
 def parse_int_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -515,30 +570,47 @@ def finetune_cmd(caches, out, fc_dim, iterations, base_lr, lr_steps, batch_size,
     labelled with its class) and 75% background (IoU in [0.1, 0.5), label 0), each
     pooled at a random scale; SGD with momentum 0.9, weight decay 5e-4, learning
     rate / 10 at each --lr-steps. No conv layer runs. A checkpoint after every
-    round: rerun the same command to resume.
+    round: rerun the same command to resume. Under torchrun the minibatches
+    are split over the processes (DistributedDataParallel; same result as one
+    process at the same --batch-size, up to float rounding).
 
     \b
     Example:
       spp-detect finetune --cache runs/feat-trainval --out runs/head --fc-dim 1024
+      torchrun --nproc-per-node 4 --no-python spp-detect finetune --cache runs/feat-trainval --out runs/head
     """
     from tqdm import tqdm
 
+    from spp_detect.distributed import init_process_group
     from spp_detect.finetune import FinetuneSettings, run_finetune
     from spp_detect.stage_dir import SettingsChanged
 
-    torch_device = _torch_device(device)
+    launch = _launch()
+    torch_device = _process_device(device, launch)
+    if batch_size < launch.world_size:
+        raise click.BadParameter(f"{batch_size} windows cannot be split over {launch.world_size} processes", param_hint="--batch-size")
     try:
         settings = FinetuneSettings(
             fc_dim=fc_dim, iterations=iterations, base_lr=base_lr, lr_steps=lr_steps, batch_size=batch_size,
             fg_fraction=fg_fraction, random_scale=random_scale, round_iterations=round_iterations, seed=seed,
         )
+        grouped = init_process_group(launch, torch_device)
         quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-        summary = run_finetune(
-            caches, out, settings, device=torch_device, force=force, stop_after=stop_after,
-            progress=lambda total, start: tqdm(total=total, initial=start, desc="finetune", unit="it", disable=quiet),
-        )
+        try:
+            summary = run_finetune(
+                caches, out, settings, device=torch_device, force=force, stop_after=stop_after,
+                progress=lambda total, start: tqdm(total=total, initial=start, desc="finetune", unit="it", disable=quiet),
+                rank=launch.rank, world_size=launch.world_size,
+            )
+        finally:
+            if grouped:
+                import torch.distributed as dist
+
+                dist.destroy_process_group()
     except (SettingsChanged, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    if not launch.is_main:
+        return  # rank 0 reports for the job
     if summary.already_done:
         click.echo(f"finetune: {out} already holds the trained head (use --force to retrain)")
         return
@@ -547,6 +619,7 @@ def finetune_cmd(caches, out, fc_dim, iterations, base_lr, lr_steps, batch_size,
     click.echo(
         f"finetune: {summary.iterations_run} iterations in {summary.seconds:.0f} s"
         + (f" (resumed at {summary.resumed_from})" if summary.resumed_from else "")
+        + (f" on {launch.world_size} processes" if launch.world_size > 1 else "")
         + f", last round loss {last.get('loss', float('nan')):.3f}, fg accuracy {last.get('fg_accuracy', 0):.2f}; {state} -> {out}"
     )
 
@@ -582,6 +655,13 @@ def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_o
     from spp_detect.stage_dir import SettingsChanged
     from svm.train import SVMSettings, run_train_svm
 
+    launch = _launch()
+    if launch.world_size > 1:
+        raise click.UsageError(
+            f"train-svm runs in one process (hard-negative mining goes through the images in order, each pass "
+            f"training on the negatives the previous images gave), but {launch.launcher} started {launch.world_size}: "
+            "run it without a launcher (under SLURM: srun --ntasks 1; docs/scaling.md)"
+        )
     torch_device = _torch_device(device)
     if layer != "pool" and head_folder is None:
         raise click.UsageError(f"--features {layer} reads a fine-tuned head: add --head FOLDER (from finetune), or use --features pool")
@@ -615,24 +695,32 @@ def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_o
 @click.option("--max-per-image", type=click.IntRange(min=1), default=100, help="Detections per class per image (release: 100).")
 @device_option
 @force_option
-def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max_per_image, device, force) -> None:
+@shard_option
+def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max_per_image, device, force, shard) -> None:
     """Score every window of the test cache, NMS per class, write VOC and COCO results (stage 5).
 
     \b
     Writes <out>/comp4_det_<image-set>_<class>.txt (the devkit's format) and
     <out>/detections.json (COCO results); `spp-detect evaluate --detections <out>`
-    reads either. Resumable: rerun to continue.
+    reads either. Resumable: rerun to continue. Under torchrun or srun each
+    process takes its shard of the images; the shard that finishes last
+    writes the result files (a rerun without a launcher writes them too).
 
     \b
     Example:
       spp-detect detect --cache runs/feat-test --svm runs/svm --bbox --out runs/dets
       spp-detect evaluate --voc-root VOCdevkit --image-set test --detections runs/dets
+      torchrun --nproc-per-node 4 --no-python spp-detect detect --cache runs/feat-test --svm runs/svm --out runs/dets
     """
-    from spp_detect.detect import DetectSettings, load_detections, run_detect
+    from spp_detect.detect import DetectSettings, load_detections, missing_images, run_detect
+    from spp_detect.distributed import resolve_shard
     from spp_detect.stage_dir import SettingsChanged, read_manifest
     from svm.train import load_svm
 
-    torch_device = _torch_device(device)
+    launch = _launch()
+    shard_kn = resolve_shard(shard, launch)
+    where = "" if shard_kn[1] == 1 and launch.launcher == "none" else f" [{_shard_label(shard_kn, launch)}]"
+    torch_device = _process_device(device, launch)
     try:
         model = load_svm(svm_folder, torch_device)
         if bbox and model.regressor is None:
@@ -640,15 +728,23 @@ def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max
         settings = DetectSettings(score_threshold=score_threshold, nms_threshold=nms_threshold,
                                   max_per_image=max_per_image, bbox=bbox)
         summary = run_detect(cache, out, model, settings, model_key=read_manifest(svm_folder)["key"],
-                             device=torch_device, force=force, progress=_bar("detect"))
+                             device=torch_device, force=force, progress=_bar("detect"), shard=shard_kn)
     except (SettingsChanged, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+    per_image = summary.seconds / max(summary.done, 1)
+    pending = missing_images(cache, out)  # checked after our last write: the last shard to finish sees none
+    if pending:
+        click.echo(
+            f"detect{where}: {summary.done} image(s) computed ({per_image:.2f} s/image), {summary.skipped} already done; "
+            f"{len(pending)} image(s) left to other shards: the last to finish writes the result files "
+            f"(or rerun detect without a launcher)"
+        )
+        return
     image_set = read_manifest(cache)["config"].get("image_set", "test")
     model_info = {"svm": str(svm_folder.resolve()), "classes": list(model.classes), "image_set": image_set}
     count = _write_results(out, load_detections(out, model.classes), model.classes, image_set, model_info)
-    per_image = summary.seconds / max(summary.done, 1)
     click.echo(
-        f"detect: {summary.done} image(s) computed ({per_image:.2f} s/image), {summary.skipped} already done; "
+        f"detect{where}: {summary.done} image(s) computed ({per_image:.2f} s/image), {summary.skipped} already done; "
         f"{count} detections -> {out}/comp4_det_{image_set}_*.txt and {out}/detections.json"
     )
 

@@ -102,11 +102,13 @@ class ProposalsSummary:
     seconds_per_image_per_worker: float = 0.0
     workers: int = 1
     action: str = "computed"
+    shard: tuple[int, int] = (1, 1)
 
     def describe(self) -> str:
         """One line for the command line."""
         text = (
-            f"{self.images} images -> {self.out}: {self.computed} {self.action}, {self.already_done} already done, "
+            (f"shard {self.shard[0]}/{self.shard[1]}: " if self.shard[1] > 1 else "")
+            + f"{self.images} images -> {self.out}: {self.computed} {self.action}, {self.already_done} already done, "
             f"{len(self.bad)} bad; {self.boxes_per_image:.1f} boxes/image; {self.seconds:.1f} s"
         )
         if self.seconds_per_image_per_worker:
@@ -143,6 +145,7 @@ def run_proposals(
     force: bool = False,
     skip_bad: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] = (1, 1),
 ) -> ProposalsSummary:
     """Selective search on ``images``, one ``<out>/<image_id>.npy`` per image.
 
@@ -157,6 +160,8 @@ def run_proposals(
         force: recompute a folder made with other settings instead of refusing.
         skip_bad: count unreadable images in the summary instead of stopping.
         progress: show a tqdm bar (images/s) on stderr.
+        shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...``; the n
+            shards may run at once into the same ``out`` (shard 1 applies ``force``).
 
     Returns:
         The :class:`ProposalsSummary`.
@@ -181,13 +186,19 @@ def run_proposals(
     ids = [image.image_id for image in images]
     if len(set(ids)) != len(ids):
         raise ValueError("run_proposals: image ids repeat")
-    open_stage_dir(out, STAGE, config, force=force)
+    k, n = shard
+    if not 1 <= k <= n:
+        raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
+    open_stage_dir(out, STAGE, config, force=force, leader=k == 1)
+    images = list(images)[k - 1 :: n]
+    ids = ids[k - 1 :: n]
     todo = [
         _Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
         for image in images
         if not _finished(boxes_path(out, image.image_id))
     ]
-    summary = ProposalsSummary(out=out, images=len(images), already_done=len(images) - len(todo), workers=workers)
+    summary = ProposalsSummary(out=out, images=len(images), already_done=len(images) - len(todo), workers=workers,
+                               shard=shard)
     log.info("proposals: %d images, %d to compute, %d workers, %s", len(images), len(todo), workers, config)
 
     from tqdm import tqdm

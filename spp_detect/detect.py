@@ -12,7 +12,9 @@ Per image (``spp_test.m:73-103``, ``imdb_eval_voc.m:65``; FACTS 1.8, 1.9):
 
 Boxes are 0-based continuous xyxy (IoU in NMS without ``+ 1``; the devkit's rule lives
 in ``eval/``). Results are saved per image (``<id>.npz``: ``boxes [K, 4]``, ``scores [K]``,
-``labels [K]``), so a killed run resumes where it stopped.
+``labels [K]``), so a killed run resumes where it stopped, and several processes (the
+shards of a ``torchrun``/``srun`` job) can fill one folder; the per-class result files are
+written from the per-image ones once all exist.
 
 The model is any object with the attributes of ``svm.train.SVMModel`` (``layer``,
 ``head``, ``classes``, ``regressor``, ``pooled_dim`` and ``scores(features)``); this
@@ -38,7 +40,16 @@ from spp_detect.head import SPPHead
 from spp_detect.stage_dir import open_stage_dir, write_npz
 from spp_detect.window_features import window_features
 
-__all__ = ["DetectSettings", "DetectSummary", "Scorer", "detect_image", "run_detect", "write_image_detections", "load_detections"]
+__all__ = [
+    "DetectSettings",
+    "DetectSummary",
+    "Scorer",
+    "detect_image",
+    "run_detect",
+    "missing_images",
+    "write_image_detections",
+    "load_detections",
+]
 
 SCORE_THRESHOLD: float = -1.5  # spp_test.m: keep z > -1.5
 NMS_THRESHOLD: float = 0.3  # spp_test.m / imdb_eval_voc.m:65
@@ -137,11 +148,15 @@ def run_detect(
     device: torch.device | str = "cpu",
     force: bool = False,
     progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+    shard: tuple[int, int] = (1, 1),
 ) -> DetectSummary:
     """Detect on every image of the extract cache ``cache_folder``; per-image results in ``out``.
 
     Args:
         model_key: identifies the model (its train-svm manifest key), for the manifest.
+        shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...`` of the
+            cache (in id order); the n shards may run at once into ``out``. Once every
+            image has its file (:func:`missing_images`), the result files can be written.
 
     Raises:
         SettingsChanged: ``out`` holds other detections and ``force`` is false.
@@ -162,8 +177,11 @@ def run_detect(
             + ("" if missing or extra else " (same names, another order)")
         )
     config = {"settings": asdict(settings), "cache": cache.key, "model": model_key}
-    open_stage_dir(out, "detect", config, force=force)
-    ids = cache.image_ids
+    k, n = shard
+    if not 1 <= k <= n:
+        raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
+    open_stage_dir(out, "detect", config, force=force, leader=k == 1)
+    ids = cache.image_ids[k - 1 :: n]
     todo = [i for i in ids if not (out / f"{i}.npz").is_file()]
     summary = DetectSummary(skipped=len(ids) - len(todo))
     start = time.perf_counter()
@@ -189,6 +207,12 @@ def write_image_detections(folder: Path, image_id: str, boxes: np.ndarray, score
     path = Path(folder) / f"{image_id}.npz"
     write_npz(path, arrays)  # atomic, and the same bytes for the same detections
     return path
+
+
+def missing_images(cache_folder: Path | str, out: Path | str) -> list[str]:
+    """Images of the cache without a result file in ``out`` yet (other shards' work)."""
+    out = Path(out)
+    return [i for i in FeatureCache(cache_folder).image_ids if not (out / f"{i}.npz").is_file()]
 
 
 def load_detections(folder: Path | str, classes: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

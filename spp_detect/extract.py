@@ -252,8 +252,10 @@ def run_extract(
         proposals_key: identifies the proposals (their manifest key or file hash).
         image_set: recorded in the manifest.
         device: where the trunk runs.
-        force: recompute even if ``out`` was made with other settings.
-        shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...``.
+        force: recompute even if ``out`` was made with other settings (in a sharded run,
+            shard 1 deletes the old files; the others wait for it).
+        shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...``. The n
+            shards may run at once into the same ``out`` (:mod:`spp_detect.distributed`).
         progress: wraps the image sequence (e.g. a tqdm bar); identity if None.
         skip_bad: skip (and list in ``summary.bad``) images that cannot be read or have no
             proposals, instead of raising.
@@ -274,7 +276,7 @@ def run_extract(
     if missing and not skip_bad:
         raise KeyError(f"no proposals for {len(missing)} image(s), e.g. {missing[:5]}")
 
-    manifest = open_stage_dir(out, "extract", settings.config(proposals_key, image_set), force=force)
+    manifest = open_stage_dir(out, "extract", settings.config(proposals_key, image_set), force=force, leader=k == 1)
     spec = get_backbone(settings.backbone)
     mine = list(images)[k - 1 :: n]
     summary = ExtractSummary()

@@ -15,7 +15,9 @@ no conv layer runs. Sampling:
 
 Batches are prepared a round at a time (the release prepared 500 iterations at once): the
 round's windows are drawn with a generator seeded by ``(seed, round)``, pooled, and kept
-in fp16; dropout is seeded by the round too. A checkpoint after every round holds the
+in fp16; the dropout masks of each minibatch come from a generator seeded by
+``(seed, iteration)``. Under ``torchrun`` the minibatches are split over the processes
+(DistributedDataParallel, :func:`run_finetune`) with the same result as one process. A checkpoint after every round holds the
 weights, the momentum buffers and the iteration, so a resumed run continues to exactly
 the state an uninterrupted one reaches.
 
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets.voc import VOC_CLASSES
-from spp_detect.head import SPPHead, save_head
+from spp_detect.head import DROPOUT, SPPHead, save_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir
 from spp_detect.tensor_io import load_tensors, save_tensors
@@ -136,9 +138,18 @@ def _round_batches(
     round_index: int,
     iterations: int,
     device: torch.device,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Pooled features ``Tensor[iterations * B, D]`` (fp16) and labels, laid out so that
-    rows ``[i B, (i + 1) B)`` are minibatch ``i`` with exactly ``round(fg_fraction B)`` fg."""
+    """Pooled features (fp16) and labels of this process's rows of a round's minibatches.
+
+    The round's windows (and each window's random scale) are drawn from a generator
+    seeded by ``(seed, round)``, identically in every process; minibatch ``i`` is rows
+    ``[i B, (i + 1) B)`` of that draw, with exactly ``round(fg_fraction B)`` fg first.
+    Process ``rank`` of ``world_size`` keeps rows ``rank::world_size`` of each minibatch
+    and pools only those, so it returns ``Tensor[iterations * b, D]`` with
+    ``b = len(range(rank, B, world_size))``, minibatch ``i`` at rows ``[i b, (i + 1) b)``.
+    """
     rng = np.random.default_rng([settings.seed, round_index])
     per_fg = round(settings.batch_size * settings.fg_fraction)
     per_bg = settings.batch_size - per_fg
@@ -150,22 +161,35 @@ def _round_batches(
     window = np.concatenate([windows.fg_window[fg], windows.bg_window[bg]])
     label = np.concatenate([windows.fg_label[fg], np.zeros(len(bg), np.int64)])
     # batch i takes fg rows i*per_fg.. and bg rows i*per_bg..; build the row order once
+    batches = np.arange(iterations)[:, None]
     order = np.concatenate(
-        [np.concatenate([np.arange(i * per_fg, (i + 1) * per_fg), len(fg) + np.arange(i * per_bg, (i + 1) * per_bg)])
-         for i in range(iterations)]
-    )
+        [batches * per_fg + np.arange(per_fg), len(fg) + batches * per_bg + np.arange(per_bg)], axis=1
+    ).ravel()
     image, window, label = image[order], window[order], label[order]
-    caches_dim = caches[0].feature_dim
-    feats = torch.empty((len(image), caches_dim), dtype=torch.float16, device=device)
+    uniform = rng.random(len(image))  # each row's random scale, drawn for all rows in every process
+    mine = (batches * settings.batch_size + np.arange(rank, settings.batch_size, world_size)).ravel()
+    image, window, label, uniform = image[mine], window[mine], label[mine], uniform[mine]
+    feats = torch.empty((len(image), caches[0].feature_dim), dtype=torch.float16, device=device)
     for n in np.unique(image):
         rows = np.nonzero(image == n)[0]
-        cached = caches[windows.pairs[n][0]].load(windows.pairs[n][1])
+        cache = caches[windows.pairs[n][0]]
+        cached = cache.load(windows.pairs[n][1])
         idx = torch.from_numpy(window[rows])
         scale = None
-        if settings.random_scale and len(cached.maps) > 1:
-            scale = torch.from_numpy(rng.integers(0, len(cached.maps), len(rows)))
+        if settings.random_scale and len(cache.scales) > 1:
+            pick = np.minimum((uniform[rows] * len(cache.scales)).astype(np.int64), len(cache.scales) - 1)
+            scale = torch.from_numpy(pick)
         feats[torch.from_numpy(rows).to(device)] = cached.features(idx, device, scale_index=scale).half()
     return feats, torch.from_numpy(label).to(device)
+
+
+def _dropout_masks(settings: FinetuneSettings, iteration: int, device: torch.device, rank: int, world_size: int) -> Tensor:
+    """``Tensor[2, b, fc_dim]``: this process's rows ``rank::world_size`` of the dropout masks
+    (after fc6 and fc7) of minibatch ``iteration``, drawn for the whole minibatch from a
+    generator seeded by ``(seed, iteration)``: equal to one process's masks."""
+    generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + iteration)
+    keep = torch.rand((2, settings.batch_size, settings.fc_dim), generator=generator, device=device) >= DROPOUT
+    return keep[:, rank::world_size].float() / (1.0 - DROPOUT)
 
 
 def _optimizer(head: SPPHead, settings: FinetuneSettings) -> torch.optim.SGD:
@@ -213,8 +237,20 @@ def run_finetune(
     force: bool = False,
     stop_after: int | None = None,
     progress: Callable[[int, int], object] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> FinetuneSummary:
     """Fine-tune fc6-fc8 on the windows of ``cache_folders``; write ``<out>/head.npz``.
+
+    Data-parallel when ``world_size > 1`` (the caller has joined the process group, e.g.
+    :func:`spp_detect.distributed.init_process_group` under torchrun): every process draws
+    the round's minibatches alike, pools and runs its rows ``rank::world_size`` of each,
+    and DistributedDataParallel averages the gradients. Each process's loss is its share
+    of the sum over the whole minibatch divided by ``batch_size`` (times ``world_size``,
+    which the averaging undoes), and the dropout masks are drawn per minibatch
+    (:func:`_dropout_masks`), so N processes compute what one does at the same
+    ``batch_size``, up to floating-point order. Only rank 0 writes the checkpoint, log and
+    head; all ranks resume from the same checkpoint (a folder all of them can read).
 
     Args:
         cache_folders: one or more extract caches (e.g. VOC07 trainval and VOC12 trainval).
@@ -226,7 +262,8 @@ def run_finetune(
         stop_after: stop (with a checkpoint) once this many iterations are done in total,
             rounded up to a whole round; a later call resumes. For tests and time-boxed runs.
         progress: ``progress(total, start)`` returns a tqdm-like bar (``update``,
-            ``set_postfix``, ``close``), or None for no bar.
+            ``set_postfix``, ``close``), or None for no bar (rank 0 only).
+        rank, world_size: this process's place in the data-parallel group.
 
     Raises:
         SettingsChanged: ``out`` holds a run with other settings and ``force`` is false.
@@ -234,9 +271,20 @@ def run_finetune(
     """
     out = Path(out)
     device = torch.device(device)
+    parallel = world_size > 1
+    if parallel:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise ValueError(f"world_size {world_size} given, but no process group: call init_process_group first")
+    barrier = (lambda: dist.barrier()) if parallel else (lambda: None)
     caches = open_caches(cache_folders)
     config = {"settings": asdict(settings), "caches": [c.key for c in caches]}
-    open_stage_dir(out, "finetune", config, force=force)
+    if rank == 0:  # the only process that may delete (force) before the others look
+        open_stage_dir(out, "finetune", config, force=force)
+    barrier()
+    if rank != 0:
+        open_stage_dir(out, "finetune", config)
     summary = FinetuneSummary()
     if (out / "head.npz").is_file():
         summary.already_done = True
@@ -253,49 +301,62 @@ def run_finetune(
     log_path = out / "train_log.json"
     rounds = json.loads(log_path.read_text()) if iteration and log_path.is_file() else []
     rounds = [r for r in rounds if r["iteration"] <= iteration]
+    barrier()  # every rank has read the checkpoint before rank 0 may write the next one
+    model: nn.Module = head
+    if parallel:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
     windows = collect_training_windows(caches, settings.fg_threshold, settings.bg_low)
     log.info(
-        "finetune: %d images, %d fg / %d bg candidate windows, input scale %.4g",
-        len(windows.pairs), len(windows.fg_image), len(windows.bg_image), scale,
+        "finetune: %d images, %d fg / %d bg candidate windows, input scale %.4g, rank %d of %d",
+        len(windows.pairs), len(windows.fg_image), len(windows.bg_image), scale, rank, world_size,
     )
     end = settings.iterations if stop_after is None else min(settings.iterations, stop_after)
-    bar = progress(settings.iterations, iteration) if progress else None
-    loss_fn = nn.CrossEntropyLoss()
+    bar = progress(settings.iterations, iteration) if progress and rank == 0 else None
     start_time = time.perf_counter()
     head.train()
     while iteration < end:
         round_index = iteration // settings.round_iterations
         count = min(settings.round_iterations * (round_index + 1), settings.iterations) - iteration
-        feats, labels = _round_batches(caches, windows, settings, round_index, count, device)
-        torch.manual_seed(settings.seed * 1_000_003 + round_index)  # dropout masks of this round
-        losses, fg_hits, fg_total = [], 0, 0
+        feats, labels = _round_batches(caches, windows, settings, round_index, count, device, rank, world_size)
+        local = len(labels) // count  # this process's rows of each minibatch
+        # [loss sum, fg hits, fg windows] over the round, summed over the processes at its end
+        totals = torch.zeros(3, dtype=torch.float64, device=device)
         for i in range(count):
-            rows = slice(i * settings.batch_size, (i + 1) * settings.batch_size)
+            rows = slice(i * local, (i + 1) * local)
             lr = settings.lr_at(iteration)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group["lr_mult"]
-            logits = head(feats[rows].float())
-            loss = loss_fn(logits, labels[rows])
+            logits = model(feats[rows].float(), dropout_masks=_dropout_masks(settings, iteration, device, rank, world_size))
+            loss_sum = nn.functional.cross_entropy(logits, labels[rows], reduction="sum")
+            # mean over the whole minibatch: DDP averages over processes, so scale by world_size
+            loss = loss_sum * (world_size / settings.batch_size)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             iteration += 1
             fg = labels[rows] > 0
-            fg_hits += int((logits.argmax(1)[fg] == labels[rows][fg]).sum())
-            fg_total += int(fg.sum())
-            losses.append(float(loss.detach()))
+            hits = (logits.argmax(1)[fg] == labels[rows][fg]).sum()
+            totals += torch.stack([loss_sum.detach().double(), hits.double(), fg.sum().double()])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", fg_acc=f"{fg_hits / max(fg_total, 1):.2f}", lr=f"{lr:g}")
-        rounds.append({"iteration": iteration, "loss": float(np.mean(losses)), "fg_accuracy": fg_hits / max(fg_total, 1)})
-        _save_checkpoint(out, head, optimizer, iteration)
-        atomic_write(log_path, lambda p: p.write_text(json.dumps(rounds, indent=1)))
+                bar.set_postfix(loss=f"{float(loss_sum.detach()) / max(local, 1):.3f}", lr=f"{lr:g}")
+        if parallel:
+            dist.all_reduce(totals)
+        loss_sum_round, fg_hits, fg_total = (float(v) for v in totals.cpu())
+        rounds.append({"iteration": iteration, "loss": loss_sum_round / (count * settings.batch_size),
+                       "fg_accuracy": fg_hits / max(fg_total, 1)})
+        if rank == 0:
+            _save_checkpoint(out, head, optimizer, iteration)
+            atomic_write(log_path, lambda p: p.write_text(json.dumps(rounds, indent=1)))
         summary.iterations_run += count
     if bar is not None:
         bar.close()
     summary.seconds = time.perf_counter() - start_time
     summary.rounds = rounds
-    if iteration >= settings.iterations:
+    if iteration >= settings.iterations and rank == 0:
         save_head(out, head.eval())
         (out / CHECKPOINT).unlink(missing_ok=True)
+    barrier()  # the head (or checkpoint) is on disk when any process returns
     return summary

@@ -56,10 +56,18 @@ class SPPHead(nn.Module):
         nn.init.normal_(self.fc8.weight, std=0.01)  # release: gaussian std 0.01
         nn.init.constant_(self.fc8.bias, 1.0)  # release: bias_filler constant 1
 
-    def forward(self, pooled: Tensor) -> Tensor:
-        """Class logits ``Tensor[B, num_classes]`` of ``Tensor[B, in_dim]`` pooled features."""
-        x = self.dropout(torch.relu(self.fc6(pooled * self.input_scale)))
-        x = self.dropout(torch.relu(self.fc7(x)))
+    def forward(self, pooled: Tensor, dropout_masks: Tensor | None = None) -> Tensor:
+        """Class logits ``Tensor[B, num_classes]`` of ``Tensor[B, in_dim]`` pooled features.
+
+        ``dropout_masks`` (``Tensor[2, B, fc_dim]``, entries 0 or ``1 / (1 - p)``), when
+        given, replace the dropout after fc6 and fc7: fine-tuning draws them from its own
+        seeded generator, so that a minibatch split over several processes gets the masks
+        one process would (:func:`spp_detect.finetune.run_finetune`).
+        """
+        x = torch.relu(self.fc6(pooled * self.input_scale))
+        x = self.dropout(x) if dropout_masks is None else x * dropout_masks[0]
+        x = torch.relu(self.fc7(x))
+        x = self.dropout(x) if dropout_masks is None else x * dropout_masks[1]
         return self.fc8(x)
 
     def features(self, pooled: Tensor, layer: str) -> Tensor:

@@ -19,6 +19,10 @@ folder removes every temporary file whose writer process is dead (other live pro
 e.g. the other ``--shard`` workers of the same folder, keep theirs). A write that fails
 (a full disk) removes its temporary file and raises :class:`StageWriteError`; files
 already finished stay valid.
+
+Several processes may fill one folder at once (the shards of a ``torchrun`` or ``srun``
+job, :mod:`spp_detect.distributed`): the manifest is created once, race-free, and checked
+by all; each writes its own images; a rerun skips finished images whoever wrote them.
 """
 
 from __future__ import annotations
@@ -250,28 +254,47 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return manifest
 
 
-def open_stage_dir(folder: Path, stage: str, config: dict[str, Any], force: bool = False) -> dict[str, Any]:
+def open_stage_dir(
+    folder: Path,
+    stage: str,
+    config: dict[str, Any],
+    force: bool = False,
+    *,
+    leader: bool = True,
+    wait_s: float = 600.0,
+) -> dict[str, Any]:
     """Create or reopen a stage folder for ``config``; returns its manifest.
+
+    Several processes (the shards of one job) may open the same folder at once: the
+    manifest is created exactly once (a complete temporary file hard-linked to
+    ``manifest.json``, which fails if another process got there first), and every
+    process then reads it and compares the key.
 
     Args:
         folder: the output folder (created if missing).
         stage: the stage name, recorded in the manifest.
         config: JSON-serialisable settings; results are reusable only under equal configs.
         force: drop results computed under another config instead of refusing.
+        leader: in a sharded run, whether this process applies ``force`` (shard 1 does).
+            A non-leader given ``force`` does not delete anything: it waits up to
+            ``wait_s`` seconds for the leader to replace a manifest of other settings.
+        wait_s: see ``leader``.
 
     Raises:
         SettingsChanged: the folder holds results of another stage or other settings and
-            ``force`` is false; the message lists the settings that differ.
+            ``force`` is false (or, for a non-leader, the leader did not replace them in
+            time); the message lists the settings that differ.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = {**config, "package_version": __version__}
     manifest = {"stage": stage, "config": config, "key": config_key(config)}
-    old_path = folder / MANIFEST
-    if old_path.is_file():
+    path = folder / MANIFEST
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
-            old = read_manifest(folder)
-        except ValueError as exc:
+            old = _read_or_create(path, manifest)
+        except ValueError as exc:  # a damaged manifest
             if not force:
                 raise SettingsChanged(str(exc)) from None
             old = {}
@@ -280,13 +303,63 @@ def open_stage_dir(folder: Path, stage: str, config: dict[str, Any], force: bool
             return old
         if not force:
             raise SettingsChanged(_describe_change(folder, old, manifest))
-        for entry in folder.iterdir():
-            if entry.is_dir():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-    atomic_write(old_path, lambda p: p.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str)))
+        if leader:
+            break
+        if time.monotonic() > deadline:
+            raise SettingsChanged(_describe_change(folder, old, manifest) + " (shard 1, which applies --force, did not)")
+        time.sleep(0.2)
+    # the leader with force: remove the old results, then swap the manifest in one step,
+    # so a waiting shard starts only once the old files are gone
+    for entry in folder.iterdir():
+        if entry.name == MANIFEST:
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink(missing_ok=True)
+    atomic_write(path, lambda p: p.write_text(_manifest_text(manifest)))
     return manifest
+
+
+def _manifest_text(manifest: dict[str, Any]) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True, default=str)
+
+
+def _read_or_create(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest at ``path``, creating it from ``manifest`` if there is none (race-free)."""
+    for attempt in range(100):
+        try:
+            manifest_read = json.loads(path.read_text())
+            if not isinstance(manifest_read, dict):
+                return read_manifest(path.parent)  # raises "is damaged"
+            return manifest_read
+        except FileNotFoundError:
+            pass
+        except (json.JSONDecodeError, UnicodeDecodeError):  # a writer mid-write (the O_EXCL fallback), or damage
+            if attempt >= 20:
+                return read_manifest(path.parent)  # still unreadable after 1 s: raises "is damaged"
+            time.sleep(0.05)
+            continue
+        fd, tmp_name = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                fh.write(_manifest_text(manifest))
+            os.chmod(tmp_name, 0o644)
+            try:
+                os.link(tmp_name, path)  # atomic, fails if the manifest exists
+                return manifest
+            except FileExistsError:
+                continue  # another process made it first: read and compare its key
+            except OSError:  # a file system without hard links
+                try:
+                    with open(path, "x") as fh:
+                        fh.write(_manifest_text(manifest))
+                    return manifest
+                except FileExistsError:
+                    continue
+        finally:
+            Path(tmp_name).unlink(missing_ok=True)
+    raise RuntimeError(f"cannot read or create {path}")
 
 
 def _describe_change(folder: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
