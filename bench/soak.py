@@ -1,6 +1,7 @@
 """Soak test: kill a stage with SIGKILL at random moments, restart it, compare with a clean run.
 
-For ``extract`` (the default): a VOC tree of the first ``--images`` VOC2007 test images
+``train-svm`` (5 kills) runs the same loop on a model trained from a small 1-scale cache
+(:func:`soak_train_svm`). For ``extract``: a VOC tree of the first ``--images`` VOC2007 test images
 (symlinked from ../shared/data), their selective-search proposals, then
 
 1. one uninterrupted ``spp-detect extract`` run into ``reference/`` (timed: its start-up
@@ -21,7 +22,7 @@ Other stages join through :data:`SOAKS`: a function ``(args, work folder, rng) -
 with the same keys; it can reuse :func:`soak_command` for the kill/restart loop and
 :func:`compare_folders` for the comparison.
 
-    python -m bench.soak [--images 30] [--kills 20] [--scales 480,576,688,864,1200] [--json bench/results/soak.json]
+    python -m bench.soak [--stage extract|train-svm] [--images 30] [--kills 20] [--svm-kills 5] [--json bench/results/soak.json]
 
 About 4 minutes on an idle 2-core machine with the defaults; 14 minutes when the cores are
 shared (bench/results/soak.json).
@@ -161,8 +162,46 @@ def soak_extract(args: argparse.Namespace, work: Path, rng: random.Random) -> di
     }
 
 
-#: Stage name -> soak function. The train-svm soak (5 kills) joins here once that stage exists.
-SOAKS: dict[str, Callable[[argparse.Namespace, Path, random.Random], dict]] = {"extract": soak_extract}
+def soak_train_svm(args: argparse.Namespace, work: Path, rng: random.Random) -> dict:
+    """``train-svm`` (fc7 features, box regression) on ``--svm-images`` test images at one
+    scale: it has no per-image outputs, so a killed run starts its mining pass over; the
+    model a restart ends with must equal the clean run's byte for byte."""
+    ids = (VOC_ROOT / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.svm_images]
+    root = work / "voc" / "VOC2007"
+    (root / "ImageSets" / "Main").mkdir(parents=True)
+    for sub in ("JPEGImages", "Annotations"):
+        (root / sub).symlink_to(VOC_ROOT / "VOC2007" / sub)
+    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
+    voc = ["--voc-root", work / "voc", "--image-set", "test"]
+    print(f"proposals, extract (1 scale) and a small head for {len(ids)} images ...", flush=True)
+    run_to_end(["proposals", *voc, "--workers", "2", "--out", work / "proposals"])
+    run_to_end(["extract", *voc, "--proposals", work / "proposals", "--weights", SQUEEZENET_FILE, "--scales", "688",
+                "--device", "cpu", "--out", work / "feat"])
+    run_to_end(["finetune", "--cache", work / "feat", "--fc-dim", "256", "--iterations", "100", "--out", work / "head"])
+
+    def train(out: Path) -> list:
+        return ["train-svm", "--cache", work / "feat", "--head", work / "head", "--features", "fc7", "--bbox",
+                "--C", "0.1", "--device", "cpu", "--out", out]
+
+    print("uninterrupted train-svm ...", flush=True)
+    seconds = run_to_end(train(work / "reference"))
+    max_delay = 0.95 * seconds  # every kill lands before a run could finish
+    print(f"{seconds:.1f} s: kills within {max_delay:.1f} s of each start", flush=True)
+    result = soak_command(train(work / "soaked"), work / "soaked", "svm.npz", args.svm_kills, max_delay, rng)
+    return {
+        "images": len(ids),
+        "scales": "688",
+        "reference_seconds": round(seconds, 1),
+        **result,
+        **compare_folders(work / "reference", work / "soaked"),
+    }
+
+
+#: Stage name -> soak function.
+SOAKS: dict[str, Callable[[argparse.Namespace, Path, random.Random], dict]] = {
+    "extract": soak_extract,
+    "train-svm": soak_train_svm,
+}
 
 
 def main() -> None:
@@ -171,6 +210,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=30)
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--scales", default="480,576,688,864,1200")
+    parser.add_argument("--svm-images", type=int, default=12, help="images of the train-svm soak")
+    parser.add_argument("--svm-kills", type=int, default=5, help="kills of the train-svm soak")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
