@@ -481,7 +481,8 @@ def extract_cmd(
             force=force,
             shard=shard_kn,
             progress=lambda todo: tqdm(todo, desc="extract" if shard_kn[1] == 1 else f"extract {shard_kn[0]}/{shard_kn[1]}",
-                                       unit="img", position=shard_kn[0] - 1 if launch.world_size > 1 else None),
+                                       unit="img", position=shard_kn[0] - 1 if launch.world_size > 1 else None,
+                                       disable=logging.getLogger().getEffectiveLevel() > logging.INFO),  # -q hides it
             skip_bad=skip_bad,
         )
     except BadSetting as exc:

@@ -7,7 +7,7 @@ scale, fc7 SVMs with box regression; stage folders shared with it under ``--work
 Then: each model alone, the paper's plain union of SVM scores + NMS 0.3, and the union of
 scores calibrated per model and class on the training images (``spp-detect calibrate``).
 
-    python -m bench.combine [--images 100] [--windows 100] [--json bench/results/combine.json]
+    python -m bench.combine [--images 100] [--test-images 60] [--windows 200] [--json bench/results/combine.json]
 """
 
 from __future__ import annotations
@@ -37,7 +37,8 @@ MODELS = {"squeezenet1_0": SQUEEZENET_FILE, "mobilenet_v2": MOBILENET_FILE}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--windows", type=int, default=100)
+    parser.add_argument("--test-images", type=int, default=60)
+    parser.add_argument("--windows", type=int, default=200)
     parser.add_argument("--fc-dim", type=int, default=1024)
     parser.add_argument("--iterations", type=int, default=400)
     parser.add_argument("--scales", default="688")
@@ -50,7 +51,7 @@ def main() -> None:
     work = args.work
     start = time.perf_counter()
     train_images = read_voc(VOC_ROOT, "trainval")[: args.images]
-    test_images = read_voc(VOC_ROOT, "test")[: args.images]
+    test_images = read_voc(VOC_ROOT, "test")[: args.test_images]
     train_props, train_key = _proposals(work, "trainval", train_images, args.windows)
     test_props, test_key = _proposals(work, "test", test_images, args.windows)
     svm_c = RELEASE_C * RELEASE_TRAIN_IMAGES / len(train_images)
@@ -62,7 +63,7 @@ def main() -> None:
         caches = {}
         for split, images, props, key in (("trainval", train_images, train_props, train_key),
                                           ("test", test_images, test_props, test_key)):
-            caches[split] = work / f"feat-{name}-{split}-{args.images}-{args.windows}"
+            caches[split] = work / f"feat-{name}-{split}-{len(images)}-{args.windows}"
             run_extract(images, props, caches[split], settings, proposals_key=key, image_set=split, device=device)
         suffix = f"{args.images}-{args.windows}-{args.fc_dim}-{args.iterations}"
         head = work / f"head-{name}-{suffix}"
@@ -71,7 +72,7 @@ def main() -> None:
         svm = work / f"svm-{name}-fc7-{suffix}"
         run_train_svm([caches["trainval"]], svm, SVMSettings(layer="fc7", C=svm_c, bbox=True), head_folder=head, device=device)
         model = load_svm(svm, device)
-        dets = work / f"dets-{name}-ftfc7bb-{suffix}"
+        dets = work / f"dets-{name}-ftfc7bb-{len(test_images)}-{suffix}"
         run_detect(caches["test"], dets, model, DetectSettings(bbox=True), model_key=read_manifest(svm)["key"], device=device)
         detections[backbone] = load_detections(dets, VOC_CLASSES)
         calibration, _ = fit_calibration([caches["trainval"]], model, DetectSettings(bbox=True), device)
