@@ -694,10 +694,12 @@ def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_o
 @click.option("--score-threshold", type=float, default=-1.5, help="Keep SVM scores above this (release: -1.5).")
 @click.option("--nms", "nms_threshold", type=click.FloatRange(0, 1), default=0.3, help="Per-class NMS IoU (release: 0.3).")
 @click.option("--max-per-image", type=click.IntRange(min=1), default=100, help="Detections per class per image (release: 100).")
+@click.option("--svd-rank", type=click.IntRange(min=0), default=0,
+              help="Replace fc6 by its rank-R truncated SVD (Fast R-CNN 3.1): faster, approximate; 0 keeps it exact.")
 @device_option
 @force_option
 @shard_option
-def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max_per_image, device, force, shard) -> None:
+def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max_per_image, svd_rank, device, force, shard) -> None:
     """Score every window of the test cache, NMS per class, write VOC and COCO results (stage 5).
 
     \b
@@ -727,7 +729,7 @@ def detect_cmd(cache, svm_folder, bbox, out, score_threshold, nms_threshold, max
         if bbox and model.regressor is None:
             raise click.BadParameter(f"{svm_folder} has no box regressors: train it with --bbox, or drop --bbox", param_hint="--bbox")
         settings = DetectSettings(score_threshold=score_threshold, nms_threshold=nms_threshold,
-                                  max_per_image=max_per_image, bbox=bbox)
+                                  max_per_image=max_per_image, bbox=bbox, svd_rank=svd_rank)
         summary = run_detect(cache, out, model, settings, model_key=read_manifest(svm_folder)["key"],
                              device=torch_device, force=force, progress=_bar("detect"), shard=shard_kn)
     except (SettingsChanged, FileNotFoundError, ValueError) as exc:

@@ -74,6 +74,8 @@ class DetectSettings:
     nms_threshold: float = NMS_THRESHOLD
     max_per_image: int = MAX_PER_IMAGE
     bbox: bool = False
+    #: rank of fc6's truncated SVD (Fast R-CNN 3.1), 0 for the exact layer
+    svd_rank: int = 0
 
 
 @dataclass
@@ -176,6 +178,15 @@ def run_detect(
             f"the model's classes differ from those of {cache_folder}: missing {missing}, extra {extra}"
             + ("" if missing or extra else " (same names, another order)")
         )
+    if settings.svd_rank:
+        if model.head is None:
+            raise ValueError("--svd-rank compresses fc6 of a fine-tuned head; this model scores pooled features")
+        import copy
+
+        from spp_detect.head import truncate_fc
+
+        model = copy.copy(model)
+        model.head = truncate_fc(model.head, settings.svd_rank)
     config = {"settings": asdict(settings), "cache": cache.key, "model": model_key}
     k, n = shard
     if not 1 <= k <= n:

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from spp_detect.stage_dir import atomic_write
 from spp_detect.tensor_io import load_tensors, save_tensors
 
-__all__ = ["FEATURE_LAYERS", "SPPHead", "save_head", "load_head"]
+__all__ = ["FEATURE_LAYERS", "SPPHead", "save_head", "load_head", "truncate_fc"]
 
 #: SVM feature layers, in network order (paper Table 6 rows "pool5", "fc6", "fc7").
 FEATURE_LAYERS: tuple[str, ...] = ("pool", "fc6", "fc7")
@@ -107,3 +107,31 @@ def load_head(folder: Path | str, name: str = "head") -> SPPHead:
     head = SPPHead(meta["in_dim"], meta["fc_dim"], meta["num_classes"])
     head.load_state_dict(load_tensors(folder / f"{name}.npz"))
     return head.eval()
+
+
+def truncate_fc(head: SPPHead, rank: int, layers: tuple[str, ...] = ("fc6",)) -> SPPHead:
+    """A copy of ``head`` whose ``layers`` are replaced by their rank-``rank`` truncated SVD.
+
+    Fast R-CNN's compression (Girshick, ICCV 2015, section 3.1): ``W ~ U_t S_t V_t'`` turns
+    one ``fc_dim x in_dim`` product into ``rank x in_dim`` then ``fc_dim x rank``; for fc6
+    over a 25,600-d pooled vector and ``fc_dim`` 1,024, rank 256 cuts its work ~3.8x. The
+    result is approximate: measure its mAP (``bench/detect_speed.py``).
+    """
+    import copy
+
+    out = copy.deepcopy(head)
+    for name in layers:
+        layer: nn.Linear = getattr(out, name)
+        if not isinstance(layer, nn.Linear):
+            raise ValueError(f"{name} is already truncated")
+        if not 0 < rank < min(layer.weight.shape):
+            raise ValueError(f"rank must be in 1..{min(layer.weight.shape) - 1} for {name}, got {rank}")
+        u, s, vh = torch.linalg.svd(layer.weight.detach().double(), full_matrices=False)
+        first = nn.Linear(layer.in_features, rank, bias=False)
+        second = nn.Linear(rank, layer.out_features)
+        with torch.no_grad():
+            first.weight.copy_((s[:rank, None] * vh[:rank]).float())  # [rank, in]
+            second.weight.copy_(u[:, :rank].float())  # [out, rank]
+            second.bias.copy_(layer.bias.detach())
+        setattr(out, name, nn.Sequential(first, second))
+    return out.eval()

@@ -274,3 +274,20 @@ def test_pipeline_cli_trains_detects_and_evaluate_reads_the_files(train_cache, t
 def test_train_svm_refuses_fc_features_without_a_head(train_cache, tmp_path):
     r = CliRunner().invoke(cli.main, ["train-svm", "--cache", str(train_cache), "--features", "fc7", "--out", str(tmp_path / "s")])
     assert r.exit_code != 0 and "--head" in r.output
+
+
+def test_truncated_svd_of_fc6_is_exact_at_full_rank_and_close_at_lower_rank():
+    from spp_detect.head import truncate_fc
+
+    torch.manual_seed(0)
+    head = SPPHead(64, 32, 21).eval()
+    x = torch.rand(10, 64)
+    with torch.no_grad():
+        exact = head.features(x, "fc7")
+        full = truncate_fc(head, 31).features(x, "fc7")  # rank 31 of a 32 x 64 matrix
+        assert torch.allclose(full, exact, atol=0.05)
+        low = truncate_fc(head, 8).features(x, "fc7")
+    assert low.shape == exact.shape and not torch.equal(low, exact)
+    assert isinstance(head.fc6, torch.nn.Linear)  # the original head is untouched
+    with pytest.raises(ValueError, match="rank must be"):
+        truncate_fc(head, 64)
