@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+# ../shared/data beside the repo; SPP_DETECT_SHARED_DATA overrides it (worktrees elsewhere).
+SHARED_DATA = Path(os.environ.get("SPP_DETECT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 VOC_ROOT = SHARED_DATA / "voc2007-mini"
 WEIGHTS_DIR = SHARED_DATA / "weights"
 SQUEEZENET_FILE = WEIGHTS_DIR / "squeezenet1_0-imagenet-deepcompression.pth"

@@ -46,6 +46,7 @@ __all__ = [
     "quantize_levels",
     "coarse_boxes",
     "aml_localize",
+    "level_integral",
 ]
 
 #: Activations are clipped here before quantisation (``conv3d >= 128``, test.m), in the
@@ -93,6 +94,12 @@ class AMLResult:
     evaluated: int
 
 
+def level_integral(levels: Tensor) -> IntegralImage:
+    """The integral image of ``levels ** 10`` of a quantised map (``aml.c``'s
+    ``create_integralimage`` with its ``pow_10`` table); build once, localise many queries."""
+    return IntegralImage(levels, ALPHA, table=_POW10)
+
+
 def coarse_boxes(height: int, width: int, query_ratio: float, step: int = GRID_STEP,
                  ratio_tolerance: float = RATIO_TOLERANCE) -> Tensor:
     """The coarse-search candidates of ``aml.c`` (``max_score``) on a ``height x width`` map.
@@ -129,7 +136,7 @@ def _cosines(values: Tensor, query: Tensor) -> Tensor:
     """Cosine of each row of ``Tensor[N, C]`` with ``query`` ``[C]`` (unit norm); 0 for zero rows."""
     norms = values.norm(dim=1)
     dots = values @ query
-    return torch.where(norms > 0, dots / norms.clamp_min(1e-300), torch.zeros_like(dots))
+    return torch.where(norms > 0, dots / norms.clamp_min(1e-30), torch.zeros_like(dots))
 
 
 def aml_localize(
@@ -158,12 +165,14 @@ def aml_localize(
         :class:`AMLResult`; the whole map when the map is too small for any candidate.
     """
     _, height, width = levels.shape
-    integral = integral if integral is not None else IntegralImage(levels, ALPHA, table=_POW10)
+    integral = integral if integral is not None else level_integral(levels)
     query = torch.as_tensor(np.asarray(query_mac), dtype=torch.float64).flatten()
     query = query / query.norm().clamp_min(1e-300)
 
+    query32 = query.float()
+
     def score(boxes: Tensor) -> Tensor:
-        return _cosines(integral.generalized_max(boxes), query)
+        return _cosines(integral.generalized_max(boxes, torch.float32), query32)
 
     candidates = coarse_boxes(height, width, query_ratio, step, ratio_tolerance)
     evaluated = len(candidates)

@@ -43,12 +43,14 @@ class IntegralImage:
         if maps.ndim != 3:
             raise ValueError(f"IntegralImage: expected a [C, H, W] map, got shape {tuple(maps.shape)}")
         channels, height, width = maps.shape
+        cells = maps.permute(1, 2, 0).contiguous()  # [H, W, C]
         if table is not None:
-            powered = table.to(torch.float64)[maps.permute(1, 2, 0).long()]  # [H, W, C]
+            powered = table.to(torch.float64)[cells.long()]
         else:
-            powered = maps.permute(1, 2, 0).to(torch.float64).clamp_min(0).pow(alpha)
+            powered = cells.to(torch.float64).clamp_min(0).pow(alpha)
         integral = torch.zeros((height + 1, width + 1, channels), dtype=torch.float64)
-        integral[1:, 1:] = powered.cumsum(0).cumsum(1)
+        torch.cumsum(powered, 0, out=integral[1:, 1:])
+        torch.cumsum(integral[1:, 1:], 1, out=integral[1:, 1:])
         self.alpha = float(alpha)
         self.height, self.width, self.channels = height, width, channels
         self.table = integral.reshape(-1, channels)
@@ -66,13 +68,17 @@ class IntegralImage:
         boxes = torch.as_tensor(boxes, dtype=torch.int64).reshape(-1, 4)
         x1, y1, x2, y2 = boxes.unbind(1)
         w1 = self.width + 1
-        t = self.table
-        sums = t[y2 * w1 + x2] - t[y1 * w1 + x2] - t[y2 * w1 + x1] + t[y1 * w1 + x1]  # [N, C]
-        return sums.clamp_min(0)
+        corners = torch.stack([y2 * w1 + x2, y1 * w1 + x2, y2 * w1 + x1, y1 * w1 + x1])  # [4, N]
+        values = self.table.index_select(0, corners.flatten()).view(4, len(boxes), self.channels)
+        return (values[0] - values[1] - values[2] + values[3]).clamp_min(0)  # [N, C]
 
-    def generalized_max(self, boxes: Tensor) -> Tensor:
-        """``(sum_box x^alpha)^(1/alpha)`` per box and channel: ``Tensor[N, C]`` float64."""
-        return self.power_sums(boxes).pow(1.0 / self.alpha)
+    def generalized_max(self, boxes: Tensor, dtype: torch.dtype = torch.float64) -> Tensor:
+        """``(sum_box x^alpha)^(1/alpha)`` per box and channel: ``Tensor[N, C]`` of ``dtype``.
+
+        The sums are always taken in float64 (the four-term difference cancels); only the
+        root is taken in ``dtype`` (AML uses float32, twice as fast and exact to 1e-7).
+        """
+        return self.power_sums(boxes).to(dtype).pow(1.0 / self.alpha)
 
 
 def integral_max_pool(maps: Tensor, boxes: Tensor, alpha: float = ALPHA) -> Tensor:

@@ -82,7 +82,7 @@ def cells_to_pixels(
     Cell ``j``'s receptive field is centred at pixel ``offset + stride * j``
     (:class:`spp_detect.backbones.BackboneSpec`); a run of cells ``[x1, x2)`` becomes the
     pixels from half a stride before the first centre to half a stride after the last,
-    clipped to the image. E.g. stride 16, offset 0: cells ``[2, 5)`` -> pixels 24 .. 88.
+    clipped to the image. E.g. stride 16, offset 0: cells ``[2, 5)`` (centres 32, 48, 64) -> pixels 24 .. 72.
 
     Args:
         cells: ``np.ndarray[N, 4]`` half-open ``(x1, y1, x2, y2)`` in map cells.
