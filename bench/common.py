@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("SPP_DETECT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 VOC_ROOT = SHARED_DATA / "voc2007-mini"
 SQUEEZENET_FILE = SHARED_DATA / "weights" / "squeezenet1_0-imagenet-deepcompression.pth"
 

@@ -16,6 +16,7 @@ Rerunning skips images whose file exists; other settings are refused unless forc
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -53,6 +54,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 #: images (our calibration; the release's 128 is a constant for its VGG16, see aml.py).
 QUANT_PERCENTILE: float = 99.9
 FORMAT_VERSION = 1
+#: Plain settings (weights path, image folder) beside the manifest, which keys by identities.
+SETTINGS_FILE = "index_settings.json"
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,8 @@ def run_index(
         raise ValueError("need at least 2 whitening images")
     config = settings.config(whiten_files)
     manifest = open_stage_dir(out, "index", config, force=force)
+    source = {**asdict(settings), "images": str(Path(images[0]).parent.resolve()) if images else None}
+    atomic_write(Path(out) / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=2, sort_keys=True)))
     wrap = progress or (lambda seq, desc: seq)
     out = Path(out)
     todo = [p for p in images if not (out / f"{p.stem}.npz").is_file()]
@@ -217,6 +222,7 @@ class RetrievalIndex:
     whitening: Whitening
     quant_cap: float
     config: dict
+    settings: dict
 
     def __len__(self) -> int:
         return len(self.names)
@@ -225,6 +231,14 @@ class RetrievalIndex:
         """Image ``i``'s quantised map ``Tensor[C, h, w]`` uint8 (read from disk)."""
         with np.load(self.folder / f"{self.names[i]}.npz", allow_pickle=False) as data:
             return torch.from_numpy(data["levels"])
+
+    def image_path(self, i: int) -> Path | None:
+        """Image ``i``'s file, if the indexed folder still holds it."""
+        folder = self.settings.get("images")
+        if not folder:
+            return None
+        matches = [p for p in Path(folder).glob(f"{self.names[i]}.*") if p.suffix.lower() in IMAGE_SUFFIXES]
+        return matches[0] if matches else None
 
     def bytes_per_image(self) -> float:
         """Mean size of the per-image files on disk."""
@@ -282,4 +296,5 @@ def load_index(folder: Path) -> RetrievalIndex:
         whitening=Whitening.load(whitening_path),
         quant_cap=_read_cap(whitening_path),
         config=manifest["config"],
+        settings=json.loads((folder / SETTINGS_FILE).read_text()) if (folder / SETTINGS_FILE).is_file() else {},
     )

@@ -17,7 +17,9 @@ Images below the re-ranked head keep their first-search order and scores.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,11 +28,24 @@ from torch import nn
 from spp_detect.backbones import Normalization, get_backbone
 from spp_detect.retrieval.aml import AMLResult, aml_localize
 from spp_detect.retrieval.descriptors import crop_query, mac, region_vectors
+from spp_detect.extract import load_image_rgb
 from spp_detect.retrieval.index import RetrievalIndex, apply_or_normalize, full_res_maps
 from spp_detect.retrieval.regions import cells_to_pixels
 from spp_detect.retrieval.whitening import l2_normalize
 
-__all__ = ["QueryDescriptor", "SearchResult", "describe_query", "first_search", "localize_all", "search"]
+__all__ = [
+    "METHODS",
+    "QueryDescriptor",
+    "SearchResult",
+    "describe_query",
+    "first_search",
+    "localize_all",
+    "search",
+    "run_queries",
+]
+
+#: The four pipelines of the paper's tables, in its order.
+METHODS = ("mac", "rmac", "rmac+aml", "rmac+aml+qe")
 
 
 @dataclass(frozen=True)
@@ -153,3 +168,30 @@ def search(
         width, height = (int(v) for v in index.sizes[int(i)])
         result.boxes[int(i)] = cells_to_pixels(found_i.box[None], spec.stride, spec.offset, width, height)[0]
     return result
+
+
+def run_queries(
+    index: RetrievalIndex,
+    trunk: nn.Module,
+    norm: Normalization,
+    queries: Sequence[tuple[Path, tuple[float, float, float, float] | None]],
+    *,
+    whiten: bool = True,
+    rerank: int = 100,
+    qe: int = 5,
+    progress: Callable[[Sequence], Sequence] | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """Rank the index for each ``(image file, box)`` query with the four :data:`METHODS`
+    (AML re-ranks the top ``rerank`` of R-MAC; QE averages the top ``qe``); AML runs once
+    per query and image. Returns method -> one ranking ``np.ndarray[N]`` per query."""
+    levels = int(index.config.get("levels", 3))
+    rankings: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
+    for path, box in progress(queries) if progress else queries:
+        described = describe_query(trunk, norm, load_image_rgb(path), box, levels)
+        localized: dict[int, AMLResult] = {}
+        rankings["mac"].append(search(index, described, method="mac", whiten=whiten).order)
+        rankings["rmac"].append(search(index, described, method="rmac", whiten=whiten).order)
+        rankings["rmac+aml"].append(search(index, described, whiten=whiten, rerank=rerank, localized=localized).order)
+        rankings["rmac+aml+qe"].append(
+            search(index, described, whiten=whiten, rerank=rerank, qe=qe, localized=localized).order)
+    return rankings
