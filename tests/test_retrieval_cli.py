@@ -59,18 +59,30 @@ def test_index_contents(index_dir):
             np.testing.assert_allclose(np.linalg.norm(index.descriptors(method, whiten), axis=1), 1, atol=1e-5)
 
 
+def ranked_rows(output: str) -> list[list[str]]:
+    return [cells for cells in map(str.split, output.splitlines())
+            if len(cells) == 4 and cells[0].isdigit() and cells[2].startswith("paris_")]
+
+
 def test_search_finds_the_louvre_and_draws(index_dir, tmp_path):
-    png = tmp_path / "show.png"
     query = str(PARIS / "jpg" / "paris_louvre_000081.jpg")
+    first = invoke("search", "--index", str(index_dir), "--query", query, "--bbox", QUERY_BOX, "--rerank", "0")
+    assert first.exit_code == 0, first.output
+    assert {cells[2] for cells in ranked_rows(first.output)[:2]} == {"paris_louvre_000081", "paris_louvre_000002"}
+    assert all(cells[3] == "-" for cells in ranked_rows(first.output))  # no localisation without AML
+
+    png = tmp_path / "show.png"
     result = invoke("search", "--index", str(index_dir), "--query", query, "--bbox", QUERY_BOX,
                     "--rerank", "4", "--qe", "1", "--show", str(png))
     assert result.exit_code == 0, result.output
-    lines = [cells for cells in map(str.split, result.output.splitlines())
-             if len(cells) == 4 and cells[0].isdigit() and cells[2].startswith("paris_")]
-    ranked = [cells[2] for cells in lines]
-    assert set(ranked[:2]) == {"paris_louvre_000081", "paris_louvre_000002"}, result.output
-    first_box = [float(v) for v in lines[0][3].split(",")]
-    assert 0 <= first_box[0] < first_box[2] <= 1024 and 0 <= first_box[1] < first_box[3] <= 1024
+    rows = ranked_rows(result.output)
+    assert len(rows) == 4 and rows[0][2] == "paris_louvre_000081"
+    # AML finds the query's own box again in its image (IoU with the query box > 0.5)
+    from torchvision.ops import box_iou
+    import torch
+
+    found = torch.tensor([[float(v) for v in rows[0][3].split(",")]])
+    assert float(box_iou(found, torch.tensor([[107.0, 69, 936, 445]]))) > 0.5, result.output
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
 
 
