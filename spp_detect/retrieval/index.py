@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from spp_detect.backbones import NORMALIZATIONS, Normalization, build_trunk, get_backbone, resolve_normalization
+from spp_detect.backbones import NORMALIZATIONS, Normalization, build_trunk, resolve_normalization
 from spp_detect.extract import load_image_rgb, prepare_trunk
 from spp_detect.retrieval.aml import quantize_levels
 from spp_detect.retrieval.descriptors import mac, region_vectors
