@@ -191,6 +191,10 @@ def main(verbose: int, quiet: bool) -> None:
       classify-features, train-classifier   whole-image SPP features, linear SVMs
       train-spp-classifier                  SPP classifier trained end to end
       evaluate --voc2007-cls                devkit classification AP
+    Retrieval (R-MAC, AML, query expansion):
+      index          descriptors and quantised maps of a folder of images
+      search         ranked list for a query image (and box), --show PNG
+      evaluate --retrieval paris6k --index DIR    Oxford/Paris mAP
     Tools:
       calibrate      per-class score calibration of a model, for combine
       combine        union of several models' detections, then NMS (paper 4.4)
@@ -962,6 +966,22 @@ def show_cmd(detections, voc_root, year, image_set, image_id, out, threshold, to
     default=None,
     help="With --voc2007-cls: folder of devkit files <comp>_cls_<image-set>_<class>.txt ('<image_id> <score>' lines).",
 )
+@click.option(
+    "--retrieval",
+    type=click.Choice(["paris6k"]),
+    default=None,
+    help="Retrieval mAP of an `spp-detect index` (Oxford/Paris compute_map protocol) instead of detection.",
+)
+@click.option(
+    "--index", "index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="With --retrieval: the index folder (of the dataset's jpg/ folder).",
+)
+@click.option(
+    "--ground-truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="With --retrieval: gnd JSON  [default: gnd_paris6k_subset.json beside the indexed jpg/ folder]",
+)
+@click.option("--rerank", type=click.IntRange(min=1), default=100, help="With --retrieval: AML re-ranks the top N.")
+@_not_required("voc_root")
 @voc_options(default_image_set="test")
 @limit_option
 @click.option(
@@ -1005,11 +1025,15 @@ def show_cmd(detections, voc_root, year, image_set, image_id, out, threshold, to
 def evaluate_cmd(
     ctx: click.Context,
     protocol: str,
-    voc_root: Path,
+    retrieval: str | None,
+    index_dir: Path | None,
+    ground_truth: Path | None,
+    rerank: int,
+    voc_root: Path | None,
     year: str,
     image_set: str,
     limit: int | None,
-    detections: Path,
+    detections: Path | None,
     metric: str | None,
     rule: str,
     iou_threshold: float,
@@ -1025,18 +1049,27 @@ def evaluate_cmd(
         [--metric 11point|area] [--rule devkit|py-faster-rcnn] [--json OUT] [--plots DIR]
     spp-detect evaluate --coco --voc-root R --image-set test --detections D [--json OUT]
     spp-detect evaluate --voc2007-cls --voc-root R --image-set test --scores S [--json OUT]
+    spp-detect evaluate --retrieval paris6k --index runs/paris-index [--rerank 100] [--json OUT]
     """
     import json
-
-    if protocol == "voc-cls":
-        return evaluate_cls(ctx, voc_root, year, image_set, scores, metric, comp_id, json_out, plots)
-    if detections is None:
-        raise click.UsageError("Missing option '--detections'.")
 
     from eval.results import DetectionsError, read_detections
     from spp_detect.datasets.voc import VOC_CLASSES, VOCFormatError
     from spp_detect.stage_dir import atomic_write
 
+    if retrieval is not None:
+        summary = _evaluate_retrieval(index_dir, ground_truth, rerank)
+        if json_out is not None:
+            atomic_write(json_out, lambda tmp: tmp.write_text(json.dumps(summary, indent=2, sort_keys=True)))
+            click.echo(f"wrote {json_out}")
+        return
+    if protocol == "voc-cls":
+        if voc_root is None:
+            raise click.UsageError("Missing option '--voc-root'.")
+        return evaluate_cls(ctx, voc_root, year, image_set, scores, metric, comp_id, json_out, plots)
+    for name, value in (("--voc-root", voc_root), ("--detections", detections)):
+        if value is None:
+            raise click.UsageError(f"Missing option '{name}'.")
     if protocol == "coco":
         given = [
             f"--{name.replace('_', '-')}"
@@ -1463,6 +1496,214 @@ def train_spp_classifier_cmd(
                 click.echo(f"{view} view: " + _write_scores(scores, test_ids, classes, folder, score_set, test_labels))
     except (VOCFormatError, SettingsChanged, ImageReadError, FileNotFoundError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc).strip("'\"")) from None
+
+
+# --------------------------------------------------------------------------- retrieval
+def parse_bbox(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    """Callback for ``x1,y1,x2,y2`` query boxes (0-based pixels, as Oxford/Paris _query.txt)."""
+    if value is None:
+        return None
+    try:
+        box = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected x1,y1,x2,y2 numbers, got {value!r}") from None
+    if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1] or min(box) < 0:
+        raise click.BadParameter(f"expected x1,y1,x2,y2 with 0 <= x1 < x2 and 0 <= y1 < y2, got {value!r}")
+    return box
+
+
+def _index_trunk(index_dir: Path, device: str = "cpu"):
+    """The loaded index, and the trunk + normalisation it was made with (weights checked)."""
+    from spp_detect.backbones import build_trunk, resolve_normalization
+    from spp_detect.device import resolve_device
+    from spp_detect.extract import prepare_trunk
+    from spp_detect.retrieval.index import load_index
+    from spp_detect.stage_dir import source_key
+
+    try:
+        index = load_index(index_dir)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="--index") from None
+    weights = index.settings.get("weights", index.config["weights"])
+    if weights not in ("imagenet", "none"):
+        if not Path(weights).is_file() or source_key(Path(weights)) != index.config["weights"]:
+            raise click.ClickException(f"the index was made with weights {weights} ({index.config['weights'][:20]}...), "
+                                       "which are missing or changed")
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    trunk = prepare_trunk(build_trunk(index.config["backbone"], weights), torch_device)
+    norm = resolve_normalization(index.config["backbone"], weights, index.config["input_norm"])
+    return index, trunk, norm
+
+
+def _evaluate_retrieval(index_dir: Path | None, ground_truth: Path | None, rerank: int) -> dict:
+    """`evaluate --retrieval paris6k`: mAP of the four methods, whitened; returns the JSON summary."""
+    from tqdm import tqdm
+
+    from eval.retrieval import load_paris_ground_truth, mean_average_precision
+    from spp_detect.retrieval.search import METHODS, run_queries
+
+    if index_dir is None:
+        raise click.UsageError("--retrieval needs --index (the folder made by `spp-detect index`)")
+    index, trunk, norm = _index_trunk(index_dir)
+    images = Path(index.settings.get("images") or ".")
+    if ground_truth is None:
+        ground_truth = images.parent / "gnd_paris6k_subset.json"
+        if not ground_truth.is_file():
+            raise click.BadParameter(f"no {ground_truth.name} beside {images}; pass it", param_hint="--ground-truth")
+    try:
+        queries = load_paris_ground_truth(ground_truth, index.names)
+    except ValueError as exc:
+        raise click.ClickException(f"{ground_truth}: {exc}") from None
+    paths = [(images / f"{q.image}.jpg", q.box) for q in queries]
+    rankings = run_queries(index, trunk, norm, paths, rerank=rerank, qe=5,
+                           progress=lambda qs: tqdm(qs, desc="queries", unit="query"))
+    click.echo(f"{len(queries)} queries on {len(index)} images, {index.config['backbone']}, whitened; "
+               f"AML re-ranks the top {rerank}, QE averages the top 5")
+    summary: dict = {"protocol": "retrieval", "dataset": "paris6k", "index": str(index_dir), "rerank": rerank,
+                     "map": {}, "ap": {}}
+    for method in METHODS:
+        value, aps = mean_average_precision(rankings[method], queries)
+        summary["map"][method] = value
+        summary["ap"][method] = {q.name: float(a) for q, a in zip(queries, aps)}
+        click.echo(f"{method:<12} mAP {100 * value:5.1f}")
+    return summary
+
+
+@main.command("index")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Index folder.")
+@backbone_options
+@click.option(
+    "--whiten-images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    envvar="SPP_DETECT_WHITEN_IMAGES",
+    help="Folder of images of ANOTHER dataset to learn PCA-whitening on (e.g. VOC2007 JPEGImages; "
+    "env SPP_DETECT_WHITEN_IMAGES).",
+)
+@click.option("--whiten-limit", type=click.IntRange(min=2), default=100, help="Use the first N whitening images.")
+@click.option("--levels", type=click.IntRange(min=1), default=3, help="R-MAC region levels L (paper: 3).")
+@limit_option
+@device_option
+@force_option
+def index_cmd(
+    images_dir: Path, out: Path, backbone: str, weights: str, input_norm: str, whiten_images: Path,
+    whiten_limit: int, levels: int, limit: int | None, device: str, force: bool,
+) -> None:
+    """Describe a folder of images for retrieval: MAC, R-MAC region vectors, quantised maps.
+
+    \b
+    Each image runs once through the trunk at full resolution; its file holds the MAC,
+    the L2-normalised MACs of the R-MAC regions (L levels, 40% overlap) and the map
+    quantised to 0..8 for AML re-ranking. PCA-whitening is learned on --whiten-images,
+    which must not be the searched set. Rerun to resume.
+
+    \b
+    Example:
+      spp-detect index ../shared/data/paris6k-subset/jpg --out runs/paris-index \\
+          --weights ../shared/data/weights/squeezenet1_0-imagenet-deepcompression.pth \\
+          --whiten-images ../shared/data/voc2007-mini/VOC2007/JPEGImages
+    """
+    from tqdm import tqdm
+
+    from spp_detect.device import resolve_device
+    from spp_detect.extract import ImageReadError
+    from spp_detect.retrieval.index import IndexSettings, list_images, run_index
+    from spp_detect.stage_dir import SettingsChanged
+
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {weights}", param_hint="--weights")
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    if images_dir.resolve() == whiten_images.resolve():
+        raise click.BadParameter("whitening must be learned on another dataset than the indexed one",
+                                 param_hint="--whiten-images")
+    try:
+        images = list_images(images_dir, limit)
+        whiten = list_images(whiten_images)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = IndexSettings(backbone=backbone, weights=weights, input_norm=input_norm, levels=levels,
+                             whiten_limit=whiten_limit)
+    try:
+        summary = run_index(images, out, settings, whiten, device=torch_device, force=force,
+                            progress=lambda seq, desc: tqdm(seq, desc=desc, unit="img"))
+    except (SettingsChanged, ImageReadError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    per_image = summary.bytes_written / max(summary.done, 1) / 1e3
+    click.echo(f"index: {summary.done} image(s) described, {summary.skipped} already indexed, "
+               f"{per_image:.0f} kB/image, {summary.seconds:.1f} s -> {out}")
+
+
+@main.command("search")
+@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder made by `spp-detect index`.")
+@click.option("--query", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Query image.")
+@click.option("--bbox", callback=parse_bbox, default=None,
+              help="x1,y1,x2,y2: crop the query to this box first (0-based pixels).")
+@click.option("--method", type=click.Choice(["rmac", "mac"]), default="rmac", help="First-search descriptor.")
+@click.option("--whiten/--no-whiten", default=True, help="Use the index's PCA-whitening.")
+@click.option("--rerank", type=click.IntRange(min=0), default=100, help="AML re-ranks the top N (0: off).")
+@click.option("--qe", type=click.IntRange(min=0), default=0, help="Average query expansion with the top N (paper: 5).")
+@click.option("--top", type=click.IntRange(min=1), default=10, help="Results to print (and draw).")
+@click.option("--show", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: the query and the top results with their localised boxes.")
+@device_option
+def search_cmd(
+    index_dir: Path, query: Path, bbox: tuple[float, ...] | None, method: str, whiten: bool, rerank: int, qe: int,
+    top: int, show: Path | None, device: str,
+) -> None:
+    """Find the images of an index that show the query object.
+
+    \b
+    R-MAC (or MAC) ranks the whole index; AML then localises the query in the top
+    --rerank images and re-scores each by the R-MAC of its box; --qe averages the
+    query with its best localised results and scores them again.
+
+    \b
+    Example:
+      spp-detect search --index runs/paris-index \\
+          --query ../shared/data/paris6k-subset/jpg/paris_louvre_000136.jpg \\
+          --bbox 14,76,989,564 --qe 5 --show louvre.png
+    """
+    from spp_detect.extract import ImageReadError, load_image_rgb
+    from spp_detect.retrieval.descriptors import crop_query
+    from spp_detect.retrieval.search import describe_query, search
+
+    if qe and not rerank:
+        raise click.UsageError("--qe uses the localised results: give --rerank > 0 too")
+    index, trunk, norm = _index_trunk(index_dir, device)
+    try:
+        image = load_image_rgb(query)
+        described = describe_query(trunk, norm, image, bbox, int(index.config["levels"]))
+    except (ImageReadError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    result = search(index, described, method=method, whiten=whiten, rerank=min(rerank, len(index)), qe=qe)
+    steps = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+    click.echo(f"{len(index)} images searched ({method}{', whitened' if whiten else ''}"
+               f"{f', AML top {rerank}' if rerank else ''}{f', QE {qe}' if qe else ''}): {steps}")
+    click.echo(f"{'rank':>4}  {'score':>7}  {'image':<32} box (x1,y1,x2,y2)")
+    shown = []
+    for rank, (i, score) in enumerate(zip(result.order[:top], result.scores[:top]), start=1):
+        box = result.boxes.get(int(i))
+        text = ",".join(f"{v:.0f}" for v in box) if box is not None else "-"
+        click.echo(f"{rank:>4}  {score:>7.4f}  {index.names[i]:<32} {text}")
+        shown.append((int(i), float(score), box))
+    if show is not None:
+        from spp_detect.retrieval.draw import draw_results
+
+        panels = []
+        for i, score, box in shown:
+            path = index.image_path(i)
+            panels.append((index.names[i], score, load_image_rgb(path) if path is not None else None, box))
+        query_image = crop_query(image, bbox) if bbox is not None else image
+        click.echo(f"wrote {draw_results(query_image, panels, show)}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# SPP_DETECT_SHARED_DATA overrides the location (e.g. for a git worktree elsewhere).
+# ../shared/data beside the repo; SPP_DETECT_SHARED_DATA overrides it (worktrees elsewhere).
 SHARED_DATA = Path(os.environ.get("SPP_DETECT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 VOC_ROOT = SHARED_DATA / "voc2007-mini"
 WEIGHTS_DIR = SHARED_DATA / "weights"

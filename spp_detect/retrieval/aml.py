@@ -1,0 +1,206 @@
+"""AML, approximate max-pooling localisation (Tolias et al., ICLR 2016, section 5; the
+released ``aml.c`` and ``test.m``, shared/reference/FACTS.md 5.1).
+
+For a database image and a query, find the rectangle ``R`` of the database image's map
+whose approximate MAC (:mod:`~spp_detect.retrieval.integral`, alpha = 10) has the largest
+cosine similarity with the query's MAC (L2-normalised, not whitened):
+
+1. **Quantised maps** (:func:`quantize_levels`): the release stores database maps as
+   ``floor((15 + min(x, 128)) / 16)`` in 0..8 and localises on those levels.
+2. **Coarse search**: every box whose corners lie on a grid of step ``t = 3`` cells (at
+   least 2 cells high and wide, as ``aml.c``'s loops), kept only when its aspect ratio
+   (rows / columns) is within a factor ``s = 1.1`` of the query's (height / width);
+   all scored at once.
+3. **Refinement**: coordinate descent from the best coarse box, moving one side at a time
+   by ``3, 2, 1`` cells, at most 5 sweeps per step, accepting a move when it improves
+   the score (``rf_step 3``, ``rf_iter 5``). This part is sequential by nature (each move
+   starts from the previous best), so it is a short Python loop of single-box scores;
+   each score is still a vectorised lookup over channels.
+
+Departures from the release, each documented where it happens: the 10th root is exact
+(``aml.c`` rounds it to an integer through its ``pow_10`` table); the quantisation cap
+``128`` is a constant for MatConvNet's VGG16 and is rescaled here to the backbone's
+activation range (:func:`quantize_levels`, ``cap``).
+
+Frame: boxes are integer half-open map-cell rectangles ``(x1, y1, x2, y2)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spp_detect.retrieval.integral import ALPHA, IntegralImage
+
+__all__ = [
+    "RELEASE_CAP",
+    "GRID_STEP",
+    "RATIO_TOLERANCE",
+    "REFINE_STEP",
+    "REFINE_ITERATIONS",
+    "AMLResult",
+    "quantize_levels",
+    "coarse_boxes",
+    "aml_localize",
+    "level_integral",
+]
+
+#: Activations are clipped here before quantisation (``conv3d >= 128``, test.m), in the
+#: units of MatConvNet's VGG16; see :func:`quantize_levels` for other backbones.
+RELEASE_CAP: float = 128.0
+#: Grid step ``t`` of the coarse search (``step_box = 3``, test.m; paper section 5).
+GRID_STEP: int = 3
+#: Aspect-ratio tolerance ``s`` (``qratio_t = 1.1``, test.m; paper section 5).
+RATIO_TOLERANCE: float = 1.1
+#: First refinement step (``rf_step = 3``, test.m); steps go 3, 2, 1 (aml.c box_refine).
+REFINE_STEP: int = 3
+#: Sweeps per refinement step at most (``rf_iter = 5``, test.m).
+REFINE_ITERATIONS: int = 5
+#: ``k ** 10`` for the quantised levels 0..8 (aml.c's ``pow_10`` table, first entries).
+_POW10 = torch.arange(9, dtype=torch.float64) ** ALPHA
+
+
+def quantize_levels(maps: Tensor, cap: float = RELEASE_CAP) -> Tensor:
+    """The release's quantisation ``floor((15 + min(x, 128)) / 16)``, with ``x`` rescaled
+    by ``128 / cap`` first.
+
+    ``cap = 128`` is the release's rule exactly (MatConvNet VGG16 units). Other backbones
+    have other ranges (SqueezeNet's fire9 reaches ~1000, MobileNetV2's block 13 ~25), so the
+    index calibrates ``cap`` on its whitening images (``spp_detect.retrieval.index``).
+
+    Args:
+        maps: ``Tensor[C, H, W]`` non-negative float map.
+
+    Returns:
+        ``Tensor[C, H, W]`` uint8 levels in 0..8 (0 for ``x < cap / 128``).
+    """
+    if cap <= 0:
+        raise ValueError(f"quantize_levels: cap must be positive, got {cap}")
+    scaled = maps.float().clamp_min(0) * (RELEASE_CAP / cap)
+    return torch.floor((15 + scaled.clamp_max(RELEASE_CAP)) / 16).to(torch.uint8)
+
+
+@dataclass(frozen=True)
+class AMLResult:
+    """The localised box (``np.ndarray[4]`` int64 half-open cells ``(x1, y1, x2, y2)``),
+    its cosine similarity to the query MAC, and how many boxes were scored."""
+
+    box: np.ndarray
+    score: float
+    evaluated: int
+
+
+def level_integral(levels: Tensor) -> IntegralImage:
+    """The integral image of ``levels ** 10`` of a quantised map (``aml.c``'s
+    ``create_integralimage`` with its ``pow_10`` table); build once, localise many queries."""
+    return IntegralImage(levels, ALPHA, table=_POW10)
+
+
+def coarse_boxes(height: int, width: int, query_ratio: float, step: int = GRID_STEP,
+                 ratio_tolerance: float = RATIO_TOLERANCE) -> Tensor:
+    """The coarse-search candidates of ``aml.c`` (``max_score``) on a ``height x width`` map.
+
+    Corners on a grid of ``step`` cells: ``y1 = 0, step, ...`` up to ``height - 2``,
+    ``y2 = y1 + 2, y1 + 2 + step, ...`` up to ``height`` (the release's 1-based ``i1``,
+    ``i2 = i1 + 1 + k step``); the same for x. A box is kept when
+    ``|log(query_ratio / ((y2 - y1) / (x2 - x1)))| <= log(ratio_tolerance)``; a
+    non-positive ``query_ratio`` keeps all.
+
+    Returns:
+        ``Tensor[N, 4]`` int64 half-open cell boxes (maybe empty, e.g. for 1-cell maps).
+    """
+    def pairs(side: int) -> np.ndarray:
+        starts = np.arange(0, side - 1, step)
+        ends = [np.arange(s + 2, side + 1, step) for s in starts]
+        return np.array([(s, e) for s, row in zip(starts, ends) for e in row], dtype=np.int64).reshape(-1, 2)
+
+    rows, cols = pairs(height), pairs(width)  # [Ny, 2], [Nx, 2]
+    if len(rows) == 0 or len(cols) == 0:
+        return torch.zeros((0, 4), dtype=torch.int64)
+    heights = (rows[:, 1] - rows[:, 0]).astype(np.float64)
+    widths = (cols[:, 1] - cols[:, 0]).astype(np.float64)
+    keep = np.ones((len(rows), len(cols)), dtype=bool)
+    if query_ratio > 0:
+        ratio = heights[:, None] / widths[None, :]
+        keep = np.abs(np.log(query_ratio / ratio)) <= math.log(ratio_tolerance)
+    iy, ix = np.nonzero(keep)
+    boxes = np.stack([cols[ix, 0], rows[iy, 0], cols[ix, 1], rows[iy, 1]], axis=1)
+    return torch.from_numpy(boxes)
+
+
+def _cosines(values: Tensor, query: Tensor) -> Tensor:
+    """Cosine of each row of ``Tensor[N, C]`` with ``query`` ``[C]`` (unit norm); 0 for zero rows."""
+    norms = values.norm(dim=1)
+    dots = values @ query
+    return torch.where(norms > 0, dots / norms.clamp_min(1e-30), torch.zeros_like(dots))
+
+
+def aml_localize(
+    levels: Tensor,
+    query_mac: np.ndarray | Tensor,
+    query_ratio: float,
+    *,
+    step: int = GRID_STEP,
+    ratio_tolerance: float = RATIO_TOLERANCE,
+    refine_step: int = REFINE_STEP,
+    refine_iterations: int = REFINE_ITERATIONS,
+    integral: IntegralImage | None = None,
+) -> AMLResult:
+    """Localise the query in one database image (``aml.c``: ``max_score`` then ``box_refine``).
+
+    Args:
+        levels: ``Tensor[C, H, W]`` uint8 quantised map (:func:`quantize_levels`).
+        query_mac: ``[C]`` MAC of the query (normalised here).
+        query_ratio: the query's height / width (pixels); boxes of the coarse search keep
+            their rows / columns within ``ratio_tolerance`` of it.
+        step, ratio_tolerance, refine_step, refine_iterations: the release's ``t``, ``s``,
+            ``rf_step``, ``rf_iter``.
+        integral: a prebuilt :class:`IntegralImage` of ``levels`` (built here if None).
+
+    Returns:
+        :class:`AMLResult`; the whole map when the map is too small for any candidate.
+    """
+    _, height, width = levels.shape
+    integral = integral if integral is not None else level_integral(levels)
+    query = torch.as_tensor(np.asarray(query_mac), dtype=torch.float64).flatten()
+    query = query / query.norm().clamp_min(1e-300)
+
+    query32 = query.float()
+
+    def score(boxes: Tensor) -> Tensor:
+        return _cosines(integral.generalized_max(boxes, torch.float32), query32)
+
+    candidates = coarse_boxes(height, width, query_ratio, step, ratio_tolerance)
+    evaluated = len(candidates)
+    if len(candidates):
+        scores = score(candidates)
+        best_index = int(torch.argmax(scores))  # first maximum, as aml.c's strict '>'
+        best, best_score = candidates[best_index].tolist(), float(scores[best_index])
+    else:
+        best = [0, 0, width, height]
+        best_score = float(score(torch.tensor([best]))[0])
+        evaluated += 1
+
+    for move in range(refine_step, 0, -1):
+        for _ in range(refine_iterations):
+            changed = False
+            # aml.c order: rows (i1 -, i1 +, i2 -, i2 +), then columns (j1 -, j1 +, j2 -, j2 +);
+            # a side moves only while the box keeps >= 2 cells and stays inside the map.
+            for axis, limit in ((1, height), (0, width)):
+                lo, hi = axis, axis + 2
+                for side, delta in ((lo, -move), (lo, move), (hi, -move), (hi, move)):
+                    trial = list(best)
+                    trial[side] += delta
+                    if trial[lo] < 0 or trial[hi] > limit or trial[hi] - trial[lo] < 2:
+                        continue
+                    value = float(score(torch.tensor([trial]))[0])
+                    evaluated += 1
+                    if value > best_score:
+                        best, best_score, changed = trial, value, True
+            if not changed:
+                break
+    return AMLResult(np.array(best, dtype=np.int64), best_score, evaluated)
