@@ -167,13 +167,14 @@ def _children(pid: int) -> list[int]:
 def test_killed_worker_then_rerun_of_the_job_gives_the_same_cache(voc6, tmp_path):
     voc, mat, ids, single = voc6
     out = tmp_path / "killed"
-    job = subprocess.Popen(_torchrun(*_extract_args(voc, mat, out)), cwd=REPO, env=_env(),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline, workers = time.time() + 120, []
+    log = tmp_path / "torchrun.log"
+    with open(log, "w") as fh:
+        job = subprocess.Popen(_torchrun(*_extract_args(voc, mat, out)), cwd=REPO, env=_env(), stdout=fh, stderr=fh)
+    deadline, workers = time.time() + 600, []  # generous: start-up is slow on a loaded machine
     while time.time() < deadline and job.poll() is None and not list(out.glob("0*.npz")):
         time.sleep(0.01)
     workers = _children(job.pid)
-    assert len(workers) == 2, f"expected two workers of torchrun, found {workers}"
+    assert len(workers) == 2, f"expected two workers of torchrun, found {workers}; torchrun said:\n{log.read_text()[-3000:]}"
     os.kill(workers[0], signal.SIGKILL)  # one worker dies; torchrun then stops the other and fails
     assert job.wait(timeout=120) != 0
     done_before = sorted(p.stem for p in out.glob("0*.npz"))
