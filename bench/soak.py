@@ -123,14 +123,20 @@ def compare_folders(reference: Path, soaked: Path) -> dict:
     }
 
 
-def soak_extract(args: argparse.Namespace, work: Path, rng: random.Random) -> dict:
-    ids = (VOC_ROOT / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.images]
+def _voc_tree(work: Path, images: int) -> tuple[list[str], list]:
+    """A VOC tree under ``work`` with the first ``images`` VOC2007 test images (symlinked);
+    returns their ids and the ``--voc-root/--image-set`` arguments."""
+    ids = (VOC_ROOT / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()[:images]
     root = work / "voc" / "VOC2007"
     (root / "ImageSets" / "Main").mkdir(parents=True)
     for sub in ("JPEGImages", "Annotations"):
         (root / sub).symlink_to(VOC_ROOT / "VOC2007" / sub)
     (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
-    voc = ["--voc-root", work / "voc", "--image-set", "test"]
+    return ids, ["--voc-root", work / "voc", "--image-set", "test"]
+
+
+def soak_extract(args: argparse.Namespace, work: Path, rng: random.Random) -> dict:
+    ids, voc = _voc_tree(work, args.images)
     print(f"proposals for {len(ids)} images ...", flush=True)
     run_to_end(["proposals", *voc, "--workers", "2", "--out", work / "proposals"])
 
@@ -166,13 +172,7 @@ def soak_train_svm(args: argparse.Namespace, work: Path, rng: random.Random) -> 
     """``train-svm`` (fc7 features, box regression) on ``--svm-images`` test images at one
     scale: it has no per-image outputs, so a killed run starts its mining pass over; the
     model a restart ends with must equal the clean run's byte for byte."""
-    ids = (VOC_ROOT / "VOC2007" / "ImageSets" / "Main" / "test.txt").read_text().split()[: args.svm_images]
-    root = work / "voc" / "VOC2007"
-    (root / "ImageSets" / "Main").mkdir(parents=True)
-    for sub in ("JPEGImages", "Annotations"):
-        (root / sub).symlink_to(VOC_ROOT / "VOC2007" / sub)
-    (root / "ImageSets" / "Main" / "test.txt").write_text("\n".join(ids) + "\n")
-    voc = ["--voc-root", work / "voc", "--image-set", "test"]
+    ids, voc = _voc_tree(work, args.svm_images)
     print(f"proposals, extract (1 scale) and a small head for {len(ids)} images ...", flush=True)
     run_to_end(["proposals", *voc, "--workers", "2", "--out", work / "proposals"])
     run_to_end(["extract", *voc, "--proposals", work / "proposals", "--weights", SQUEEZENET_FILE, "--scales", "688",

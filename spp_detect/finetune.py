@@ -46,7 +46,7 @@ from spp_detect.head import DROPOUT, SPPHead, save_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir
 from spp_detect.tensor_io import load_tensors, save_tensors
-from spp_detect.window_features import TARGET_NORM, iter_images, mean_feature_norm, open_caches
+from spp_detect.window_features import TARGET_NORM, mean_feature_norm, open_caches
 
 __all__ = ["FinetuneSettings", "FinetuneSummary", "TrainingWindows", "collect_training_windows", "run_finetune"]
 

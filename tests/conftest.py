@@ -30,3 +30,16 @@ def weights_dir() -> Path:
     if not SQUEEZENET_FILE.is_file():
         raise RuntimeError(f"test weights missing: expected {SQUEEZENET_FILE}")
     return WEIGHTS_DIR
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    on a shared 2-core machine, two OpenMP threads wait on each other whenever other jobs
+    take a core, which makes small convs ~100x slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -27,14 +27,7 @@ from tests.conftest import SQUEEZENET_FILE
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on this shared 2-core machine, two OpenMP threads wait on each other
-    whenever the other engineers' jobs take a core, which makes small convs ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fake_image(image_id: str, objects: list[tuple[int, bool]]) -> VOCImage:

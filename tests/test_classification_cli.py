@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from cli import main
@@ -19,14 +18,7 @@ from spp_detect.datasets.voc import read_voc
 from tests.conftest import SQUEEZENET_FILE
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: on this shared 2-core machine, two OpenMP threads wait on each other
-    whenever the other engineers' jobs take a core, which makes small convs ~100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def invoke(*args: str):

@@ -16,7 +16,7 @@ from eval.results import read_detections
 from spp_detect.box_coder import decode_boxes, encode_boxes
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
-from spp_detect.detect import DetectSettings, _per_class_nms
+from spp_detect.detect import _per_class_nms
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, _round_batches, collect_training_windows, run_finetune
 from spp_detect.head import SPPHead, load_head
