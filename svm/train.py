@@ -19,13 +19,15 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from spp_detect.boxes import box_iou
+from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.head import FEATURE_LAYERS, SPPHead, load_head
 from spp_detect.labels import class_overlaps
@@ -173,8 +175,6 @@ def run_train_svm(
             for c in image.gt_labels[gt].unique().tolist():
                 positives[c].append(feats[image.gt_labels[gt] == c])
         if settings.bbox and len(image.gt_labels):
-            from spp_detect.boxes import box_iou
-
             iou = box_iou(image.boxes, image.gt_boxes)  # [N, G]
             best, which = iou.max(dim=1)
             rows = torch.nonzero(best > settings.bbox_min_overlap).flatten()  # strictly >, FACTS 1.9
@@ -248,7 +248,9 @@ def run_train_svm(
     return summary
 
 
-def _lazy(caches, pairs, desc: str, progress):
+def _lazy(
+    caches: Sequence[FeatureCache], pairs: list[tuple[int, str]], desc: str, progress: Callable | None
+) -> Iterator[CachedImage]:
     """Images loaded one at a time, behind the progress wrapper."""
     seq = progress(pairs, desc) if progress else pairs
     for index, image_id in seq:
