@@ -36,7 +36,7 @@ from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, distinct_windows, mean_feature_norm, open_caches, window_features
 from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, fit_box_regressor
 from svm.hard_negatives import EVICT_THRESHOLD, HARD_THRESHOLD, NEGATIVE_IOU, RETRAIN_LIMIT, NegativeCache
-from svm.linear import BIAS_MULT, POS_WEIGHT, SVM_C, train_linear_svm
+from svm.linear import BIAS_MULT, LIBLINEAR_TOL, POS_WEIGHT, SVM_C, train_linear_svm
 
 __all__ = ["SVMSettings", "SVMModel", "SVMSummary", "run_train_svm", "load_svm"]
 
@@ -56,6 +56,7 @@ class SVMSettings:
     C: float = SVM_C
     pos_weight: float = POS_WEIGHT
     bias_mult: float = BIAS_MULT
+    tol: float = LIBLINEAR_TOL
     negative_iou: float = NEGATIVE_IOU
     hard_threshold: float = HARD_THRESHOLD
     evict_threshold: float = EVICT_THRESHOLD
@@ -198,7 +199,8 @@ def run_train_svm(
     trained = [False] * num_classes
 
     def retrain(c: int) -> None:
-        w, b = train_linear_svm(pos[c], negatives[c].features, settings.C, settings.pos_weight, settings.bias_mult)
+        w, b = train_linear_svm(pos[c], negatives[c].features, settings.C, settings.pos_weight, settings.bias_mult,
+                                tol=settings.tol)
         weights[:, c], bias[c] = w, b
         trained[c] = True
         retrains[c] += 1
