@@ -44,4 +44,4 @@ echo
 echo "== VOC2007 test mAP ($train trainval -> $test test images, scales $scales, SqueezeNet) =="
 $spp evaluate --voc-root "$voc" --image-set test --limit "$test" --detections "$out/detections" --plots "$out"
 first=$(head -n 1 "$voc/VOC2007/ImageSets/Main/test.txt")
-$spp show --detections "$out/detections" --voc-root "$voc" --image "$first" --out "$out/detections-$first.png"
+$spp show --detections "$out/detections" --voc-root "$voc" --image "$first" --threshold -1 --top 5 --out "$out/detections-$first.png"
