@@ -38,7 +38,7 @@ from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.head import SPPHead
 from spp_detect.stage_dir import open_stage_dir, write_npz
-from spp_detect.window_features import window_features
+from spp_detect.window_features import PoolBuffer, window_features, window_scores
 
 __all__ = [
     "DetectSettings",
@@ -63,7 +63,7 @@ class Scorer(Protocol):
     regressor: object | None
     pooled_dim: int
 
-    def scores(self, features: Tensor) -> Tensor: ...
+    def scores(self, features: Tensor, overwrite_input: bool = False) -> Tensor: ...
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,11 @@ class DetectSummary:
     skipped: int = 0
     detections: int = 0
     seconds: float = 0.0
-    #: seconds over the images computed: map decode, pooling (+ fc), scoring + NMS
-    timings: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "features": 0.0, "score_nms": 0.0})
+    #: seconds over the images computed: map decode, pooling, fc layers, SVM scores, NMS
+    #: (with thresholds and box regression)
+    timings: dict[str, float] = field(
+        default_factory=lambda: {"decode": 0.0, "pool": 0.0, "fc": 0.0, "score": 0.0, "nms": 0.0}
+    )
 
 
 def _per_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float, max_per_class: int) -> Tensor:
@@ -105,39 +108,49 @@ def _per_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: flo
 
 @torch.inference_mode()
 def detect_image(
-    image: CachedImage, model: Scorer, settings: DetectSettings, device: torch.device | str = "cpu"
+    image: CachedImage,
+    model: Scorer,
+    settings: DetectSettings,
+    device: torch.device | str = "cpu",
+    buffer: PoolBuffer | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, dict[str, float]]:
     """Detections of one cached image.
 
+    Windows are pooled, run through the head and scored batch by batch
+    (:func:`spp_detect.window_features.window_scores`); only their scores are kept.
+
+    Args:
+        buffer: reused for the pooled features of each batch (one per run, see
+            :class:`spp_detect.window_features.PoolBuffer`).
+
     Returns:
         ``(boxes Tensor[K, 4] 0-based xyxy, scores Tensor[K], labels Tensor[K] int64 class
-        index, timings)``, sorted by class, then decreasing score.
+        index, timings)``, sorted by class, then decreasing score; ``timings`` holds the
+        seconds of ``pool``, ``fc`` (the head, when the model scores fc6/fc7), ``score``
+        (the SVMs) and ``nms`` (thresholds, NMS, box regression).
     """
-    start = time.perf_counter()
+    timings: dict[str, float] = {"pool": 0.0, "fc": 0.0, "score": 0.0, "nms": 0.0}
     windows = torch.nonzero(~image.is_gt).flatten()
-    feats = window_features(image, model.layer, model.head, windows, device=device)
-    t_features = time.perf_counter() - start
+    scores = window_scores(image, model.scores, model.layer, model.head, windows, device=device, buffer=buffer,
+                           timings=timings).cpu()  # [N, C]
     start = time.perf_counter()
-    scores = model.scores(feats).cpu()  # [N, C]
     boxes = image.boxes[windows]
+    if scores.numel() == 0:
+        scores = torch.zeros((len(windows), len(model.classes)))
     rows, labels = torch.nonzero(scores > settings.score_threshold, as_tuple=True)
     cand_boxes, cand_scores = boxes[rows], scores[rows, labels]
     keep = _per_class_nms(cand_boxes, cand_scores, labels, settings.nms_threshold, settings.max_per_image)
     rows, labels, out_boxes, out_scores = rows[keep], labels[keep], cand_boxes[keep], cand_scores[keep]
-    t_score = time.perf_counter() - start
     if settings.bbox:
         if model.regressor is None:
             raise ValueError("box regression asked for, but the model has no box regressors (train-svm --bbox)")
-        start = time.perf_counter()
-        pooled = feats[rows] if model.layer == "pool" else window_features(image, "pool", None, windows[rows], device=device)
+        pooled = window_features(image, "pool", None, windows[rows], device=device)
         out_boxes = clip_boxes(model.regressor.predict(pooled.cpu(), out_boxes, labels).float(), image.width, image.height)
-        t_features += time.perf_counter() - start
-        start = time.perf_counter()
         keep = _per_class_nms(out_boxes, out_scores, labels, settings.nms_threshold, settings.max_per_image)
         out_boxes, out_scores, labels = out_boxes[keep], out_scores[keep], labels[keep]
-        t_score += time.perf_counter() - start
     order = torch.argsort(labels.double() * 1e6 - out_scores.double(), stable=True)  # class, then score
-    return out_boxes[order], out_scores[order], labels[order], {"features": t_features, "score_nms": t_score}
+    timings["nms"] += time.perf_counter() - start
+    return out_boxes[order], out_scores[order], labels[order], timings
 
 
 def run_detect(
@@ -196,11 +209,12 @@ def run_detect(
     todo = [i for i in ids if not (out / f"{i}.npz").is_file()]
     summary = DetectSummary(skipped=len(ids) - len(todo))
     start = time.perf_counter()
+    buffer = PoolBuffer()
     for image_id in progress(todo) if progress else todo:
         t0 = time.perf_counter()
         image = cache.load(image_id)
         summary.timings["decode"] += time.perf_counter() - t0
-        boxes, scores, labels, timings = detect_image(image, model, settings, device)
+        boxes, scores, labels, timings = detect_image(image, model, settings, device, buffer)
         for k, v in timings.items():
             summary.timings[k] += v
         write_image_detections(out, image_id, boxes.numpy(), scores.numpy(), labels.numpy())

@@ -30,7 +30,7 @@ from spp_detect.backbones import NORMALIZATIONS, BackboneSpec, Normalization, bu
 from spp_detect.cache import FORMAT_VERSION, cached_file_problem, write_cached_image
 from spp_detect.datasets.voc import VOCImage
 from spp_detect.images import ImageReadError, read_image
-from spp_detect.spp import PAPER_LEVELS, exact_level
+from spp_detect.spp import PAPER_LEVELS
 from spp_detect.stage_dir import open_stage_dir, source_key
 from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
@@ -170,9 +170,8 @@ class ExtractSettings:
         object.__setattr__(self, "levels", tuple(int(n) for n in self.levels))
         if self.mode not in EXTRACT_MODES:
             raise ValueError(f"extract mode must be one of {EXTRACT_MODES}, got {self.mode!r}")
-        bad_levels = [n for n in self.levels if not exact_level(n)]
-        if bad_levels:
-            raise BadSetting("levels", f"pyramid levels {bad_levels} are not supported by spatial_pyramid_pool")
+        if not self.levels or min(self.levels) < 1:
+            raise BadSetting("levels", f"pyramid levels must be positive integers, got {self.levels}")
         if not self.scales or min(self.scales) <= 0:
             raise BadSetting("scales", f"scales must be positive, got {self.scales}")
 

@@ -70,15 +70,17 @@ class SPPHead(nn.Module):
         x = self.dropout(x) if dropout_masks is None else x * dropout_masks[1]
         return self.fc8(x)
 
-    def features(self, pooled: Tensor, layer: str) -> Tensor:
+    def features(self, pooled: Tensor, layer: str, overwrite_input: bool = False) -> Tensor:
         """Activations of ``layer`` (:data:`FEATURE_LAYERS`) without dropout:
         ``Tensor[B, in_dim]`` for ``pool`` (the input as given), ``Tensor[B, fc_dim]`` after
-        the ReLU of ``fc6``/``fc7``."""
+        the ReLU of ``fc6``/``fc7``. ``overwrite_input``: ``pooled`` may be scaled in place
+        (same values; spares a copy of the whole batch, ~100 MB per 1,000 windows)."""
         if layer == "pool":
             return pooled
         if layer not in FEATURE_LAYERS:
             raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
-        x = torch.relu(self.fc6(pooled * self.input_scale))
+        scaled = pooled.mul_(self.input_scale) if overwrite_input else pooled * self.input_scale
+        x = torch.relu(self.fc6(scaled))
         return x if layer == "fc6" else torch.relu(self.fc7(x))
 
     def extra_repr(self) -> str:

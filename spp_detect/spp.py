@@ -3,26 +3,37 @@
 The bin rule (SPP-net 2.3: window size ``ceil(a/n)``, stride ``floor(a/n)``; the release's
 ``spm_pool_caffe_mex.cpp``): over a window ``w`` cells wide, bin ``i`` of an ``n``-level
 covers cells ``[floor(i w / n), ceil((i + 1) w / n))`` from the window's start, and the
-same in y. Bins may overlap; none is empty. Each bin is the max over its cells.
+same in y. Bins may overlap; none is empty. Each bin is the max over its cells, so a
+pooled value is one of the map's values, bit for bit.
 
-Implementation: ``torchvision.ops.roi_pool`` with ``spatial_scale = 1`` on integer cell
-boxes computes these bins with ``floor(i * (w / n))`` / ``ceil((i + 1) * (w / n))`` in
-float32. That equals the integer formula for every ``w <= MAX_WINDOW_CELLS`` when ``n`` is
-1-6, 8, 9, 10, 12 or 16, but not for 7, 11, 13, 14, 15 (float32 rounding first bites at
-w = 57, 29, 7, 57, 241). :func:`exact_level` checks a level exhaustively and unsupported
-levels are refused; ``tests/test_spp.py`` also checks the op against a loop reference. Coarser
-levels that divide a finer one (1, 2, 3 of 6) are unions of the finer level's bins:
-``[floor(i w / n), ceil((i + 1) w / n))`` with ``n = m / k`` is the union of bins
-``i k .. i k + k - 1`` of level ``m``. They are taken as maxima over groups of the finer
-output, which roughly halves the cost of the paper's {1, 2, 3, 6} pyramid.
+Two implementations compute exactly these bins, in integer arithmetic, for any level:
+
+* **CPU kernel** (the CPU default, :func:`_pool_cpu`): a numba-compiled loop over windows
+  in parallel, reading the map channels-last (``[H, W, C]``) so that every bin is a max of
+  contiguous ``C``-vectors (vectorised over ``C``). A level that divides a finer one of the
+  pyramid (1, 2, 3 of 6) is the max over groups of the finer level's bins: bin ``i`` of
+  ``n = m / k`` covers ``[floor(i k w / m), ceil((i + 1) k w / m))``, the union of bins
+  ``i k .. i k + k - 1`` of level ``m``. The map is read once per window for the paper's
+  pyramid instead of four times. ``bench/detect_speed.py``: 2,000 windows at 1 scale in a
+  fraction of the conv pass; today's cost is mostly writing the output.
+* **roi_pool** (other devices, and whenever autograd needs a gradient through the op,
+  :func:`_pool_roi`): ``torchvision.ops.roi_pool`` with ``spatial_scale = 1`` on integer cell
+  boxes computes the bins as ``floor(i * (w / n))`` / ``ceil((i + 1) * (w / n))`` in float32.
+  That equals the integer rule for every ``w <= MAX_WINDOW_CELLS`` when ``n`` is 1-6, 8, 9,
+  10, 12 or 16 (:func:`exact_level` checks exhaustively), but not for 7, 11, 13, 14, 15
+  (float32 rounding first bites at w = 57, 29, 7, 57, 241). For those levels every bin is
+  pooled as its own 1 x 1 roi (bin edges computed in integers), which is exact.
+
+``tests/test_spp.py`` checks both against the loop reference, value for value, for every
+level from 1 to 16.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor, nn
@@ -40,12 +51,9 @@ __all__ = [
 #: The 4-level pyramid of SPP-net detection (paper 4.1: 1x1, 2x2, 3x3, 6x6 = 50 bins), in
 #: the concat order of the released classifier (Zeiler_conv5.prototxt: spm1, spm2, spm3, spm6).
 PAPER_LEVELS: tuple[int, ...] = (1, 2, 3, 6)
-#: Largest window side (cells) for which roi_pool's float32 bin edges are proven exact.
+#: Largest window side (cells) accepted; roi_pool's float32 bin edges are proven exact up to
+#: here for the levels it runs at n x n.
 MAX_WINDOW_CELLS: int = 4096
-#: On the CPU, torchvision's roi_pool runs on one thread; windows are split into chunks of
-#: at least this many and pooled on ``torch.get_num_threads()`` threads (it releases the
-#: GIL). bench/spp_pool.py: ~1.7x on 2 cores for 2,000 windows.
-_MIN_WINDOWS_PER_THREAD = 128
 
 
 def pyramid_bins(levels: Sequence[int]) -> int:
@@ -68,16 +76,21 @@ def exact_level(n: int) -> bool:
 
 
 def spatial_pyramid_pool(
-    feature_map: Tensor, cells: Tensor, levels: Sequence[int] = PAPER_LEVELS
+    feature_map: Tensor, cells: Tensor, levels: Sequence[int] = PAPER_LEVELS, out: Tensor | None = None
 ) -> Tensor:
     """Pool each window of ``cells`` on ``feature_map`` with a spatial pyramid.
 
     Args:
-        feature_map: ``Tensor[C, H, W]`` float conv map of one image at one scale.
+        feature_map: ``Tensor[C, H, W]`` float conv map of one image at one scale. On the CPU
+            a map stored channels-last (``feature_map.permute(1, 2, 0)`` contiguous, as
+            :func:`spp_detect.cache.decode_map` returns it) is read in place; any other
+            layout is copied once.
         cells: ``Tensor[N, 4]`` integer, inclusive cell ranges ``(x0, y0, x1, y1)`` with
             ``0 <= x0 <= x1 < W`` and ``0 <= y0 <= y1 < H`` (:func:`spp_detect.windows.windows_to_cells`).
-        levels: pyramid levels ``n`` (an ``n x n`` grid each), in output order; each must
-            pass :func:`exact_level` (all of 1-6, 8, 9, 10, 12, 16 do).
+        levels: pyramid levels ``n >= 1`` (an ``n x n`` grid each), in output order.
+        out: optional ``Tensor[N, C * sum(n * n)]`` contiguous, of ``feature_map``'s dtype and
+            device, to write into (a reused buffer spares allocating, and page-faulting,
+            hundreds of MB per image); returned.
 
     Returns:
         ``Tensor[N, C * sum(n * n)]``, same dtype and device as ``feature_map``: level by
@@ -91,44 +104,138 @@ def spatial_pyramid_pool(
         raise ValueError(f"feature_map must be [C, H, W], got shape {tuple(feature_map.shape)}")
     if cells.ndim != 2 or cells.shape[1] != 4:
         raise ValueError(f"cells must be [N, 4], got shape {tuple(cells.shape)}")
-    if not levels or any(int(n) < 1 for n in levels):
-        raise ValueError(f"levels must be positive integers, got {tuple(levels)}")
-    inexact = [int(n) for n in levels if not exact_level(int(n))]
-    if inexact:
-        raise ValueError(f"pyramid levels {inexact} are not supported: roi_pool's float32 bin edges are not exact there")
+    levels = tuple(int(n) for n in levels)
+    if not levels or any(n < 1 for n in levels):
+        raise ValueError(f"levels must be positive integers, got {levels}")
     channels, height, width = feature_map.shape
     num = cells.shape[0]
+    shape = (num, channels * pyramid_bins(levels))
+    if out is not None and (tuple(out.shape) != shape or out.dtype != feature_map.dtype
+                            or out.device != feature_map.device or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {feature_map.dtype} tensor of shape {shape} on {feature_map.device}")
     if num == 0:
-        return feature_map.new_zeros((0, channels * pyramid_bins(levels)))
-    cells = cells.to(device=feature_map.device)
+        return out if out is not None else feature_map.new_zeros(shape)
     _check_cells(cells, height, width)
+    needs_grad = torch.is_grad_enabled() and feature_map.requires_grad
+    if feature_map.device.type == "cpu" and not needs_grad and feature_map.dtype in (torch.float32, torch.float64):
+        return _pool_cpu(feature_map, cells, levels, out)
+    pooled = _pool_roi(feature_map, cells.to(feature_map.device), levels)
+    return pooled if out is None else out.copy_(pooled)
 
+
+def _pyramid_plan(levels: tuple[int, ...], channels: int) -> tuple[np.ndarray, ...]:
+    """The kernel's plan: distinct levels finest first, each pooled directly or from the
+    smallest finer level it divides, their rows in the per-window scratch, and where each
+    output level (in the given order) comes from and goes."""
+    distinct = sorted(set(levels), reverse=True)
+    source, rows, row = [], [], 0
+    for j, n in enumerate(distinct):
+        finer = [i for i in range(j) if distinct[i] % n == 0]
+        source.append(min(finer, key=lambda i: distinct[i]) if finer else -1)
+        rows.append(row)
+        row += n * n
+    out_level = [distinct.index(n) for n in levels]
+    out_column = np.cumsum([0] + [channels * n * n for n in levels[:-1]])
+    as_array = lambda v: np.asarray(v, dtype=np.int64)  # noqa: E731
+    return as_array(distinct), as_array(source), as_array(rows), as_array(out_level), as_array(out_column)
+
+
+def _pool_cpu(feature_map: Tensor, cells: Tensor, levels: tuple[int, ...], out: Tensor | None) -> Tensor:
+    channels = feature_map.shape[0]
+    hwc = feature_map.detach().permute(1, 2, 0)
+    if not hwc.is_contiguous():
+        hwc = hwc.contiguous()
+    if out is None:
+        out = torch.empty((cells.shape[0], channels * pyramid_bins(levels)), dtype=feature_map.dtype)
+    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(threads)
+    _spp_kernel(hwc.numpy(), cells.to(torch.int64).contiguous().numpy(), *_pyramid_plan(levels, channels),
+                out.detach().numpy())
+    return out
+
+
+# fastmath nnan/ninf lets LLVM use the vector max instruction; every value pooled is a map
+# value and the max of finite numbers is exact, so this changes no result on finite maps.
+@numba.njit(parallel=True, cache=True, fastmath={"nnan", "ninf"})
+def _spp_kernel(fmap, cells, distinct, source, rows, out_level, out_column, out):  # pragma: no cover - compiled
+    num_channels = fmap.shape[2]
+    scratch_rows = 0
+    for j in range(distinct.shape[0]):
+        scratch_rows += distinct[j] * distinct[j]
+    for i in numba.prange(cells.shape[0]):
+        x0, y0 = cells[i, 0], cells[i, 1]
+        w, h = cells[i, 2] - x0 + 1, cells[i, 3] - y0 + 1
+        bins = np.empty((scratch_rows, num_channels), dtype=fmap.dtype)
+        for j in range(distinct.shape[0]):
+            n = distinct[j]
+            if source[j] < 0:  # max over the bin's cells
+                for by in range(n):
+                    ys, ye = y0 + (by * h) // n, y0 + ((by + 1) * h + n - 1) // n
+                    for bx in range(n):
+                        xs, xe = x0 + (bx * w) // n, x0 + ((bx + 1) * w + n - 1) // n
+                        acc = bins[rows[j] + by * n + bx]
+                        acc[:] = fmap[ys, xs]
+                        for y in range(ys, ye):
+                            for x in range(xs, xe):
+                                cell = fmap[y, x]
+                                for c in range(num_channels):
+                                    acc[c] = max(acc[c], cell[c])
+            else:  # max over k x k bins of the finer level m = k n
+                m = distinct[source[j]]
+                k = m // n
+                for by in range(n):
+                    for bx in range(n):
+                        acc = bins[rows[j] + by * n + bx]
+                        acc[:] = bins[rows[source[j]] + by * k * m + bx * k]
+                        for dy in range(k):
+                            for dx in range(k):
+                                fine = bins[rows[source[j]] + (by * k + dy) * m + bx * k + dx]
+                                for c in range(num_channels):
+                                    acc[c] = max(acc[c], fine[c])
+        for lv in range(out_level.shape[0]):  # transpose [n*n, C] -> [C, n*n] into the output row
+            j = out_level[lv]
+            nn = distinct[j] * distinct[j]
+            base = out_column[lv]
+            for c in range(num_channels):
+                for b in range(nn):
+                    out[i, base + c * nn + b] = bins[rows[j] + b, c]
+
+
+def _pool_roi(feature_map: Tensor, cells: Tensor, levels: tuple[int, ...]) -> Tensor:
+    """``torchvision.ops.roi_pool``: ``n x n`` where :func:`exact_level`, else one 1 x 1 roi
+    per bin with integer edges; coarser levels dividing a finer one from its bins."""
+    channels = feature_map.shape[0]
+    num = cells.shape[0]
+    batch = feature_map.unsqueeze(0).contiguous()
     rois = torch.cat([cells.new_zeros((num, 1)), cells], dim=1).to(feature_map.dtype)  # [N, 5]
-    batch = feature_map.unsqueeze(0)
     pooled: dict[int, Tensor] = {}  # level -> [N, C, n, n]
-    for n in sorted(set(int(v) for v in levels), reverse=True):
+    for n in sorted(set(levels), reverse=True):
         finer = min((m for m in pooled if m % n == 0), default=None)
-        if finer is None:
-            pooled[n] = _roi_pool(batch, rois, n)
-        else:
+        if finer is not None:
             k = finer // n
             pooled[n] = pooled[finer].view(num, channels, n, k, n, k).amax(dim=(3, 5))
-    return torch.cat([pooled[int(n)].reshape(num, -1) for n in levels], dim=1)
+        elif exact_level(n):
+            pooled[n] = roi_pool(batch, rois, output_size=(n, n), spatial_scale=1.0)
+        else:
+            pooled[n] = _roi_pool_per_bin(batch, cells, n)
+    return torch.cat([pooled[n].reshape(num, -1) for n in levels], dim=1)
 
 
-@lru_cache(maxsize=1)
-def _thread_pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="spp-roi-pool")
-
-
-def _roi_pool(batch: Tensor, rois: Tensor, n: int) -> Tensor:
-    """``roi_pool`` at ``n x n`` with ``spatial_scale = 1``; CPU calls split over threads."""
-    workers = min(torch.get_num_threads(), len(rois) // _MIN_WINDOWS_PER_THREAD)
-    if batch.device.type != "cpu" or workers < 2 or torch.is_grad_enabled() and batch.requires_grad:
-        return roi_pool(batch, rois, output_size=(n, n), spatial_scale=1.0)
-    chunks = rois.chunk(workers)
-    parts = _thread_pool(workers).map(lambda r: roi_pool(batch, r, output_size=(n, n), spatial_scale=1.0), chunks)
-    return torch.cat(list(parts))
+def _roi_pool_per_bin(batch: Tensor, cells: Tensor, n: int) -> Tensor:
+    """Level ``n`` as ``N * n * n`` one-bin rois whose edges are the integer rule's."""
+    num = cells.shape[0]
+    x0, y0, x1, y1 = cells.unbind(1)
+    w, h = (x1 - x0 + 1)[:, None], (y1 - y0 + 1)[:, None]  # [N, 1]
+    i = torch.arange(n, device=cells.device)[None]  # [1, n]
+    xs, xe = x0[:, None] + i * w // n, x0[:, None] + ((i + 1) * w + n - 1) // n - 1  # inclusive, [N, n]
+    ys, ye = y0[:, None] + i * h // n, y0[:, None] + ((i + 1) * h + n - 1) // n - 1
+    boxes = torch.stack(
+        [xs[:, None, :].expand(num, n, n), ys[:, :, None].expand(num, n, n),
+         xe[:, None, :].expand(num, n, n), ye[:, :, None].expand(num, n, n)], dim=-1
+    ).reshape(-1, 4)  # [N * n * n, 4], bins y-major
+    rois = torch.cat([boxes.new_zeros((len(boxes), 1)), boxes], dim=1).to(batch.dtype)  # all on image 0
+    bins = roi_pool(batch, rois, output_size=(1, 1), spatial_scale=1.0)  # [N * n * n, C, 1, 1]
+    return bins.view(num, n, n, -1).permute(0, 3, 1, 2)  # [N, C, n, n]
 
 
 class SpatialPyramidPool(nn.Module):

@@ -9,7 +9,8 @@ distinct ``(scale, cells)`` and copies the result to every window that shares it
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,8 @@ __all__ = [
     "iter_images",
     "distinct_windows",
     "window_features",
+    "window_scores",
+    "PoolBuffer",
     "feature_dim",
     "mean_feature_norm",
     "TARGET_NORM",
@@ -90,6 +93,37 @@ def distinct_windows(image: CachedImage, indices: Tensor | None = None) -> tuple
     return first, inverse
 
 
+class PoolBuffer:
+    """A reusable float32 buffer for the pooled features of one batch of windows.
+
+    Pooling 1,024 windows of 25,600-d features fills 105 MB; allocating that afresh for
+    every batch costs as much as pooling it (the pages are faulted in on first write), so
+    the detector and the learners pool each batch into the same buffer.
+    """
+
+    def __init__(self) -> None:
+        self._tensor: Tensor | None = None
+
+    def get(self, rows: int, dim: int, device: torch.device | str) -> Tensor:
+        """A ``Tensor[rows, dim]`` float32 on ``device`` (contents undefined)."""
+        device = torch.device(device)
+        t = self._tensor
+        if t is None or t.shape[0] < rows or t.shape[1] != dim or t.device != device:
+            self._tensor = t = torch.empty((max(rows, 1), dim), device=device)
+        return t[:rows]
+
+
+def _add_time(timings: dict[str, float] | None, key: str, start: float, device: torch.device | str) -> float:
+    """Add the seconds since ``start`` to ``timings[key]`` (after a CUDA sync); the new start."""
+    if timings is None:
+        return start
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+    now = time.perf_counter()
+    timings[key] = timings.get(key, 0.0) + now - start
+    return now
+
+
 @torch.inference_mode()
 def window_features(
     image: CachedImage,
@@ -98,6 +132,7 @@ def window_features(
     indices: Tensor | None = None,
     batch_size: int = 1024,
     device: torch.device | str = "cpu",
+    buffer: PoolBuffer | None = None,
 ) -> Tensor:
     """Features ``Tensor[K, D]`` (float32, on ``device``) of windows ``indices`` (default all).
 
@@ -105,21 +140,91 @@ def window_features(
         layer: ``pool``, ``fc6`` or ``fc7`` (:data:`spp_detect.head.FEATURE_LAYERS`).
         head: the fine-tuned head (needed for ``fc6``/``fc7``), on ``device``.
         batch_size: distinct windows pooled and run through the head at once.
+        buffer: where each batch is pooled (default: a new one for this call).
     """
     if layer not in FEATURE_LAYERS:
         raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
     if layer != "pool" and head is None:
         raise ValueError(f"features of {layer} need a fine-tuned head")
+    if layer == "pool":  # the result is the pooled matrix itself: pool into it directly
+        if indices is None:
+            indices = torch.arange(len(image))
+        first, inverse = distinct_windows(image, indices)
+        pooled = image.features(indices[first], device)
+        return pooled if _is_identity(inverse) else pooled[inverse.to(device)]
+    return _per_window(image, lambda pooled: head.features(pooled, layer, overwrite_input=True),
+                       indices, batch_size, device, buffer, feature_dim(image, layer, head))
+
+
+@torch.inference_mode()
+def window_scores(
+    image: CachedImage,
+    scorer: Callable[..., Tensor],
+    layer: str,
+    head: SPPHead | None = None,
+    indices: Tensor | None = None,
+    batch_size: int = 1024,
+    device: torch.device | str = "cpu",
+    buffer: PoolBuffer | None = None,
+    timings: dict[str, float] | None = None,
+) -> Tensor:
+    """Scores ``Tensor[K, S]`` of windows ``indices`` (default all): ``scorer`` applied to
+    their ``layer`` features, batch by batch, so that the features of all windows never
+    sit in memory at once (``detect``'s path from cached maps to scores).
+
+    Args:
+        scorer: ``scorer(features Tensor[B, D], overwrite_input=True) -> Tensor[B, S]``
+            (e.g. ``svm.train.SVMModel.scores``); it may scale its input in place.
+        timings: when given, seconds are added to its ``pool``, ``fc`` and ``score`` keys.
+    """
+    if layer not in FEATURE_LAYERS:
+        raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
+    if layer != "pool" and head is None:
+        raise ValueError(f"features of {layer} need a fine-tuned head")
+
+    def run(pooled: Tensor) -> Tensor:
+        start = time.perf_counter()
+        feats = pooled if layer == "pool" else head.features(pooled, layer, overwrite_input=True)
+        start = _add_time(timings, "fc", start, device)
+        scores = scorer(feats, overwrite_input=True)
+        _add_time(timings, "score", start, device)
+        return scores
+
+    return _per_window(image, run, indices, batch_size, device, buffer, None, timings)
+
+
+def _per_window(
+    image: CachedImage,
+    fn: Callable[[Tensor], Tensor],
+    indices: Tensor | None,
+    batch_size: int,
+    device: torch.device | str,
+    buffer: PoolBuffer | None,
+    out_dim: int | None,
+    timings: dict[str, float] | None = None,
+) -> Tensor:
+    """``fn`` of the pooled features of every distinct window, batch by batch (each batch
+    pooled into ``buffer``), copied to every window that shares it: ``Tensor[K, out]``."""
     if indices is None:
         indices = torch.arange(len(image))
-    first, inverse = distinct_windows(image, indices)
+    first, inverse = distinct_windows(image, indices)  # distinct windows come grouped by scale
+    buffer = buffer if buffer is not None else PoolBuffer()
+    dim = feature_dim(image, "pool", None)
     parts = []
     for chunk in first.split(batch_size):
-        pooled = image.features(indices[chunk], device)
-        parts.append(pooled if layer == "pool" else head.features(pooled, layer))
+        start = time.perf_counter()
+        pooled = image.features(indices[chunk], device, out=buffer.get(len(chunk), dim, device))
+        _add_time(timings, "pool", start, device)
+        parts.append(fn(pooled))
     if not parts:
-        return torch.zeros((0, feature_dim(image, layer, head)), device=device)
-    return torch.cat(parts)[inverse.to(device)]
+        return torch.zeros((0, out_dim or 0), device=device)
+    out = torch.cat(parts)
+    return out if _is_identity(inverse) else out[inverse.to(device)]
+
+
+def _is_identity(inverse: Tensor) -> bool:
+    """Whether every window is its own distinct window, in order (no copy needed)."""
+    return bool(torch.equal(inverse, torch.arange(len(inverse))))
 
 
 def feature_dim(image_or_cache: CachedImage | FeatureCache, layer: str, head: SPPHead | None) -> int:

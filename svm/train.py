@@ -97,9 +97,11 @@ class SVMModel:
         """Length of the pooled features the model reads (its head's input, or its SVMs')."""
         return self.head.in_dim if self.head is not None else int(self.weights.shape[0])
 
-    def scores(self, features: Tensor) -> Tensor:
-        """``Tensor[N, C]`` scores of ``Tensor[N, D]`` unscaled ``layer`` features."""
-        return (features * self.feature_scale) @ self.weights.to(features) + self.bias.to(features)
+    def scores(self, features: Tensor, overwrite_input: bool = False) -> Tensor:
+        """``Tensor[N, C]`` scores of ``Tensor[N, D]`` unscaled ``layer`` features;
+        ``overwrite_input``: ``features`` may be scaled in place (same values, no copy)."""
+        scaled = features.mul_(self.feature_scale) if overwrite_input else features * self.feature_scale
+        return scaled @ self.weights.to(features) + self.bias.to(features)
 
 
 @dataclass

@@ -688,7 +688,7 @@ def _cli_cases() -> list[tuple[str, list, str]]:
         ("extract --scales zero", [*ext, "--proposals", mat, "--scales", "0"], "--scales"),
         ("extract --scales repeat", [*ext, "--proposals", mat, "--scales", "480,480"], "--scales"),
         ("extract --scales too small", [*ext, "--proposals", mat, "--weights", SQUEEZENET_FILE, "--scales", "16"], "too small for squeezenet1_0"),
-        ("extract --levels", [*ext, "--proposals", mat, "--levels", "1,2,7"], "--levels"),
+        ("extract --levels text", [*ext, "--proposals", mat, "--levels", "1,2,x"], "--levels"),
         ("extract --levels zero", [*ext, "--proposals", mat, "--levels", "0"], "--levels"),
         ("extract --shard", [*ext, "--proposals", mat, "--shard", "3/2"], "--shard"),
         ("extract --shard text", [*ext, "--proposals", mat, "--shard", "a/b"], "--shard"),

@@ -22,7 +22,7 @@ from spp_detect.finetune import FinetuneSettings, _round_batches, collect_traini
 from spp_detect.head import SPPHead, load_head
 from spp_detect.labels import class_overlaps
 from spp_detect.spp import spatial_pyramid_pool
-from spp_detect.window_features import distinct_windows, open_caches, window_features
+from spp_detect.window_features import PoolBuffer, distinct_windows, open_caches, window_features, window_scores
 from svm.bbox_reg import fit_box_regressor, fit_ridge
 from svm.hard_negatives import NegativeCache
 from svm.linear import train_linear_svm
@@ -104,6 +104,29 @@ def test_window_features_dedup_equals_plain_pooling(train_cache):
     head = SPPHead(image.features(torch.tensor([0])).shape[1], 16).eval()
     with torch.no_grad():
         assert torch.allclose(window_features(image, "fc7", head, dup), head.features(image.features(dup), "fc7"), atol=1e-5)
+
+
+def test_window_features_and_scores_keep_the_callers_order(train_cache):
+    # distinct windows are pooled grouped by scale and cells, not in the caller's order:
+    # the results must come back in the caller's order, with and without duplicates
+    image = FeatureCache(train_cache).load(FeatureCache(train_cache).image_ids[1])
+    first, _ = distinct_windows(image)
+    shuffled = first[torch.randperm(len(first), generator=torch.Generator().manual_seed(0))]
+    head = SPPHead(image.features(torch.tensor([0])).shape[1], 16).eval()
+    weights = torch.randn(16, 3, generator=torch.Generator().manual_seed(1))
+
+    def scorer(x: torch.Tensor, overwrite_input: bool = False) -> torch.Tensor:
+        return (x.mul_(2.0) if overwrite_input else x * 2.0) @ weights
+
+    for windows in (shuffled, torch.cat([shuffled, shuffled[:5]])):
+        plain = image.features(windows)
+        assert torch.equal(window_features(image, "pool", None, windows), plain)
+        with torch.no_grad():
+            fc7 = head.features(plain.clone(), "fc7")
+        buffer, timings = PoolBuffer(), {}
+        got = window_scores(image, scorer, "fc7", head, windows, batch_size=64, buffer=buffer, timings=timings)
+        assert torch.allclose(got, scorer(fc7), atol=1e-5)
+        assert set(timings) == {"pool", "fc", "score"} and min(timings.values()) > 0
 
 
 def test_crop_warp_cache_pools_each_crop_whole(voc_root, tmp_path):

@@ -7,7 +7,9 @@ import math
 import pytest
 import torch
 
-from spp_detect.spp import PAPER_LEVELS, exact_level, SpatialPyramidPool, spatial_pyramid_pool
+from torchvision.ops import roi_pool
+
+from spp_detect.spp import PAPER_LEVELS, SpatialPyramidPool, _pool_roi, exact_level, spatial_pyramid_pool
 from tests.reference import spp_loop
 
 
@@ -73,9 +75,39 @@ def test_rejects_cells_outside_the_map():
 
 def test_exact_levels_are_the_documented_ones():
     assert [n for n in range(1, 17) if exact_level(n)] == [1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 16]
-    # level 7 really is wrong through roi_pool for a 57-cell window, so it is refused
-    with pytest.raises(ValueError, match=r"levels \[7\] are not supported"):
-        spatial_pyramid_pool(torch.randn(1, 3, 60), torch.tensor([[0, 0, 56, 2]]), (1, 7))
+    # level 7 really is wrong through roi_pool at 7 x 7 for a 57-cell window: its last bin
+    # ends at cell 58 (float32) instead of 57, taking in a cell outside the window, which
+    # is why _pool_roi pools that level bin by bin
+    fmap = torch.arange(60.0).view(1, 1, 60)
+    naive = roi_pool(fmap[None], torch.tensor([[0.0, 0, 0, 56, 0]]), (7, 7), 1.0)[0, 0, 0]
+    assert not torch.equal(naive, spp_loop(fmap, torch.tensor([[0, 0, 56, 0]]), (7,))[0].view(7, 7)[0])
+
+
+@pytest.mark.parametrize("implementation", ["cpu-kernel", "roi_pool"])
+@pytest.mark.parametrize("level", range(1, 17))
+def test_every_level_1_to_16_is_exact(implementation, level):
+    gen = torch.Generator().manual_seed(level)
+    height, width = 9, 61  # widths up to 61 reach the first float32 failures (7, 29, 57)
+    fmap = torch.randn(3, height, width, generator=gen)
+    cells = torch.cat([torch.tensor([[0, 0, width - 1, height - 1], [0, 0, 56, 6], [3, 1, 31, 8], [2, 2, 2, 2]]),
+                       _random_cells(40, height, width, gen)])
+    levels = (1, level) if level % 2 else (level, level // 2, 1)  # also coarse levels derived from finer
+    pool = spatial_pyramid_pool if implementation == "cpu-kernel" else _pool_roi
+    assert torch.equal(pool(fmap, cells, levels), spp_loop(fmap, cells, levels))
+
+
+def test_writes_into_a_given_buffer_and_reads_channels_last_maps():
+    gen = torch.Generator().manual_seed(5)
+    fmap = torch.randn(6, 11, 13, generator=gen)
+    cells = _random_cells(30, 11, 13, gen)
+    expected = spp_loop(fmap, cells, PAPER_LEVELS)
+    channels_last = fmap.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    buffer = torch.full((30, 6 * 50), float("nan"))
+    out = spatial_pyramid_pool(channels_last, cells, PAPER_LEVELS, out=buffer)
+    assert out.data_ptr() == buffer.data_ptr() and torch.equal(buffer, expected)
+    assert torch.equal(spatial_pyramid_pool(fmap.double(), cells), expected.double())
+    with pytest.raises(ValueError, match="out must be"):
+        spatial_pyramid_pool(fmap, cells, PAPER_LEVELS, out=torch.empty(29, 6 * 50))
 
 
 def test_module_wraps_the_function():

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from spp_detect.backbones import Normalization
 from spp_detect.extract import load_image_rgb, resize_shorter_side
-from spp_detect.spp import PAPER_LEVELS, exact_level
+from spp_detect.spp import PAPER_LEVELS
 from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, source_key
 
 __all__ = [
@@ -81,7 +81,7 @@ class FeatureSettings:
             raise ValueError("plain pooling (fixed 3x3/2 pool5) gives a fixed-length vector only on the crop view")
         if self.size < 32:
             raise ValueError(f"size must be at least 32 pixels, got {self.size}")
-        bad = [n for n in self.levels if n < 1 or not exact_level(int(n))]
+        bad = [n for n in self.levels if n < 1]
         if not self.levels or bad:
             raise ValueError(f"unsupported pyramid levels {tuple(self.levels)}")
 
