@@ -38,7 +38,7 @@ from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.head import SPPHead
 from spp_detect.stage_dir import open_stage_dir, write_npz
-from spp_detect.window_features import PoolBuffer, window_features, window_scores
+from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
 
 __all__ = [
     "DetectSettings",
@@ -130,6 +130,7 @@ def detect_image(
         (the SVMs) and ``nms`` (thresholds, NMS, box regression).
     """
     timings: dict[str, float] = {"pool": 0.0, "fc": 0.0, "score": 0.0, "nms": 0.0}
+    buffer = buffer if buffer is not None else PoolBuffer()
     windows = torch.nonzero(~image.is_gt).flatten()
     scores = window_scores(image, model.scores, model.layer, model.head, windows, device=device, buffer=buffer,
                            timings=timings).cpu()  # [N, C]
@@ -144,7 +145,8 @@ def detect_image(
     if settings.bbox:
         if model.regressor is None:
             raise ValueError("box regression asked for, but the model has no box regressors (train-svm --bbox)")
-        pooled = window_features(image, "pool", None, windows[rows], device=device)
+        kept = windows[rows]
+        pooled = image.features(kept, device, out=buffer.get(len(kept), feature_dim(image, "pool", None), device))
         out_boxes = clip_boxes(model.regressor.predict(pooled.cpu(), out_boxes, labels).float(), image.width, image.height)
         keep = _per_class_nms(out_boxes, out_scores, labels, settings.nms_threshold, settings.max_per_image)
         out_boxes, out_scores, labels = out_boxes[keep], out_scores[keep], labels[keep]

@@ -71,13 +71,14 @@ class BoxRegressor:
         ``labels`` (``Tensor[N]`` int64)."""
         if len(boxes) == 0:
             return boxes.new_zeros((0, 4))
-        x = torch.cat([features * self.feature_scale, features.new_ones((len(features), 1))], dim=1)  # [N, D+1]
         out = boxes.to(features.dtype).clone()
         for c in labels.unique().tolist():  # one matrix product per class present
             if not bool(self.trained[c]):
                 continue  # no samples for this class: boxes stay as they are
             rows = torch.nonzero(labels == c).flatten()
-            whitened = x[rows] @ self.weights[c].to(x)  # [K, 4]
+            # [K, D+1] built per class (not for all N at once: N x D floats is ~100 MB per 1,000)
+            x = torch.cat([features[rows] * self.feature_scale, features.new_ones((len(rows), 1))], dim=1)
+            whitened = x @ self.weights[c].to(x)  # [K, 4]
             deltas = whitened @ self.unwhiten[c].to(x) + self.mean[c].to(x)
             out[rows] = decode_boxes(out[rows], deltas)
         return out
