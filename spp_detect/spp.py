@@ -14,8 +14,8 @@ Two implementations compute exactly these bins, in integer arithmetic, for any l
   pyramid (1, 2, 3 of 6) is the max over groups of the finer level's bins: bin ``i`` of
   ``n = m / k`` covers ``[floor(i k w / m), ceil((i + 1) k w / m))``, the union of bins
   ``i k .. i k + k - 1`` of level ``m``. The map is read once per window for the paper's
-  pyramid instead of four times. ``bench/detect_speed.py``: 2,000 windows at 1 scale in a
-  fraction of the conv pass; today's cost is mostly writing the output.
+  pyramid instead of four times. ``bench/spp_pool.py``: 2,000 windows in ~44 ms into a
+  reused buffer on 2 cores, ~10 ms of it arithmetic; the rest is writing the 205 MB output.
 * **roi_pool** (other devices, and whenever autograd needs a gradient through the op,
   :func:`_pool_roi`): ``torchvision.ops.roi_pool`` with ``spatial_scale = 1`` on integer cell
   boxes computes the bins as ``floor(i * (w / n))`` / ``ceil((i + 1) * (w / n))`` in float32.
