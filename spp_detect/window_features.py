@@ -142,10 +142,7 @@ def window_features(
         batch_size: distinct windows pooled and run through the head at once.
         buffer: where each batch is pooled (default: a new one for this call).
     """
-    if layer not in FEATURE_LAYERS:
-        raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
-    if layer != "pool" and head is None:
-        raise ValueError(f"features of {layer} need a fine-tuned head")
+    _check_layer(layer, head)
     if layer == "pool":  # the result is the pooled matrix itself: pool into it directly
         if indices is None:
             indices = torch.arange(len(image))
@@ -177,10 +174,7 @@ def window_scores(
             (e.g. ``svm.train.SVMModel.scores``); it may scale its input in place.
         timings: when given, seconds are added to its ``pool``, ``fc`` and ``score`` keys.
     """
-    if layer not in FEATURE_LAYERS:
-        raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
-    if layer != "pool" and head is None:
-        raise ValueError(f"features of {layer} need a fine-tuned head")
+    _check_layer(layer, head)
 
     def run(pooled: Tensor) -> Tensor:
         start = time.perf_counter()
@@ -191,6 +185,13 @@ def window_scores(
         return scores
 
     return _per_window(image, run, indices, batch_size, device, buffer, None, timings)
+
+
+def _check_layer(layer: str, head: SPPHead | None) -> None:
+    if layer not in FEATURE_LAYERS:
+        raise ValueError(f"unknown feature layer {layer!r}; choose from {FEATURE_LAYERS}")
+    if layer != "pool" and head is None:
+        raise ValueError(f"features of {layer} need a fine-tuned head")
 
 
 def _per_window(
