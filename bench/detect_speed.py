@@ -22,7 +22,9 @@ rerun): its accuracy does not matter here, only its shape and a realistic score
 distribution for NMS. ``--model`` takes any train-svm folder instead.
 
 Also checked in the same run: the scores ``detect`` computes equal, value for value, those
-of the plain path (torchvision ``roi_pool`` on every window, whole matrices, no buffer).
+of the plain path (torchvision ``roi_pool`` on every window, whole matrices, no buffer);
+and ``detect --precision bf16`` is timed on the ~2,000-window caches
+(``detect_s_*_bf16``; its mAP cost is measured by ``bench.redetect --precision bf16``).
 
 Ratios (JSON keys as the issue names them): ``pool_over_conv_1scale`` = pooling /
 bare conv; ``total_over_conv_plus_fc_{1,5}scale`` = ``detect`` total / (bare conv + bare fc);
@@ -168,6 +170,17 @@ def main() -> None:
             res[f"distinct_windows_{tag}"] = distinct
             res[f"total_over_conv_plus_fc_{tag}"] = total / (conv + fc)
             res[f"end_to_end_over_conv_plus_fc_{tag}"] = (conv + total) / (conv + fc)
+            if count_name == "padded":  # the same, with detect --precision bf16 (fc6 + fc7 in bfloat16)
+                bf16_dir = work / f"dets-{name}-{count_name}-bf16"
+                shutil.rmtree(bf16_dir, ignore_errors=True)
+                low = run_detect(cache_dir, bf16_dir, model, DetectSettings(bbox=True, precision="bf16"),
+                                 model_key=read_manifest(model_dir)["key"], device=device)
+                low_per = {k: v / low.done for k, v in low.timings.items()}
+                low_total = low.seconds / low.done
+                res[f"detect_s_{name}_bf16"] = {**low_per, "total": low_total}
+                res[f"total_over_conv_plus_fc_{name}_bf16"] = low_total / (conv + fc)
+                table.append((f"{tag}: detect --precision bf16: fc; total",
+                              f"{low_per['fc'] * 1e3:8.1f} ms; {low_total:.3f} s ({low_total / (conv + fc):.2f}x conv + fp32 fc)"))
             if count_name == "padded":
                 res[f"pool_over_conv_{name}"] = per["pool"] / conv
                 res[f"extract_images_per_s_{name}"] = 1.0 / extract

@@ -2,9 +2,11 @@
 folder with the current code, and compare with the stored per-image results, array for
 array (boxes, scores, labels). Identical results mean an unchanged mAP: this is how a
 change to the feature path (pooling kernel, batching, buffers) is shown not to move
-the detection benchmark.
+the detection benchmark. With ``--precision bf16`` the folders of fine-tuned heads are
+re-run with bf16 fc layers instead, and the VOC07 mAP of both is reported (the option's
+accuracy cost), with the fc seconds per image of each.
 
-    python -m bench.redetect [--work runs/bench-detection] [--json bench/results/redetect.json]
+    python -m bench.redetect [--work runs/bench-detection] [--precision fp32] [--json bench/results/redetect.json]
 
 About 2 minutes for the 12 folders of the default bench.detection run (60 test images).
 """
@@ -18,8 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import machine, write_json
-from spp_detect.detect import DetectSettings, run_detect
+from bench.common import VOC_ROOT, machine, write_json
+from eval.results import ClassDetections
+from eval.voc import evaluate_voc
+from spp_detect.datasets.voc import VOC_CLASSES, read_voc
+from spp_detect.detect import DetectSettings, load_detections, run_detect
 from spp_detect.stage_dir import read_manifest
 from svm.train import load_svm
 
@@ -27,28 +32,49 @@ from svm.train import load_svm
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     keyed = lambda pattern: {read_manifest(p)["key"]: p for p in args.work.glob(pattern)  # noqa: E731
                              if (p / "manifest.json").is_file()}
     caches, models = keyed("feat-*"), keyed("svm-*")
-    result: dict[str, object] = {"machine": machine(), "work": str(args.work), "folders": {}}
+    result: dict[str, object] = {"machine": machine(), "work": str(args.work), "precision": args.precision,
+                                 "folders": {}}
+    test_images = {im.image_id: im for im in read_voc(VOC_ROOT, "test")}
     for det in sorted(args.work.glob("dets-*")):
         config = read_manifest(det)["config"]
         if config["cache"] not in caches or config["model"] not in models:
             continue
+        model = load_svm(models[config["model"]])
+        if args.precision != "fp32" and model.head is None:
+            continue  # the option applies to fc layers only
+        settings = DetectSettings(**{**config["settings"], "precision": args.precision})
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            run_detect(caches[config["cache"]], tmp, load_svm(models[config["model"]]),
-                       DetectSettings(**config["settings"]), model_key=config["model"])
+            summary = run_detect(caches[config["cache"]], tmp, model, settings, model_key=config["model"])
             stored = sorted(det.glob("*.npz"))
             differ = [p.name for p in stored if not _same(p, Path(tmp) / p.name)]
-        result["folders"][det.name] = {"images": len(stored), "differing_images": differ,
-                                       "identical": not differ, "seconds": time.perf_counter() - start}
-        print(f"{det.name}: {len(stored)} images, {'identical' if not differ else f'{len(differ)} differ'}", flush=True)
+            entry = {"images": len(stored), "differing_images": differ, "identical": not differ,
+                     "seconds": time.perf_counter() - start, "fc_s_per_image": summary.timings["fc"] / summary.done}
+            if args.precision != "fp32":
+                images = [test_images[p.stem] for p in stored]
+                entry["map_stored"], entry["map_now"] = _map(det, images), _map(Path(tmp), images)
+        result["folders"][det.name] = entry
+        print(f"{det.name}: {len(stored)} images, {'identical' if not differ else f'{len(differ)} differ'}"
+              + (f", mAP {entry['map_stored']:.4f} -> {entry['map_now']:.4f}" if "map_now" in entry else ""), flush=True)
     result["all_identical"] = all(f["identical"] for f in result["folders"].values())
+    if args.precision != "fp32":
+        changes = [f["map_now"] - f["map_stored"] for f in result["folders"].values()]
+        result["map_change_max_abs"] = max(abs(c) for c in changes)
+        result["map_change_mean"] = sum(changes) / len(changes)
+        print(f"mAP change: mean {result['map_change_mean']:+.4f}, largest {result['map_change_max_abs']:.4f}")
     print(f"all identical: {result['all_identical']}")
     write_json(args.json, result)
+
+
+def _map(folder: Path, images) -> float:
+    dets = {name: ClassDetections(*arrays) for name, arrays in load_detections(folder, VOC_CLASSES).items()}
+    return evaluate_voc(dets, images).map
 
 
 def _same(a: Path, b: Path) -> bool:

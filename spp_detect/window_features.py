@@ -102,14 +102,14 @@ class PoolBuffer:
     """
 
     def __init__(self) -> None:
-        self._tensor: Tensor | None = None
+        self._tensors: dict[torch.dtype, Tensor] = {}
 
-    def get(self, rows: int, dim: int, device: torch.device | str) -> Tensor:
-        """A ``Tensor[rows, dim]`` float32 on ``device`` (contents undefined)."""
+    def get(self, rows: int, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
+        """A ``Tensor[rows, dim]`` of ``dtype`` on ``device`` (contents undefined); one buffer per dtype."""
         device = torch.device(device)
-        t = self._tensor
+        t = self._tensors.get(dtype)
         if t is None or t.shape[0] < rows or t.shape[1] != dim or t.device != device:
-            self._tensor = t = torch.empty((max(rows, 1), dim), device=device)
+            self._tensors[dtype] = t = torch.empty((max(rows, 1), dim), device=device, dtype=dtype)
         return t[:rows]
 
 
@@ -178,12 +178,19 @@ def window_scores(
 
     def run(pooled: Tensor) -> Tensor:
         start = time.perf_counter()
-        feats = pooled if layer == "pool" else head.features(pooled, layer, overwrite_input=True)
+        if layer == "pool":
+            feats = pooled
+        else:
+            dtype = head.fc6.weight.dtype  # a bf16 head (detect --precision bf16) takes bf16 input
+            if dtype != pooled.dtype:
+                pooled = buffer.get(len(pooled), pooled.shape[1], device, dtype).copy_(pooled)
+            feats = head.features(pooled, layer, overwrite_input=True).float()
         start = _add_time(timings, "fc", start, device)
         scores = scorer(feats, overwrite_input=True)
         _add_time(timings, "score", start, device)
         return scores
 
+    buffer = buffer if buffer is not None else PoolBuffer()
     return _per_window(image, run, indices, batch_size, device, buffer, None, timings)
 
 

@@ -3,6 +3,8 @@ fine-tuning, detection, and the crop-warp baseline."""
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 
@@ -16,7 +18,7 @@ from eval.results import read_detections
 from spp_detect.box_coder import decode_boxes, encode_boxes
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
-from spp_detect.detect import _per_class_nms
+from spp_detect.detect import DetectSettings, _per_class_nms
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, _round_batches, collect_training_windows, run_finetune
 from spp_detect.head import SPPHead, load_head
@@ -127,6 +129,23 @@ def test_window_features_and_scores_keep_the_callers_order(train_cache):
         got = window_scores(image, scorer, "fc7", head, windows, batch_size=64, buffer=buffer, timings=timings)
         assert torch.allclose(got, scorer(fc7), atol=1e-5)
         assert set(timings) == {"pool", "fc", "score"} and min(timings.values()) > 0
+
+
+def test_bf16_head_scores_close_to_fp32_and_settings_check_precision(train_cache):
+    image = FeatureCache(train_cache).load(FeatureCache(train_cache).image_ids[0])
+    head = SPPHead(image.features(torch.tensor([0])).shape[1], 32, input_scale=0.01).eval()
+    weights = torch.randn(32, 4, generator=torch.Generator().manual_seed(2))
+
+    def scorer(x: torch.Tensor, overwrite_input: bool = False) -> torch.Tensor:
+        assert x.dtype == torch.float32  # the SVMs always see float32 features
+        return x @ weights
+
+    exact = window_scores(image, scorer, "fc7", head)
+    rounded = window_scores(image, scorer, "fc7", copy.deepcopy(head).to(torch.bfloat16))
+    assert not torch.equal(rounded, exact)  # it really ran in bf16
+    assert torch.allclose(rounded, exact, rtol=0.05, atol=0.05 * float(exact.abs().mean()))
+    with pytest.raises(ValueError, match="precision must be one of"):
+        DetectSettings(precision="fp16")
 
 
 def test_crop_warp_cache_pools_each_crop_whole(voc_root, tmp_path):
