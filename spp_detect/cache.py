@@ -194,8 +194,8 @@ class CachedImage:
 
         Each window is pooled on the map of its own scale, or of ``scale_index``
         (``Tensor[K]``) when given; the loop runs over scales, never over windows. ``out``:
-        an optional float32 buffer on ``device`` with at least ``K`` rows; its first ``K``
-        rows are written and returned (a reused buffer spares allocating and page-faulting
+        an optional float32 (or bfloat16: values rounded) buffer on ``device`` with at least
+        ``K`` rows; its first ``K`` rows are written and returned (a reused buffer spares allocating and page-faulting
         ~100 MB per 1,000 windows).
         """
         device = torch.device(device) if device is not None else self.maps[0].device
@@ -205,8 +205,9 @@ class CachedImage:
         dim = self.maps[0].shape[0] * sum(n * n for n in self.levels)
         if out is None:
             out = torch.empty((len(indices), dim), device=device)
-        elif out.shape[0] < len(indices) or out.shape[1:] != (dim,) or out.device != device or out.dtype != torch.float32:
-            raise ValueError(f"out must be a float32 buffer of at least {len(indices)} x {dim} on {device}")
+        elif (out.shape[0] < len(indices) or out.shape[1:] != (dim,) or out.device != device
+              or out.dtype not in (torch.float32, torch.bfloat16)):
+            raise ValueError(f"out must be a float32 or bfloat16 buffer of at least {len(indices)} x {dim} on {device}")
         else:
             out = out[: len(indices)]
         if scale_index is None:

@@ -88,9 +88,10 @@ def spatial_pyramid_pool(
         cells: ``Tensor[N, 4]`` integer, inclusive cell ranges ``(x0, y0, x1, y1)`` with
             ``0 <= x0 <= x1 < W`` and ``0 <= y0 <= y1 < H`` (:func:`spp_detect.windows.windows_to_cells`).
         levels: pyramid levels ``n >= 1`` (an ``n x n`` grid each), in output order.
-        out: optional ``Tensor[N, C * sum(n * n)]`` contiguous, of ``feature_map``'s dtype and
-            device, to write into (a reused buffer spares allocating, and page-faulting,
-            hundreds of MB per image); returned.
+        out: optional ``Tensor[N, C * sum(n * n)]`` contiguous, of ``feature_map``'s dtype (or
+            bfloat16: each value rounded to nearest, as ``.to(torch.bfloat16)``, half the bytes
+            to write) and device, to write into (a reused buffer spares allocating, and
+            page-faulting, hundreds of MB per image); returned.
 
     Returns:
         ``Tensor[N, C * sum(n * n)]``, same dtype and device as ``feature_map``: level by
@@ -110,9 +111,10 @@ def spatial_pyramid_pool(
     channels, height, width = feature_map.shape
     num = cells.shape[0]
     shape = (num, channels * pyramid_bins(levels))
-    if out is not None and (tuple(out.shape) != shape or out.dtype != feature_map.dtype
+    if out is not None and (tuple(out.shape) != shape or out.dtype not in (feature_map.dtype, torch.bfloat16)
                             or out.device != feature_map.device or not out.is_contiguous()):
-        raise ValueError(f"out must be a contiguous {feature_map.dtype} tensor of shape {shape} on {feature_map.device}")
+        raise ValueError(f"out must be a contiguous {feature_map.dtype} (or bfloat16) tensor of shape {shape} "
+                         f"on {feature_map.device}")
     if num == 0:
         return out if out is not None else feature_map.new_zeros(shape)
     _check_cells(cells, height, width)
@@ -149,49 +151,58 @@ def _pool_cpu(feature_map: Tensor, cells: Tensor, levels: tuple[int, ...], out: 
         out = torch.empty((cells.shape[0], channels * pyramid_bins(levels)), dtype=feature_map.dtype)
     threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
-    _spp_kernel(hwc.numpy(), cells.to(torch.int64).contiguous().numpy(), *_pyramid_plan(levels, channels),
-                out.detach().numpy())
+    args = (hwc.numpy(), cells.to(torch.int64).contiguous().numpy(), *_pyramid_plan(levels, channels))
+    if out.dtype == torch.bfloat16:  # rounded as torch rounds float32 to bfloat16
+        if hwc.dtype != torch.float32:
+            args = (hwc.float().numpy(), *args[1:])
+        _spp_kernel_bf16(*args, out.detach().view(torch.int16).numpy().view(np.uint16))
+    else:
+        _spp_kernel(*args, out.detach().numpy())
     return out
 
 
 # fastmath nnan/ninf lets LLVM use the vector max instruction; every value pooled is a map
 # value and the max of finite numbers is exact, so this changes no result on finite maps.
+@numba.njit(cache=True, fastmath={"nnan", "ninf"}, inline="always")
+def _pool_window(fmap, x0, y0, w, h, distinct, source, rows, bins):  # pragma: no cover - compiled
+    """The bins of every distinct level of one window into ``bins`` ``[sum n*n, C]``."""
+    num_channels = fmap.shape[2]
+    for j in range(distinct.shape[0]):
+        n = distinct[j]
+        if source[j] < 0:  # max over the bin's cells
+            for by in range(n):
+                ys, ye = y0 + (by * h) // n, y0 + ((by + 1) * h + n - 1) // n
+                for bx in range(n):
+                    xs, xe = x0 + (bx * w) // n, x0 + ((bx + 1) * w + n - 1) // n
+                    acc = bins[rows[j] + by * n + bx]
+                    acc[:] = fmap[ys, xs]
+                    for y in range(ys, ye):
+                        for x in range(xs, xe):
+                            cell = fmap[y, x]
+                            for c in range(num_channels):
+                                acc[c] = max(acc[c], cell[c])
+        else:  # max over k x k bins of the finer level m = k n
+            m = distinct[source[j]]
+            k = m // n
+            for by in range(n):
+                for bx in range(n):
+                    acc = bins[rows[j] + by * n + bx]
+                    acc[:] = bins[rows[source[j]] + by * k * m + bx * k]
+                    for dy in range(k):
+                        for dx in range(k):
+                            fine = bins[rows[source[j]] + (by * k + dy) * m + bx * k + dx]
+                            for c in range(num_channels):
+                                acc[c] = max(acc[c], fine[c])
+
+
 @numba.njit(parallel=True, cache=True, fastmath={"nnan", "ninf"})
 def _spp_kernel(fmap, cells, distinct, source, rows, out_level, out_column, out):  # pragma: no cover - compiled
     num_channels = fmap.shape[2]
-    scratch_rows = 0
-    for j in range(distinct.shape[0]):
-        scratch_rows += distinct[j] * distinct[j]
+    bins_rows = rows[-1] + distinct[-1] * distinct[-1]
     for i in numba.prange(cells.shape[0]):
         x0, y0 = cells[i, 0], cells[i, 1]
-        w, h = cells[i, 2] - x0 + 1, cells[i, 3] - y0 + 1
-        bins = np.empty((scratch_rows, num_channels), dtype=fmap.dtype)
-        for j in range(distinct.shape[0]):
-            n = distinct[j]
-            if source[j] < 0:  # max over the bin's cells
-                for by in range(n):
-                    ys, ye = y0 + (by * h) // n, y0 + ((by + 1) * h + n - 1) // n
-                    for bx in range(n):
-                        xs, xe = x0 + (bx * w) // n, x0 + ((bx + 1) * w + n - 1) // n
-                        acc = bins[rows[j] + by * n + bx]
-                        acc[:] = fmap[ys, xs]
-                        for y in range(ys, ye):
-                            for x in range(xs, xe):
-                                cell = fmap[y, x]
-                                for c in range(num_channels):
-                                    acc[c] = max(acc[c], cell[c])
-            else:  # max over k x k bins of the finer level m = k n
-                m = distinct[source[j]]
-                k = m // n
-                for by in range(n):
-                    for bx in range(n):
-                        acc = bins[rows[j] + by * n + bx]
-                        acc[:] = bins[rows[source[j]] + by * k * m + bx * k]
-                        for dy in range(k):
-                            for dx in range(k):
-                                fine = bins[rows[source[j]] + (by * k + dy) * m + bx * k + dx]
-                                for c in range(num_channels):
-                                    acc[c] = max(acc[c], fine[c])
+        bins = np.empty((bins_rows, num_channels), dtype=fmap.dtype)
+        _pool_window(fmap, x0, y0, cells[i, 2] - x0 + 1, cells[i, 3] - y0 + 1, distinct, source, rows, bins)
         for lv in range(out_level.shape[0]):  # transpose [n*n, C] -> [C, n*n] into the output row
             j = out_level[lv]
             nn = distinct[j] * distinct[j]
@@ -199,6 +210,27 @@ def _spp_kernel(fmap, cells, distinct, source, rows, out_level, out_column, out)
             for c in range(num_channels):
                 for b in range(nn):
                     out[i, base + c * nn + b] = bins[rows[j] + b, c]
+
+
+@numba.njit(parallel=True, cache=True, fastmath={"nnan", "ninf"})
+def _spp_kernel_bf16(fmap, cells, distinct, source, rows, out_level, out_column, out):  # pragma: no cover - compiled
+    """:func:`_spp_kernel` writing bfloat16 bit patterns (``uint16``) of float32 bins, rounded
+    to nearest, ties to even (as ``torch.Tensor.to(torch.bfloat16)``; maps hold no NaN)."""
+    num_channels = fmap.shape[2]
+    bins_rows = rows[-1] + distinct[-1] * distinct[-1]
+    for i in numba.prange(cells.shape[0]):
+        x0, y0 = cells[i, 0], cells[i, 1]
+        bins = np.empty((bins_rows, num_channels), dtype=np.float32)
+        _pool_window(fmap, x0, y0, cells[i, 2] - x0 + 1, cells[i, 3] - y0 + 1, distinct, source, rows, bins)
+        bits = bins.view(np.uint32)
+        for lv in range(out_level.shape[0]):
+            j = out_level[lv]
+            nn = distinct[j] * distinct[j]
+            base = out_column[lv]
+            for c in range(num_channels):
+                for b in range(nn):
+                    v = bits[rows[j] + b, c]
+                    out[i, base + c * nn + b] = np.uint16((v + np.uint32(0x7FFF) + ((v >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
 
 
 def _pool_roi(feature_map: Tensor, cells: Tensor, levels: tuple[int, ...]) -> Tensor:

@@ -181,17 +181,15 @@ def window_scores(
         if layer == "pool":
             feats = pooled
         else:
-            dtype = head.fc6.weight.dtype  # a bf16 head (detect --precision bf16) takes bf16 input
-            if dtype != pooled.dtype:
-                pooled = buffer.get(len(pooled), pooled.shape[1], device, dtype).copy_(pooled)
             feats = head.features(pooled, layer, overwrite_input=True).float()
         start = _add_time(timings, "fc", start, device)
         scores = scorer(feats, overwrite_input=True)
         _add_time(timings, "score", start, device)
         return scores
 
-    buffer = buffer if buffer is not None else PoolBuffer()
-    return _per_window(image, run, indices, batch_size, device, buffer, None, timings)
+    # a bf16 head (detect --precision bf16) takes windows pooled straight to bf16
+    dtype = torch.float32 if layer == "pool" else head.fc6.weight.dtype
+    return _per_window(image, run, indices, batch_size, device, buffer, None, timings, dtype)
 
 
 def _check_layer(layer: str, head: SPPHead | None) -> None:
@@ -210,6 +208,7 @@ def _per_window(
     buffer: PoolBuffer | None,
     out_dim: int | None,
     timings: dict[str, float] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """``fn`` of the pooled features of every distinct window, batch by batch (each batch
     pooled into ``buffer``), copied to every window that shares it: ``Tensor[K, out]``."""
@@ -221,7 +220,7 @@ def _per_window(
     parts = []
     for chunk in first.split(batch_size):
         start = time.perf_counter()
-        pooled = image.features(indices[chunk], device, out=buffer.get(len(chunk), dim, device))
+        pooled = image.features(indices[chunk], device, out=buffer.get(len(chunk), dim, device, dtype))
         _add_time(timings, "pool", start, device)
         parts.append(fn(pooled))
     if not parts:

@@ -110,6 +110,19 @@ def test_writes_into_a_given_buffer_and_reads_channels_last_maps():
         spatial_pyramid_pool(fmap, cells, PAPER_LEVELS, out=torch.empty(29, 6 * 50))
 
 
+def test_bfloat16_output_is_rounded_as_torch_rounds():
+    gen = torch.Generator().manual_seed(6)
+    fmap = torch.randn(5, 9, 10, generator=gen)
+    # exact ties between two bfloat16 values (low 16 bits 0x8000), with even and odd upper halves
+    ties = torch.tensor([0x3F808000, 0x3F818000, 0xBF808000, 0x40018000], dtype=torch.int64).to(torch.int32)
+    fmap.view(-1)[:4] = ties.view(torch.float32)
+    cells = torch.cat([torch.tensor([[0, 0, 0, 0], [1, 0, 1, 0], [2, 0, 2, 0], [3, 0, 3, 0]]),
+                       _random_cells(30, 9, 10, gen)])
+    out = spatial_pyramid_pool(fmap, cells, PAPER_LEVELS, out=torch.empty(len(cells), 5 * 50, dtype=torch.bfloat16))
+    expected = spp_loop(fmap, cells, PAPER_LEVELS).to(torch.bfloat16)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))
+
+
 def test_module_wraps_the_function():
     module = SpatialPyramidPool((1, 2))
     fmap, cells = torch.randn(3, 4, 4), torch.tensor([[0, 1, 3, 3]])
