@@ -8,7 +8,7 @@ accuracy cost), with the fc seconds per image of each.
 
     python -m bench.redetect [--work runs/bench-detection] [--precision fp32] [--json bench/results/redetect.json]
 
-About 2 minutes for the 12 folders of the default bench.detection run (60 test images).
+About 3 minutes for the 17 folders of runs/bench-detection here (60-100 test images each).
 """
 
 from __future__ import annotations
