@@ -237,8 +237,9 @@ def _bare_fc(cache: FeatureCache, head, device: torch.device) -> tuple[float, fl
     number of distinct windows."""
     seconds, windows = 0.0, 0
     for image in cache:
-        first, _ = distinct_windows(image, torch.nonzero(~image.is_gt).flatten())
-        pooled = image.features(torch.nonzero(~image.is_gt).flatten()[first], device)
+        windows = torch.nonzero(~image.is_gt).flatten()
+        first, _ = distinct_windows(image, windows)
+        pooled = image.features(windows[first], device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()

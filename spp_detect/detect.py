@@ -146,8 +146,6 @@ def detect_image(
                            timings=timings).cpu()  # [N, C]
     start = time.perf_counter()
     boxes = image.boxes[windows]
-    if scores.numel() == 0:
-        scores = torch.zeros((len(windows), len(model.classes)))
     rows, labels = torch.nonzero(scores > settings.score_threshold, as_tuple=True)
     cand_boxes, cand_scores = boxes[rows], scores[rows, labels]
     keep = _per_class_nms(cand_boxes, cand_scores, labels, settings.nms_threshold, settings.max_per_image)

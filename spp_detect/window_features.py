@@ -140,7 +140,8 @@ def window_features(
         layer: ``pool``, ``fc6`` or ``fc7`` (:data:`spp_detect.head.FEATURE_LAYERS`).
         head: the fine-tuned head (needed for ``fc6``/``fc7``), on ``device``.
         batch_size: distinct windows pooled and run through the head at once.
-        buffer: where each batch is pooled (default: a new one for this call).
+        buffer: where each batch is pooled for the head (default: a new one for this call).
+            ``pool`` features are returned whole, so they are pooled straight into the result.
     """
     _check_layer(layer, head)
     if layer == "pool":  # the result is the pooled matrix itself: pool into it directly
