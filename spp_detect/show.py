@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
-__all__ = ["draw_boxes"]
+__all__ = ["draw_boxes", "contact_sheet"]
 
 # 20 distinct colours (RGB), one per class index (tab20).
 _PALETTE = [
@@ -52,6 +52,35 @@ def draw_boxes(
         cv2.rectangle(canvas, (x1, ty - th - base), (x1 + tw, ty), colour, -1)
         cv2.putText(canvas, caption, (x1, ty - base), cv2.FONT_HERSHEY_SIMPLEX, font_scale, (0, 0, 0), 1, cv2.LINE_AA)
     return canvas
+
+
+def contact_sheet(images: Sequence[np.ndarray], columns: int = 3, tile_height: int = 320, gap: int = 4) -> np.ndarray:
+    """Several pictures side by side on one sheet, for a person to look at in one go.
+
+    Each ``np.ndarray[H, W, 3]`` uint8 image is resized (aspect kept, ``INTER_AREA``) to
+    ``tile_height`` rows and padded to the widest tile; tiles fill ``columns`` per row,
+    in order, separated by ``gap`` white pixels.
+
+    Returns:
+        ``np.ndarray[R, C, 3]`` uint8; ``[0, 0, 3]`` for no images.
+    """
+    if columns < 1 or tile_height < 1:
+        raise ValueError(f"contact_sheet: columns and tile_height must be positive, got {columns}, {tile_height}")
+    if len(images) == 0:
+        return np.zeros((0, 0, 3), np.uint8)
+    tiles = []
+    for image in images:
+        height, width = image.shape[:2]
+        size = (max(1, round(width * tile_height / height)), tile_height)
+        tiles.append(cv2.resize(image, size, interpolation=cv2.INTER_AREA))
+    tile_width = max(t.shape[1] for t in tiles)
+    rows = -(-len(tiles) // columns)
+    columns = min(columns, len(tiles))
+    sheet = np.full((rows * (tile_height + gap) - gap, columns * (tile_width + gap) - gap, 3), 255, np.uint8)
+    for index, tile in enumerate(tiles):
+        top, left = (index // columns) * (tile_height + gap), (index % columns) * (tile_width + gap)
+        sheet[top : top + tile_height, left : left + tile.shape[1]] = tile
+    return sheet
 
 
 def _pixels(box: np.ndarray) -> tuple[int, int, int, int]:
