@@ -2,11 +2,14 @@
 
 Runs the real stage (:func:`proposals.run_proposals`, the code behind
 ``spp-detect proposals``) on a VOC image set, then, for the first 100, 300, 1000 and 2000
-boxes of every image, the fraction of non-difficult ground-truth boxes covered by some
-box at IoU >= 0.5 and >= 0.7 (continuous IoU, :func:`spp_detect.boxes.box_iou`).
+boxes of every image and for all of its boxes ("all"), the fraction of non-difficult
+ground-truth boxes covered by some box at IoU >= 0.5 and >= 0.7 (continuous IoU,
+:func:`spp_detect.boxes.box_iou`). Files are ranked best first (the paper's order,
+:mod:`proposals.selective_search`), so "top 100" is what ``--max-boxes 100`` would keep.
 
-    .venv/bin/python -m bench.proposals --workers 2 --json bench/results/proposals-fast.json
+    .venv/bin/python -m bench.proposals --limit 60 --workers 2 --json bench/results/proposals-fast.json
     .venv/bin/python -m bench.proposals --mode opencv-quality --limit 30
+    .venv/bin/python -m bench.proposals --smoke   # 4 images, seconds
 
 Reference: selective search fast mode covers 98% of VOC2007 test objects at IoU 0.5 with
 about 2,000 boxes per image (Uijlings et al., IJCV 2013; R-CNN). Timings are wall clock
@@ -34,6 +37,8 @@ from spp_detect.datasets.voc import read_voc
 
 from bench.common import REPO_ROOT, VOC_ROOT as DEFAULT_VOC_ROOT
 
+SMOKE_IMAGES = 4
+
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -47,7 +52,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="proposals folder to (re)use; default: a temporary one")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    parser.add_argument("--smoke", action="store_true", help=f"only the first {SMOKE_IMAGES} images (seconds)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args.limit = min(args.limit or SMOKE_IMAGES, SMOKE_IMAGES)
 
     images = read_voc(args.voc_root, args.image_set, args.year)[: args.limit]
     settings = ProposalSettings(mode=args.mode, min_size=args.min_size, max_boxes=args.max_boxes)
@@ -60,7 +68,10 @@ def main(argv: list[str] | None = None) -> dict:
         wall = time.perf_counter() - start
         proposals = load_proposals(out, [image.image_id for image in images])
 
-    table = proposal_recall(images, proposals)
+    all_boxes = max([len(b) for b in proposals.values()] + [1])
+    table = proposal_recall(images, proposals, top_k=sorted({*TOP_K, all_boxes}))
+    for row in table["recall"].values():  # "all": every box of the file (after --max-boxes)
+        row["all"] = row[str(all_boxes)] if all_boxes in TOP_K else row.pop(str(all_boxes))
     counts = [len(b) for b in proposals.values()]
     result = {
         "voc_root": _display_path(args.voc_root),
@@ -101,10 +112,11 @@ def print_table(result: dict) -> None:
         f"\nselective search '{result['mode']}' on {result['num_images']} {result['image_set']} images, "
         f"{result['num_objects']} non-difficult objects"
     )
-    print("| recall | " + " | ".join(f"top {k}" for k in TOP_K) + " |")
-    print("|---|" + "---|" * len(TOP_K))
+    columns = [str(k) for k in TOP_K] + ["all"]
+    print("| recall | " + " | ".join(f"top {k}" if k != "all" else "all" for k in columns) + " |")
+    print("|---|" + "---|" * len(columns))
     for name, row in result["recall"].items():
-        print(f"| IoU {name[3:]} | " + " | ".join(f"{row[str(k)]:.3f}" for k in TOP_K) + " |")
+        print(f"| IoU {name[3:]} | " + " | ".join(f"{row[k]:.3f}" for k in columns) + " |")
     print(
         f"mean boxes/image {result['mean_boxes_per_image']:.1f}; "
         f"{result['seconds_per_image_per_worker']:.2f} s/image/worker (selective search), "

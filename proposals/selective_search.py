@@ -1,9 +1,10 @@
-"""Selective search windows for one image, as R-CNN and SPP-net used them.
+"""Selective search windows for one image, ranked as the paper ranks them.
 
 Two pure functions:
 
-* :func:`selective_search` runs OpenCV's ``cv2.ximgproc.segmentation`` selective search on
-  a BGR image at its original resolution and returns every box in OpenCV's ranking order;
+* :func:`selective_search` runs Uijlings et al.'s hierarchical grouping
+  (:mod:`proposals.grouping`, on OpenCV's Felzenszwalb segmentation) for every colour
+  space x ``k`` x strategy of a mode and returns every box, best first (below);
 * :func:`filter_boxes` applies R-CNN's post-processing: clip to the image, drop boxes
   narrower or shorter than ``min_size`` pixels, drop exact duplicates (first occurrence
   wins), cap at ``max_boxes``.
@@ -11,42 +12,54 @@ Two pure functions:
 Boxes are ``np.ndarray[N, 4]`` float32 in the project's one convention (0-based continuous
 ``(x1, y1, x2, y2)`` image pixels, see :mod:`spp_detect.boxes`).
 
-Modes (FACTS 1.11; OpenCV ``selectivesearchsegmentation.cpp``):
+"Best first" is the paper's order (FACTS 1.11: Uijlings' ``Image2HierarchicalGrouping.m``,
+R-CNN's ``selective_search_boxes.m``, IJCV 2013 section 5): in every hierarchy the
+initial segments and the merged regions get priorities ``N .. 1`` in that order (the last
+merge, the whole image, gets 1); each priority is multiplied by a uniform random number
+and all boxes of the image are sorted ascending. Regions high in a hierarchy tend to come
+first, so the first K boxes of a file are a sensible K-box budget. (OpenCV's own
+``process()`` ranks by ``rand() * level`` with level 1 for the initial segments, which its
+source calls "inverted from the paper" and which puts the smallest segments first; it is
+not used.) The random numbers come from ``np.random.default_rng(seed)``, made afresh for
+every image, so the order is a function of the image and the seed alone.
+
+Modes (one engine, three parameter sets):
 
 * ``fast`` (the default): selective search's "fast mode" as the SPP-net paper (4.1) and
-  R-CNN use it (``selective_search_boxes.m``), built from OpenCV parts: HSV + Lab, k = 50
-  and 100 with segment min size = k, sigma 0.8, strategies {colour+texture+size+fill,
-  texture+size+fill}. OpenCV's similarity and histogram code still differs from
-  Uijlings' MATLAB code, so its boxes are not the precomputed VOC07 boxes (which nobody
-  can reproduce: fast-rcnn#26, #41). On 200 VOC07 test images it covers 95.3% of objects
-  at IoU 0.5 (``bench/results/proposals-fast.json``).
-* ``opencv-fast``: OpenCV's own ``switchToSelectiveSearchFast``, which is *not* the paper's
-  fast mode: HSV + Lab, Felzenszwalb k = 150, 300, 450 (segment min size 100), sigma 0.8,
-  the same two strategies; 93.5% recall at the same speed.
-* ``opencv-quality``: OpenCV's ``switchToSelectiveSearchQuality``: adds grey, H and rgI
-  images, k = 150 .. 750 and the single fill and size strategies (about 3-4x slower).
-
-Determinism: OpenCV ranks regions by ``rand() * level`` with the C library's global
-``rand()``, so the order (and therefore which boxes survive ``max_boxes``) depends on how
-many images a process has seen before. :func:`selective_search` re-seeds the C library's
-generator with ``srand(seed)`` before each image, which makes the output a function of the
-image alone (POSIX C libraries; on other platforms the order is not reproducible).
+  R-CNN use it (``selective_search_boxes.m``, FACTS 1.11): HSV + Lab, k = 50 and 100 with
+  segment min size = k, sigma 0.8, strategies {colour+texture+size+fill,
+  texture+size+fill}. Our histograms and segmentation are not bit-identical to Uijlings'
+  MATLAB/mex code, so its boxes are not the precomputed VOC07 boxes (which nobody can
+  reproduce: fast-rcnn#26, #41); see ``bench/results/proposals-fast.json`` for recall.
+* ``opencv-fast``: the parameter set of OpenCV's ``switchToSelectiveSearchFast`` (which is
+  *not* the paper's fast mode): HSV + Lab, k = 150, 300, 450, segment min size 100
+  (``createGraphSegmentation``'s default), sigma 0.8, the same two strategies.
+* ``opencv-quality``: the parameter set of OpenCV's ``switchToSelectiveSearchQuality``:
+  HSV, Lab, grey, hue and rgI images, k = 150 .. 750 in steps of 150, min size 100,
+  strategies {colour+texture+size+fill, texture+size+fill, fill, size} (several times
+  slower).
 """
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-from functools import lru_cache
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from proposals.grouping import (
+    colour_bin_image,
+    hierarchical_grouping,
+    hierarchy_boxes,
+    hierarchy_priorities,
+    rank_hierarchy_boxes,
+    region_features,
+    segment,
+    texture_bin_image,
+)
 from spp_detect.boxes import clip_boxes, remove_small_boxes
 
 __all__ = ["MODES", "R_CNN_MIN_SIZE", "R_CNN_MAX_BOXES", "selective_search", "filter_boxes", "propose"]
-
-MODES: tuple[str, ...] = ("fast", "opencv-fast", "opencv-quality")
 
 #: R-CNN ``selective_search_boxes.m``: ``FilterBoxesWidth(boxes, 20)`` keeps boxes whose
 #: (inclusive) width and height are both at least 20 pixels.
@@ -54,25 +67,52 @@ R_CNN_MIN_SIZE = 20
 #: R-CNN and SPP-net score "about 2,000" selective-search windows per image (fast mode).
 R_CNN_MAX_BOXES = 2000
 
-#: OpenCV defaults of switchToSelectiveSearchFast/Quality(base_k=150, inc_k=150, sigma=0.8).
-_OPENCV_BASE_K, _OPENCV_INC_K, _SIGMA = 150, 150, 0.8
-#: R-CNN fast mode: k in {50, 100}, Felzenszwalb minSize = k, sigma 0.8 (FACTS 1.11).
-_R_CNN_KS = (50, 100)
+
+@dataclass(frozen=True)
+class _ModeSpec:
+    colour_spaces: tuple[str, ...]
+    ks: tuple[int, ...]
+    min_sizes: tuple[int, ...]
+    sigma: float
+    strategies: tuple[str, ...]
+
+
+_TWO_STRATEGIES = ("colour+texture+size+fill", "texture+size+fill")
+_MODE_SPECS: dict[str, _ModeSpec] = {
+    # R-CNN selective_search_boxes.m, fast mode: colorTypes {'Hsv', 'Lab'},
+    # simFunctionHandles {ColourTextureSizeFill, TextureSizeFill}, ks [50 100],
+    # minSize = k, sigma 0.8 (FACTS 1.11).
+    "fast": _ModeSpec(("hsv", "lab"), (50, 100), (50, 100), 0.8, _TWO_STRATEGIES),
+    # OpenCV selectivesearchsegmentation.cpp switchToSelectiveSearchFast(base_k=150,
+    # inc_k=150, sigma=0.8): k = base_k + i * inc_k, i = 0..2; createGraphSegmentation's
+    # default min_size 100.
+    "opencv-fast": _ModeSpec(("hsv", "lab"), (150, 300, 450), (100, 100, 100), 0.8, _TWO_STRATEGIES),
+    # switchToSelectiveSearchQuality: i = 0..4, five images, four strategies.
+    "opencv-quality": _ModeSpec(
+        ("hsv", "lab", "grey", "hue", "rgi"),
+        (150, 300, 450, 600, 750),
+        (100,) * 5,
+        0.8,
+        (*_TWO_STRATEGIES, "fill", "size"),
+    ),
+}
+MODES: tuple[str, ...] = tuple(_MODE_SPECS)
 
 
 def selective_search(image_bgr: np.ndarray, mode: str = "fast", *, seed: int = 0) -> np.ndarray:
-    """Selective search boxes of one image, in OpenCV's ranking order, unfiltered.
+    """Selective search boxes of one image, best first (the paper's order), unfiltered.
 
     Args:
         image_bgr: ``np.ndarray[H, W, 3]`` uint8, BGR (as ``cv2.imread`` returns), at the
             resolution the boxes should live in (R-CNN and SPP-net used the original).
         mode: ``"fast"``, ``"opencv-fast"`` or ``"opencv-quality"`` (see the module docstring).
-        seed: seed for the C library's ``rand()`` that OpenCV uses to rank regions.
+        seed: seed of the ``np.random.default_rng`` that draws the ranking's random factors.
 
     Returns:
         ``np.ndarray[N, 4]`` float32, 0-based continuous ``(x1, y1, x2, y2)`` image pixels,
-        ``0 <= x1 < x2 <= W``, ``0 <= y1 < y2 <= H``; OpenCV's ``(x, y, w, h)`` rectangle
-        covers pixels ``x .. x + w - 1``, i.e. the interval ``[x, x + w)``.
+        ``0 <= x1 < x2 <= W``, ``0 <= y1 < y2 <= H``, every hierarchy's boxes (duplicates
+        included) ranked best first; a region whose pixels span columns ``a .. b`` has
+        ``x1 = a, x2 = b + 1``.
 
     Raises:
         ValueError: the image is not a non-empty ``[H, W, 3]`` uint8 array, or ``mode`` is
@@ -85,20 +125,39 @@ def selective_search(image_bgr: np.ndarray, mode: str = "fast", *, seed: int = 0
         raise ValueError(f"selective_search: expected a non-empty uint8 image, got {image_bgr.dtype} {image_bgr.shape}")
     if mode not in MODES:
         raise ValueError(f"selective_search: unknown mode {mode!r}; choose from {list(MODES)}")
+    spec = _MODE_SPECS[mode]
+    image_bgr = np.ascontiguousarray(image_bgr)
+    boxes, priorities = [], []
+    for space in spec.colour_spaces:
+        image, ranges = _colour_space(image_bgr, space)
+        colour_bins, texture_bins = colour_bin_image(image, ranges), texture_bin_image(image)
+        for k, min_size in zip(spec.ks, spec.min_sizes):
+            features = region_features(segment(image, spec.sigma, k, min_size), colour_bins, texture_bins)
+            for strategy in spec.strategies:
+                _, bounds = hierarchical_grouping(features, strategy)
+                boxes.append(hierarchy_boxes(bounds))  # [initial; merged]
+                priorities.append(hierarchy_priorities(len(bounds)))
+    return rank_hierarchy_boxes(boxes, priorities, np.random.default_rng(seed))
+
+
+def _colour_space(image_bgr: np.ndarray, space: str) -> tuple[np.ndarray, tuple[int, ...]]:
+    """``(image [H, W, C] uint8, values per channel)``: OpenCV's 8-bit conversions (hue is 0..179)."""
     import cv2
 
-    segmentation = cv2.ximgproc.segmentation
-    search = segmentation.createSelectiveSearchSegmentation()
-    search.setBaseImage(np.ascontiguousarray(image_bgr))
-    if mode == "opencv-fast":
-        search.switchToSelectiveSearchFast(_OPENCV_BASE_K, _OPENCV_INC_K, _SIGMA)
-    elif mode == "opencv-quality":
-        search.switchToSelectiveSearchQuality(_OPENCV_BASE_K, _OPENCV_INC_K, _SIGMA)
-    else:
-        _configure_rcnn_fast(search, image_bgr, cv2)
-    _c_srand(seed)
-    rects = np.asarray(search.process(), dtype=np.float32).reshape(-1, 4)  # [N, 4] (x, y, w, h)
-    return np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)  # [N, 4] xyxy
+    if space in ("hsv", "hue"):
+        hsv = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV)
+        return (hsv, (180, 256, 256)) if space == "hsv" else (np.ascontiguousarray(hsv[:, :, :1]), (180,))
+    if space == "lab":
+        return cv2.cvtColor(image_bgr, cv2.COLOR_BGR2Lab), (256, 256, 256)
+    grey = cv2.cvtColor(image_bgr, cv2.COLOR_BGR2GRAY)
+    if space == "grey":
+        return grey[:, :, None], (256,)
+    # rgI as OpenCV's switchToSelectiveSearchQuality builds it: normalised r and g, intensity.
+    rgb_sum = image_bgr.astype(np.float32).sum(axis=2)  # [H, W]
+    safe = np.where(rgb_sum > 0, rgb_sum, 1.0)
+    r = np.clip(image_bgr[:, :, 2] * 255.0 / safe, 0, 255).astype(np.uint8)
+    g = np.clip(image_bgr[:, :, 1] * 255.0 / safe, 0, 255).astype(np.uint8)
+    return np.ascontiguousarray(np.stack([r, g, grey], axis=2)), (256, 256, 256)
 
 
 def filter_boxes(
@@ -171,39 +230,3 @@ def propose(
         gain = np.array([width / size[0], height / size[1]] * 2, dtype=np.float32)
         boxes = boxes * gain
     return filter_boxes(boxes, width, height, min_size, max_boxes)
-
-
-def _configure_rcnn_fast(search, image_bgr: np.ndarray, cv2) -> None:
-    # R-CNN selective_search_boxes.m, fast mode: colorTypes {'Hsv', 'Lab'},
-    # simFunctionHandles {ColourTextureSizeFill, TextureSizeFill}, ks [50 100], sigma 0.8,
-    # minSize = k for the Felzenszwalb segmentation.
-    segmentation = cv2.ximgproc.segmentation
-    search.clearImages()
-    search.clearGraphSegmentations()
-    search.clearStrategies()
-    search.addImage(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2HSV))
-    search.addImage(cv2.cvtColor(image_bgr, cv2.COLOR_BGR2Lab))
-    for k in _R_CNN_KS:
-        search.addGraphSegmentation(segmentation.createGraphSegmentation(_SIGMA, float(k), k))
-    colour = segmentation.createSelectiveSearchSegmentationStrategyColor
-    texture = segmentation.createSelectiveSearchSegmentationStrategyTexture
-    size = segmentation.createSelectiveSearchSegmentationStrategySize
-    fill = segmentation.createSelectiveSearchSegmentationStrategyFill
-    search.addStrategy(segmentation.createSelectiveSearchSegmentationStrategyMultiple(colour(), texture(), size(), fill()))
-    search.addStrategy(segmentation.createSelectiveSearchSegmentationStrategyMultiple(texture(), size(), fill()))
-
-
-@lru_cache(maxsize=1)
-def _libc_srand():
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else ctypes.CDLL(None)
-        return libc.srand
-    except (OSError, AttributeError):
-        return None
-
-
-def _c_srand(seed: int) -> None:
-    srand = _libc_srand()
-    if srand is not None:
-        srand(ctypes.c_uint(seed & 0xFFFFFFFF))
