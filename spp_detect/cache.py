@@ -263,8 +263,9 @@ class FeatureCache:
         spec = get_backbone(self.backbone)
         self.stride, self.offset = spec.stride, spec.offset
         self.channels: int = spec.channels
-        #: class names the ground-truth labels index (VOC's, in the devkit's order)
-        self.classes: tuple[str, ...] = tuple(config.get("classes", VOC_CLASSES))
+        #: class names the ground-truth labels index, as the dataset gave them to extract;
+        #: caches made before extract recorded them hold VOC's 20 (the only source then)
+        self.classes: tuple[str, ...] = tuple(config["classes"]) if "classes" in config else VOC_CLASSES
 
     @property
     def feature_dim(self) -> int:

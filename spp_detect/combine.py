@@ -25,6 +25,7 @@ import torch
 from torchvision.ops import batched_nms
 
 from spp_detect.cache import FeatureCache
+from spp_detect.datasets.registry import class_difference
 from spp_detect.detect import DetectSettings, Scorer, detect_image, write_image_detections
 from spp_detect.labels import class_overlaps
 from spp_detect.tensor_io import load_tensors, save_tensors
@@ -143,6 +144,9 @@ def fit_calibration(
     per_class_correct: list[list[np.ndarray]] = [[] for _ in classes]
     for folder in cache_folders:
         cache = FeatureCache(folder)
+        difference = class_difference(classes, cache.classes)
+        if difference is not None:
+            raise ValueError(f"{folder} holds other classes than the model ({difference}): calibrate on its own training caches")
         ids = cache.image_ids
         for image_id in progress(ids) if progress else ids:
             image = cache.load(image_id)

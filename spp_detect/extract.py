@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from spp_detect.backbones import NORMALIZATIONS, BackboneSpec, Normalization, build_trunk, get_backbone, resolve_normalization
 from spp_detect.cache import FORMAT_VERSION, cached_file_problem, write_cached_image
-from spp_detect.datasets.voc import VOCImage
+from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.images import ImageReadError, read_image
 from spp_detect.spp import PAPER_LEVELS
 from spp_detect.stage_dir import open_stage_dir, source_key
@@ -239,6 +239,7 @@ def run_extract(
     shard: tuple[int, int] = (1, 1),
     progress: Callable[[Sequence[VOCImage]], Sequence[VOCImage]] | None = None,
     skip_bad: bool = False,
+    classes: Sequence[str] = VOC_CLASSES,
 ) -> ExtractSummary:
     """Fill the feature cache ``out`` for ``images``; resumable and shardable.
 
@@ -258,6 +259,9 @@ def run_extract(
         progress: wraps the image sequence (e.g. a tqdm bar); identity if None.
         skip_bad: skip (and list in ``summary.bad``) images that cannot be read or have no
             proposals, instead of raising.
+        classes: the class names the images' ``labels`` index (the dataset's,
+            :class:`spp_detect.datasets.registry.Dataset`); stored in the manifest, from
+            which every later stage reads it. The default is what ``read_voc`` labels with.
 
     A file already in the cache that is damaged (cut short) or was written under another
     key is recomputed (``summary.redone``).
@@ -275,7 +279,8 @@ def run_extract(
     if missing and not skip_bad:
         raise KeyError(f"no proposals for {len(missing)} image(s), e.g. {missing[:5]}")
 
-    manifest = open_stage_dir(out, "extract", settings.config(proposals_key, image_set), force=force, leader=k == 1)
+    config = {**settings.config(proposals_key, image_set), "classes": list(classes)}
+    manifest = open_stage_dir(out, "extract", config, force=force, leader=k == 1)
     spec = get_backbone(settings.backbone)
     mine = list(images)[k - 1 :: n]
     summary = ExtractSummary()

@@ -41,7 +41,6 @@ import torch
 from torch import Tensor, nn
 
 from spp_detect.cache import FeatureCache
-from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.head import DROPOUT, SPPHead, save_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir
@@ -112,7 +111,7 @@ def collect_training_windows(
     fg_image, fg_window, fg_label, bg_image, bg_window = [], [], [], [], []
     for n, (index, image_id) in enumerate(pairs):
         image = caches[index].load(image_id, with_maps=False)
-        overlaps = class_overlaps(image.boxes, image.gt_boxes, image.gt_labels, len(VOC_CLASSES))
+        overlaps = class_overlaps(image.boxes, image.gt_boxes, image.gt_labels, len(caches[index].classes))
         best, cls = overlaps.max(dim=1)  # [N]
         fg = torch.nonzero(best >= fg_threshold).flatten()
         bg = torch.nonzero((best >= bg_low) & (best < fg_threshold)).flatten()
@@ -292,7 +291,8 @@ def run_finetune(
 
     torch.manual_seed(settings.seed)  # initial weights
     scale = TARGET_NORM / mean_feature_norm(caches, "pool", seed=settings.seed, device=device)
-    head = SPPHead(caches[0].feature_dim, settings.fc_dim, len(VOC_CLASSES) + 1, input_scale=scale).to(device)
+    # fc8: background + the classes the caches' data carries (open_caches checked they agree)
+    head = SPPHead(caches[0].feature_dim, settings.fc_dim, len(caches[0].classes) + 1, input_scale=scale).to(device)
     optimizer = _optimizer(head, settings)
     iteration = 0
     if (out / CHECKPOINT).is_file():

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.datasets.registry import class_difference
 from spp_detect.head import FEATURE_LAYERS, SPPHead
 
 __all__ = [
@@ -46,8 +47,8 @@ def open_caches(folders: Sequence[Path | str]) -> list[FeatureCache]:
 
     Raises:
         ValueError: no folder given, or caches that cannot be mixed (another backbone,
-            pyramid, extract mode or channel count); the message names the two folders
-            and the difference.
+            pyramid, extract mode, channel count or class list); the message names the
+            two folders and the difference.
     """
     if not folders:
         raise ValueError("no feature cache given")
@@ -60,6 +61,10 @@ def open_caches(folders: Sequence[Path | str]) -> list[FeatureCache]:
                     f"caches {first.folder} and {other.folder} differ in {attr}: "
                     f"{getattr(first, attr)!r} vs {getattr(other, attr)!r}; they cannot be used together"
                 )
+        difference = class_difference(first.classes, other.classes)
+        if difference is not None:
+            raise ValueError(f"caches {first.folder} and {other.folder} have other class lists ({difference} in "
+                             f"{other.folder}); they cannot be used together")
     return caches
 
 

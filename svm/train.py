@@ -28,7 +28,6 @@ from torch import Tensor
 
 from spp_detect.boxes import box_iou
 from spp_detect.cache import CachedImage, FeatureCache
-from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.head import FEATURE_LAYERS, SPPHead, load_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest
@@ -159,7 +158,8 @@ def run_train_svm(
         summary.already_done = True
         return summary
     start = time.perf_counter()
-    num_classes = len(VOC_CLASSES)
+    classes = caches[0].classes  # the data's class list (open_caches checked the caches agree)
+    num_classes = len(classes)
     pairs = [(i, im) for i, c in enumerate(caches) for im in c.image_ids]
     summary.images = len(pairs)
 
@@ -188,7 +188,7 @@ def run_train_svm(
     active = [c for c in range(num_classes) if len(pos[c])]
     if not active:
         raise ValueError("the training caches hold no ground-truth windows: nothing to train")
-    summary.untrained = [VOC_CLASSES[c] for c in range(num_classes) if not len(pos[c])]
+    summary.untrained = [classes[c] for c in range(num_classes) if not len(pos[c])]
     if summary.untrained:
         log.warning("no positives for %s: those classes get no detector", ", ".join(summary.untrained))
 
@@ -224,10 +224,10 @@ def run_train_svm(
                 retrain(c)
     for c in active:
         if not trained[c]:
-            raise ValueError(f"no negative windows for class {VOC_CLASSES[c]}")
-    summary.positives = {VOC_CLASSES[c]: len(pos[c]) for c in range(num_classes)}
-    summary.negatives = {VOC_CLASSES[c]: len(negatives[c]) for c in range(num_classes)}
-    summary.retrains = {VOC_CLASSES[c]: retrains[c] for c in range(num_classes)}
+            raise ValueError(f"no negative windows for class {classes[c]}")
+    summary.positives = {classes[c]: len(pos[c]) for c in range(num_classes)}
+    summary.negatives = {classes[c]: len(negatives[c]) for c in range(num_classes)}
+    summary.retrains = {classes[c]: retrains[c] for c in range(num_classes)}
 
     if settings.bbox:
         feats, windows, targets, labels = (torch.cat(t) for t in zip(*bbox_parts))
@@ -235,7 +235,7 @@ def run_train_svm(
         save_tensors(out / "bbox.npz", regressor.to_tensors())
         summary.bbox_samples = len(feats)
     meta = {
-        "classes": list(VOC_CLASSES),
+        "classes": list(classes),
         "layer": settings.layer,
         "head": str(Path(head_folder).resolve()) if head is not None else None,
         "head_key": head_key,
