@@ -12,6 +12,12 @@ The VOC ground truth is converted to a COCO dataset dict:
   object is neither a true nor a false positive, as in the devkit, but the match uses
   COCO's crowd IoU (intersection over the detection's area).
 
+:func:`evaluate_coco_json` scores detections against a COCO dataset json as it is on disk
+(``evaluate --coco --coco-json``): the project's image ids (file name stems) and class names
+are mapped to the json's image and category ids, and its annotations are scored as they
+are in the file (boxes the readers clipped for training are not clipped here; ``iscrowd``
+and ``area`` are filled in where a labelling tool left them out).
+
 Everything else is pycocotools' default ``bbox`` protocol: IoU 0.50:0.05:0.95, 101 recall
 points, ``maxDets`` 1/10/100 per image and category, small/medium/large area ranges, and
 its own greedy matching (best still-unmatched box; FACTS.md section 3).
@@ -21,15 +27,17 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 
 from eval.results import ClassDetections, DetectionsError, detections_to_coco
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 
-__all__ = ["COCO_STAT_NAMES", "COCOEvaluation", "voc_to_coco", "evaluate_coco"]
+__all__ = ["COCO_STAT_NAMES", "COCOEvaluation", "voc_to_coco", "evaluate_coco", "evaluate_coco_json"]
 
 #: Names of the 12 numbers of ``COCOeval.summarize()``, in its order.
 COCO_STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -120,20 +128,67 @@ def evaluate_coco(
         DetectionsError: unknown class names or image ids in ``detections``.
     """
     from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
 
     results = detections_to_coco(detections, classes)
-    known = {image.image_id for image in images}
+    _check_image_ids(results, {image.image_id for image in images})
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = voc_to_coco(images, classes)
+        coco_gt.createIndex()
+    return _evaluate(coco_gt, results, classes, list(range(1, len(classes) + 1)))
+
+
+def evaluate_coco_json(detections: Mapping[str, ClassDetections], gt_json: Path | str) -> COCOEvaluation:
+    """Score detections with pycocotools against a COCO dataset json, read as it is.
+
+    Args:
+        detections: class name -> :class:`ClassDetections` (0-based xyxy boxes); image ids
+            are the file name stems of the json's images (what the stages name them),
+            class names its category names.
+        gt_json: the COCO dataset file (``images``, ``annotations``, ``categories``).
+
+    Returns:
+        :class:`COCOEvaluation` over the json's categories (in id order) and images.
+
+    Raises:
+        DetectionsError: class names or image ids the json does not have.
+    """
+    from pycocotools.coco import COCO
+
+    dataset = json.loads(Path(gt_json).read_text())
+    for ann in dataset.get("annotations", []):  # fields labelling tools leave out, that COCOeval reads
+        ann.setdefault("iscrowd", 0)
+        ann.setdefault("area", float(ann["bbox"][2]) * float(ann["bbox"][3]))
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO()
+        coco_gt.dataset = dataset
+        coco_gt.createIndex()
+    categories = sorted(coco_gt.dataset["categories"], key=lambda c: c["id"])
+    classes = [c["name"] for c in categories]
+    coco_ids = {PurePosixPath(im["file_name"]).stem: im["id"] for im in coco_gt.dataset["images"]}
+    results = detections_to_coco(detections, classes)  # category_id = 1 + index: mapped below
+    _check_image_ids(results, set(coco_ids))
+    for entry in results:
+        entry["image_id"] = coco_ids[entry["image_id"]]
+        entry["category_id"] = categories[entry["category_id"] - 1]["id"]
+    return _evaluate(coco_gt, results, classes, [c["id"] for c in categories])
+
+
+def _check_image_ids(results: list[dict], known: set[str]) -> None:
     unknown = sorted({r["image_id"] for r in results} - known)
     if unknown:
         shown = ", ".join(repr(u) for u in unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise DetectionsError(f"{len(unknown)} detection image id(s) not in the image set: {shown}")
 
+
+def _evaluate(coco_gt, results: list[dict], classes: Sequence[str], category_ids: Sequence[int]) -> COCOEvaluation:
+    """pycocotools' ``COCOeval`` (bbox) of COCO ``results`` against ``coco_gt``; per-class
+    numbers for ``classes``, whose category ids are ``category_ids``."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        coco_gt = COCO()
-        coco_gt.dataset = voc_to_coco(images, classes)
-        coco_gt.createIndex()
         if results:
             coco_dt = coco_gt.loadRes(results)
         else:  # loadRes cannot take an empty list (it reads anns[0])
@@ -152,8 +207,8 @@ def evaluate_coco(
     precision = coco_eval.eval["precision"]
     cat_ids = coco_eval.params.catIds
     ap, ap50, curves = {}, {}, {}
-    for name_index, name in enumerate(classes):
-        k = cat_ids.index(name_index + 1)
+    for name, category_id in zip(classes, category_ids):
+        k = cat_ids.index(category_id)
         p_all = precision[:, :, k, 0, -1]  # [T, R], area "all", maxDets 100
         ap[name] = float(p_all[p_all > -1].mean()) if (p_all > -1).any() else float("nan")
         p50 = p_all[0]
