@@ -110,12 +110,12 @@ def colour_bin_image(image: np.ndarray, ranges: tuple[int, ...]) -> np.ndarray:
             hue), split into :data:`COLOUR_BINS` equal bins.
 
     Returns:
-        ``np.ndarray[H, W, C]`` int64, bin ``c * 25 + b`` of channel ``c``.
+        ``np.ndarray[H, W, C]`` int16, bin ``c * 25 + b`` of channel ``c``.
     """
-    values = image.astype(np.int64)  # [H, W, C]
-    span = np.asarray(ranges, dtype=np.int64)
-    bins = np.minimum(values * COLOUR_BINS // span, COLOUR_BINS - 1)
-    return bins + np.arange(image.shape[2]) * COLOUR_BINS
+    values = image.astype(np.int16)  # [H, W, C]; 255 * 25 fits
+    span = np.asarray(ranges, dtype=np.int16)
+    bins = np.minimum(values * np.int16(COLOUR_BINS) // span, COLOUR_BINS - 1)
+    return (bins + np.arange(image.shape[2], dtype=np.int16) * COLOUR_BINS).astype(np.int16)
 
 
 def texture_bin_image(image: np.ndarray) -> np.ndarray:
@@ -130,7 +130,7 @@ def texture_bin_image(image: np.ndarray) -> np.ndarray:
         image: ``np.ndarray[H, W, C]`` uint8 colour-space image.
 
     Returns:
-        ``np.ndarray[H, W, 8 * C]`` int64, bin ``(c * 8 + o) * 10 + b``.
+        ``np.ndarray[H, W, 8 * C]`` int16, bin ``(c * 8 + o) * 10 + b``.
     """
     import cv2
 
@@ -140,21 +140,49 @@ def texture_bin_image(image: np.ndarray) -> np.ndarray:
     gauss = np.exp(-(x**2) / (2 * TEXTURE_SIGMA**2))
     gauss /= gauss.sum()
     deriv = -x / TEXTURE_SIGMA**2 * gauss  # d/dx of the Gaussian
-    out = np.empty((height, width, channels * TEXTURE_ORIENTATIONS), dtype=np.int64)
+    out = np.empty((height, width, channels * TEXTURE_ORIENTATIONS), dtype=np.int16)
     for c in range(channels):  # 1-5 channels, whole-image filters
         plane = image[:, :, c].astype(np.float32)
         dx = cv2.sepFilter2D(plane, cv2.CV_32F, deriv, gauss, borderType=cv2.BORDER_REFLECT)
         dy = cv2.sepFilter2D(plane, cv2.CV_32F, gauss, deriv, borderType=cv2.BORDER_REFLECT)
-        half = np.float32(np.sqrt(0.5))
-        directional = (dx, (dx + dy) * half, dy, (dy - dx) * half)  # 0, 45, 90, 135 degrees
-        for d, response in enumerate(directional):
-            for s, part in enumerate((np.maximum(response, 0), np.maximum(-response, 0))):
-                o = 2 * d + s
-                top = float(part.max())
-                scaled = part * np.float32(TEXTURE_BINS / top) if top > 0 else np.zeros_like(part)
-                bins = np.minimum(scaled.astype(np.int64), TEXTURE_BINS - 1)
-                out[:, :, c * TEXTURE_ORIENTATIONS + o] = bins + (c * TEXTURE_ORIENTATIONS + o) * TEXTURE_BINS
+        _orientation_bins(dx, dy, out, c * TEXTURE_ORIENTATIONS, TEXTURE_BINS)
     return out
+
+
+@numba.njit(cache=True)
+def _orientation_bins(dx, dy, out, first, num_bins):  # pragma: no cover - compiled
+    """Write bins of the 8 half-wave directional derivatives into ``out[:, :, first:first + 8]``.
+
+    Orientation ``o = 2 d + s``: direction ``d`` in (0, 45, 90, 135) degrees
+    (``dx``, ``(dx + dy) / sqrt 2``, ``dy``, ``(dy - dx) / sqrt 2``), ``s = 0`` the positive
+    half, ``s = 1`` the negative half; each scaled by its image maximum to ``num_bins`` bins.
+    """
+    height, width = dx.shape
+    half = np.float32(np.sqrt(0.5))
+    top = np.zeros(8, dtype=np.float32)
+    for y in range(height):
+        for x in range(width):
+            gx, gy = dx[y, x], dy[y, x]
+            responses = (gx, (gx + gy) * half, gy, (gy - gx) * half)
+            for d in range(4):
+                r = responses[d]
+                top[2 * d] = max(top[2 * d], r)
+                top[2 * d + 1] = max(top[2 * d + 1], -r)
+    gain = np.zeros(8, dtype=np.float32)
+    for o in range(8):
+        if top[o] > 0:
+            gain[o] = np.float32(num_bins / np.float64(top[o]))
+    for y in range(height):
+        for x in range(width):
+            gx, gy = dx[y, x], dy[y, x]
+            responses = (gx, (gx + gy) * half, gy, (gy - gx) * half)
+            for d in range(4):
+                r = responses[d]
+                for sgn in range(2):
+                    o = 2 * d + sgn
+                    v = max(r, np.float32(0.0)) if sgn == 0 else max(-r, np.float32(0.0))
+                    b = min(int(v * gain[o]), num_bins - 1)
+                    out[y, x, first + o] = (first + o) * num_bins + b
 
 
 def segment(image: np.ndarray, sigma: float, k: float, min_size: int) -> np.ndarray:
@@ -186,7 +214,7 @@ def region_features(labels: np.ndarray, colour_bins: np.ndarray, texture_bins: n
     sizes = np.bincount(flat, minlength=n).astype(np.float64)  # [n]
     colour = _histograms(flat, colour_bins.reshape(len(flat), -1), n, COLOUR_BINS * colour_bins.shape[2])
     texture = _histograms(flat, texture_bins.reshape(len(flat), -1), n, TEXTURE_BINS * texture_bins.shape[2])
-    bounds = _region_bounds(labels, n)
+    bounds = _region_bounds(np.ascontiguousarray(labels), n)
     left, right = labels[:, :-1].reshape(-1), labels[:, 1:].reshape(-1)
     up, down = labels[:-1, :].reshape(-1), labels[1:, :].reshape(-1)
     a = np.concatenate([left, up])
@@ -200,9 +228,18 @@ def region_features(labels: np.ndarray, colour_bins: np.ndarray, texture_bins: n
 
 def _histograms(flat_labels: np.ndarray, bins: np.ndarray, n: int, dims: int) -> np.ndarray:
     """``np.ndarray[n, dims]`` float64 L1-normalised histograms; ``bins`` is ``[HW, G]``, one bin per group."""
-    index = (flat_labels[:, None] * dims + bins).reshape(-1)
-    counts = np.bincount(index, minlength=n * dims).reshape(n, dims).astype(np.float64)
+    counts = _count_bins(np.ascontiguousarray(flat_labels), np.ascontiguousarray(bins), n, dims)
     return counts / counts.sum(axis=1, keepdims=True)
+
+
+@numba.njit(cache=True)
+def _count_bins(flat_labels, bins, n, dims):  # pragma: no cover - compiled
+    counts = np.zeros((n, dims))
+    for p in range(flat_labels.shape[0]):
+        r = flat_labels[p]
+        for g in range(bins.shape[1]):
+            counts[r, bins[p, g]] += 1.0
+    return counts
 
 
 @numba.njit(cache=True)
