@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
-from proposals.selective_search import MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, propose
+from proposals.selective_search import ENGINE, MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, propose
 from spp_detect.images import ImageReadError, read_image
 from spp_detect.stage_dir import check_file, open_stage_dir, source_key
 
@@ -64,11 +64,17 @@ class ProposalSettings:
 
     Attributes:
         mode: ``"fast"`` (the paper's fast mode, as R-CNN ran it), ``"opencv-fast"`` or
-            ``"opencv-quality"`` (OpenCV's own modes); see :mod:`proposals.selective_search`.
+            ``"opencv-quality"`` (OpenCV's parameter sets on the same engine); see
+            :mod:`proposals.selective_search`.
         min_size: drop boxes narrower or shorter than this, in pixels (R-CNN: 20).
-        max_boxes: keep at most this many boxes per image, best ranked first (R-CNN,
-            SPP-net: about 2,000).
-        seed: seed of the C ``rand()`` that OpenCV ranks regions with, set per image.
+        max_boxes: keep the first this many boxes per image (R-CNN, SPP-net: about 2,000).
+            Files are ranked best first in the paper's sense: each box's hierarchy
+            priority (1 for a hierarchy's last merge, counting up towards its initial
+            segments) times a uniform random number, ascending (Uijlings'
+            ``Image2HierarchicalGrouping.m``, R-CNN ``selective_search_boxes.m``, IJCV 2013
+            section 5; FACTS 1.11), so large merged regions tend to come first.
+        seed: seed of the ``np.random.default_rng`` that draws the ranking's random
+            factors, made afresh per image (the order depends on the image and seed only).
         max_pixels: larger images are searched on a copy shrunk to this many pixels,
             boxes scaled back (bounded memory; VOC images are at most 0.25 MP).
     """
@@ -178,6 +184,7 @@ def run_proposals(
     workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(images))))
     config = {
         "source": "selective_search",
+        "engine": ENGINE,
         **asdict(settings),
         "opencv": cv2.__version__,
         "dataset": dataset or {},

@@ -59,13 +59,16 @@ from proposals.grouping import (
 )
 from spp_detect.boxes import clip_boxes, remove_small_boxes
 
-__all__ = ["MODES", "R_CNN_MIN_SIZE", "R_CNN_MAX_BOXES", "selective_search", "filter_boxes", "propose"]
+__all__ = ["ENGINE", "MODES", "R_CNN_MIN_SIZE", "R_CNN_MAX_BOXES", "selective_search", "filter_boxes", "propose"]
 
 #: R-CNN ``selective_search_boxes.m``: ``FilterBoxesWidth(boxes, 20)`` keeps boxes whose
 #: (inclusive) width and height are both at least 20 pixels.
 R_CNN_MIN_SIZE = 20
 #: R-CNN and SPP-net score "about 2,000" selective-search windows per image (fast mode).
 R_CNN_MAX_BOXES = 2000
+#: Names the box-making code in a proposals folder's manifest, so that a folder made by
+#: an earlier engine (OpenCV's ``process()`` in OpenCV's order) is not resumed with this one.
+ENGINE = "grouping-v1: Uijlings hierarchical grouping, ranked priority x rand ascending"
 
 
 @dataclass(frozen=True)
@@ -210,9 +213,9 @@ def propose(
 
     Args:
         max_pixels: an image with more pixels is searched on a copy shrunk (``INTER_AREA``)
-            to at most this many, which bounds time and memory (OpenCV's selective search
-            needs ~1 KB per pixel); its boxes are scaled back to the original pixels before
-            filtering. ``None``: always the original (VOC images are <= 0.25 MP).
+            to at most this many, which bounds time and memory (both grow with the pixel
+            count: per-pixel histogram bins, Felzenszwalb's graph); its boxes are scaled
+            back to the original pixels before filtering. ``None``: always the original (VOC images are <= 0.25 MP).
 
     Returns:
         ``np.ndarray[K, 4]`` float32, 0-based continuous xyxy image pixels, ranked.
