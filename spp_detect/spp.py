@@ -149,8 +149,14 @@ def _pool_cpu(feature_map: Tensor, cells: Tensor, levels: tuple[int, ...], out: 
         hwc = hwc.contiguous()
     if out is None:
         out = torch.empty((cells.shape[0], channels * pyramid_bins(levels)), dtype=feature_map.dtype)
-    threads = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    torch_threads = torch.get_num_threads()
+    threads = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     numba.set_num_threads(threads)
+    if torch.get_num_threads() != torch_threads:
+        # numba's first launch of its OpenMP pool resets the process's OpenMP thread count
+        # (to NUMBA_NUM_THREADS); torch's convs sum in another order with another count, so
+        # a conv map would differ in its last bits before and after the first pooling
+        torch.set_num_threads(torch_threads)
     args = (hwc.numpy(), cells.to(torch.int64).contiguous().numpy(), *_pyramid_plan(levels, channels))
     if out.dtype == torch.bfloat16:  # rounded as torch rounds float32 to bfloat16
         if hwc.dtype != torch.float32:
