@@ -3,12 +3,24 @@
 Modules, by stage:
 
 * :mod:`spp_detect.boxes`: the box convention (0-based continuous xyxy) and box maths;
-* :mod:`spp_detect.datasets`: VOC reader (1-based boxes converted once, there);
+* :mod:`spp_detect.datasets`: VOC, COCO and plain-image readers (boxes converted once, there), one registry;
 * :mod:`spp_detect.backbones`: conv trunks with their stride and receptive-field offset;
 * :mod:`spp_detect.windows`: image window -> conv cells, and the per-window scale choice;
-* :mod:`spp_detect.spp`: spatial pyramid pooling of many windows on one conv map.
+* :mod:`spp_detect.spp`: spatial pyramid pooling of many windows on one conv map;
+* :mod:`spp_detect.model`: a trained detector as one folder; ``load_model(folder).predict(image)``.
 
 This file stays light (no torch import) so that ``spp-detect --help`` is instant.
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["__version__", "load_model"]
+
+
+def __getattr__(name: str):
+    # load_model imports torch: only when asked for
+    if name == "load_model":
+        from spp_detect.model import load_model
+
+        return load_model
+    raise AttributeError(f"module 'spp_detect' has no attribute {name!r}")

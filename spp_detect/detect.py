@@ -195,7 +195,7 @@ def run_detect(
             f"the model takes {expected}-d pooled features, but {cache_folder} gives {cache.feature_dim} "
             f"({cache.backbone}, levels {list(cache.levels)}): use a model trained on the same backbone and pyramid"
         )
-    if tuple(model.classes) != tuple(cache.classes):
+    if cache.classes and tuple(model.classes) != tuple(cache.classes):  # () : plain images, no annotations
         missing, extra = sorted(set(cache.classes) - set(model.classes)), sorted(set(model.classes) - set(cache.classes))
         raise ValueError(
             f"the model's classes differ from those of {cache_folder}: missing {missing}, extra {extra}"
