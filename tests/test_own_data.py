@@ -173,3 +173,30 @@ def test_pooling_leaves_the_torch_thread_count_alone():
             "print(torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "1"
+
+
+def test_a_broken_image_stops_extract_keeping_what_was_done_and_skip_bad_skips_it(voc_root, tmp_path):
+    from spp_detect.images import ImageReadError
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    ids = ["000001", "000015", "000040"]
+    for image_id in ids:
+        shutil.copy(voc_root / "VOC2007" / "JPEGImages" / f"{image_id}.jpg", folder / f"{image_id}.jpg")
+    data = (folder / "000015.jpg").read_bytes()
+    (folder / "000015.jpg").write_bytes(data[: len(data) // 2])  # cut short, as a failed upload
+    dataset = open_dataset(coco_json=write_coco(voc_root, ids, tmp_path / "d.json"), images=[folder])
+    settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=SCALES)
+    out = tmp_path / "cache"
+
+    def extract(**kwargs):
+        return run_extract(dataset.images, _proposals(dataset.images), out, settings, proposals_key="p",
+                           image_set=dataset.name, device=torch.device("cpu"), classes=dataset.classes, **kwargs)
+
+    with pytest.raises(ImageReadError, match=r"000015.jpg: truncated or corrupt JPEG"):
+        extract()
+    first = (out / "000001.npz").stat().st_mtime_ns  # computed before the failure: kept
+    summary = extract(skip_bad=True)
+    assert (summary.skipped, summary.done, [e.path.name for e in summary.bad]) == (1, 1, ["000015.jpg"])
+    assert (out / "000001.npz").stat().st_mtime_ns == first
+    assert FeatureCache(out).image_ids == ["000001", "000040"]
