@@ -43,7 +43,7 @@ from spp_detect.classification.features import FeatureSettings, image_features
 from spp_detect.classification.svm import train_svms
 from spp_detect.classification.train import TrainSettings, predict, run_training
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
-from spp_detect.extract import load_image_rgb, prepare_trunk
+from spp_detect.image_trunk import load_image_rgb, prepare_trunk
 
 WEIGHTS = {
     "squeezenet1_0": SHARED_DATA / "weights" / "squeezenet1_0-imagenet-deepcompression.pth",

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -52,3 +54,21 @@ def write_json(path: Path | None, payload: dict[str, object]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True))
         print(f"\nwrote {path}")
+
+
+def smoke_args(parser: argparse.ArgumentParser, **smoke: object) -> argparse.Namespace:
+    """``parser.parse_args()`` with a ``--smoke`` flag: a few images, seconds, numbers that
+    mean nothing, for the test suite (tests/test_bench_smoke.py), so that a benchmark that
+    breaks fails CI. Under ``--smoke`` each ``smoke`` value replaces its option's default
+    (an option given on the command line wins); a ``work`` folder defaults to a fresh
+    temporary one."""
+    parser.add_argument("--smoke", action="store_true", help="a few images, seconds: checks that the benchmark runs")
+    args = parser.parse_args()
+    if args.smoke:
+        for name, value in smoke.items():
+            if getattr(args, name) == parser.get_default(name):
+                setattr(args, name, value)
+        if "work" in vars(args) and args.work == parser.get_default("work"):
+            args.work = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
+            print(f"smoke run in {args.work}")
+    return args

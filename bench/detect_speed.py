@@ -56,7 +56,8 @@ from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
 from spp_detect.detect import DetectSettings, run_detect
 from spp_detect.device import resolve_device
-from spp_detect.extract import ExtractSettings, conv_maps, crop_warp_maps, load_image_rgb, prepare_trunk, run_extract
+from spp_detect.extract import ExtractSettings, crop_warp_maps, run_extract
+from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.spp import PAPER_LEVELS, _pool_roi, spatial_pyramid_pool
 from spp_detect.stage_dir import read_manifest
@@ -235,11 +236,11 @@ def _bare_fc(cache: FeatureCache, head, device: torch.device) -> tuple[float, fl
     """Seconds of fc6 + fc7 on the pooled features of each image's distinct proposal windows
     (pooled beforehand, not timed), batches of 1,024 as ``detect`` runs them; and the mean
     number of distinct windows."""
-    seconds, windows = 0.0, 0
+    seconds, distinct = 0.0, 0
     for image in cache:
-        windows = torch.nonzero(~image.is_gt).flatten()
-        first, _ = distinct_windows(image, windows)
-        pooled = image.features(windows[first], device)
+        proposals = torch.nonzero(~image.is_gt).flatten()
+        first, _ = distinct_windows(image, proposals)
+        pooled = image.features(proposals[first], device)
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
@@ -248,8 +249,8 @@ def _bare_fc(cache: FeatureCache, head, device: torch.device) -> tuple[float, fl
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - start
-        windows += len(first)
-    return seconds / len(cache), windows / len(cache)
+        distinct += len(first)
+    return seconds / len(cache), distinct / len(cache)
 
 
 @torch.inference_mode()

@@ -39,7 +39,8 @@ from spp_detect.backbones import build_trunk, resolve_normalization
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
 from spp_detect.device import resolve_device
-from spp_detect.extract import ExtractSettings, conv_maps, load_image_rgb, prepare_trunk, run_extract
+from spp_detect.extract import ExtractSettings, run_extract
+from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.spp import PAPER_LEVELS, spatial_pyramid_pool
 from spp_detect.windows import PAPER_SCALES
 

@@ -14,6 +14,7 @@ About 3 minutes for the 17 folders of runs/bench-detection here (60-100 test ima
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import tempfile
 import time
 from pathlib import Path
@@ -25,7 +26,7 @@ from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
-from spp_detect.stage_dir import read_manifest
+from spp_detect.stage_dir import read_manifest, settings_from_config
 from svm.train import load_svm
 
 
@@ -48,7 +49,8 @@ def main() -> None:
         model = load_svm(models[config["model"]])
         if args.precision != "fp32" and model.head is None:
             continue  # the option applies to fc layers only
-        settings = DetectSettings(**{**config["settings"], "precision": args.precision})
+        recorded = config.get("settings", config)  # folders made before the flat manifests nest the settings
+        settings = dataclasses.replace(settings_from_config(DetectSettings, recorded), precision=args.precision)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             summary = run_detect(caches[config["cache"]], tmp, model, settings, model_key=config["model"])

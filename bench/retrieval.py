@@ -33,7 +33,7 @@ import torch
 from bench.common import SHARED_DATA, machine, print_table, write_json
 from eval.retrieval import load_paris_ground_truth, mean_average_precision
 from spp_detect.backbones import build_trunk, resolve_normalization
-from spp_detect.extract import load_image_rgb, prepare_trunk
+from spp_detect.image_trunk import load_image_rgb, prepare_trunk
 from spp_detect.retrieval.index import IndexSettings, list_images, load_index, run_index
 from spp_detect.retrieval.search import describe_query, search
 

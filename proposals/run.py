@@ -17,7 +17,7 @@ import time
 from collections.abc import Sequence
 from contextlib import closing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -25,8 +25,9 @@ import numpy as np
 
 from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
 from proposals.selective_search import ENGINE, MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, propose
+from spp_detect.distributed import cpus_per_process
 from spp_detect.images import ImageReadError, read_image
-from spp_detect.stage_dir import check_file, open_stage_dir, source_key
+from spp_detect.stage_dir import check_file, open_stage, open_stage_dir, settings_config, source_key
 
 __all__ = [
     "BadImageError",
@@ -162,7 +163,8 @@ def run_proposals(
         settings: selective search settings (they key the folder).
         dataset: extra settings that key the folder, e.g. ``{"year": "2007",
             "image_set": "test"}``.
-        workers: worker processes (default: CPU count); 1 runs in this process.
+        workers: worker processes (default: the CPUs, shared among the processes of a
+            launched job on this machine); 1 runs in this process.
         force: recompute a folder made with other settings instead of refusing.
         skip_bad: count unreadable images in the summary instead of stopping.
         progress: show a tqdm bar (images/s) on stderr.
@@ -181,11 +183,11 @@ def run_proposals(
 
     out = Path(out)
     start = time.perf_counter()
-    workers = max(1, min(workers or os.cpu_count() or 1, max(1, len(images))))
+    workers = max(1, min(workers or cpus_per_process(), max(1, len(images))))
     config = {
         "source": "selective_search",
         "engine": ENGINE,
-        **asdict(settings),
+        **settings_config(settings),
         "opencv": cv2.__version__,
         "dataset": dataset or {},
         "boxes": "npy float32 [N, 4] 0-based continuous (x1, y1, x2, y2) image pixels",
@@ -193,19 +195,12 @@ def run_proposals(
     ids = [image.image_id for image in images]
     if len(set(ids)) != len(ids):
         raise ValueError("run_proposals: image ids repeat")
-    k, n = shard
-    if not 1 <= k <= n:
-        raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
-    open_stage_dir(out, STAGE, config, force=force, leader=k == 1)
-    images = list(images)[k - 1 :: n]
-    ids = ids[k - 1 :: n]
-    todo = [
-        _Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
-        for image in images
-        if not _finished(boxes_path(out, image.image_id))
-    ]
-    summary = ProposalsSummary(out=out, images=len(images), already_done=len(images) - len(todo), workers=workers,
-                               shard=shard)
+    stage = open_stage(out, STAGE, config, force=force, shard=shard)
+    pending, already_done, _ = stage.todo(images, lambda image: boxes_path(out, image.image_id))
+    images, ids = stage.mine(images), stage.mine(ids)
+    todo = [_Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
+            for image in pending]
+    summary = ProposalsSummary(out=out, images=len(images), already_done=already_done, workers=workers, shard=shard)
     log.info("proposals: %d images, %d to compute, %d workers, %s", len(images), len(todo), workers, config)
 
     from tqdm import tqdm

@@ -256,6 +256,13 @@ def resolve_normalization(name: str, weights: str | Path | None, input_norm: str
     return NORMALIZATIONS[get_backbone(name).norm]
 
 
+def normalization_name(name: str, weights: str | Path | None, input_norm: str = "auto") -> str:
+    """The key in :data:`NORMALIZATIONS` that :func:`resolve_normalization` picks: what a
+    stage's settings record, so that ``auto`` keys a folder by the convention it resolved to."""
+    norm = resolve_normalization(name, weights, input_norm)
+    return next(k for k, v in NORMALIZATIONS.items() if v == norm)
+
+
 def _num_classes_in(state: dict[str, Tensor], default: int) -> int:
     """Output width of the last classifier layer in a state_dict (its last 'weight')."""
     weight_keys = [k for k in state if k.endswith("weight") and state[k].ndim in (2, 4)]

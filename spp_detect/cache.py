@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import zipfile
 import zlib
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch import Tensor
 from spp_detect.backbones import get_backbone
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.spp import spatial_pyramid_pool
-from spp_detect.stage_dir import check_file, read_manifest, write_npz
+from spp_detect.stage_dir import DamagedFile, check_file, read_manifest, write_npz
 from spp_detect.windows import scale_factors, windows_to_cells
 
 __all__ = [
@@ -286,14 +287,25 @@ class FeatureCache:
 
         Raises:
             FileNotFoundError: the image is not in the cache (not extracted yet).
-            ValueError: the file was written under another manifest key (stale).
+            DamagedFile: the file is damaged, cut short or was written under another
+                manifest key (stale); one line naming it and ``spp-detect extract``, which
+                redoes it on a rerun.
         """
         path = self.path(image_id)
         if not path.is_file():
             raise FileNotFoundError(f"{image_id} is not in the feature cache {self.folder}; run extract first")
+        try:
+            return self._read(path, image_id, with_maps)
+        except DamagedFile:
+            raise
+        except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DamagedFile(path, reason, "extract") from None
+
+    def _read(self, path: Path, image_id: str, with_maps: bool) -> CachedImage:
         with np.load(path, allow_pickle=False) as data:
             if str(data["key"]) != self.key:
-                raise ValueError(f"{path} was written under other settings than {self.folder}/manifest.json")
+                raise DamagedFile(path, f"written under other settings than {self.folder}/manifest.json", "extract")
             width, height = (int(v) for v in data["image_size"])
             maps = [decode_map(data[f"map_{k}"], shape) for k, shape in enumerate(data["map_shapes"])] if with_maps else []
             if self.mode == "spp":

@@ -10,14 +10,19 @@ were trained the same way and took the plain union (``scores="raw"`` here).
 
 Detections are handled as in :func:`spp_detect.detect.load_detections`: per class,
 ``(image_ids [K] str, scores [K] float64, boxes [K, 4] float64)``, boxes 0-based xyxy.
+
+Both are stages (``spp_detect.stage_dir``): :func:`run_calibrate` fills a keyed folder
+(``calibration.npz``, ``calibration.json``) whose manifest records the detect settings it
+detected with, and :func:`run_combine` a detections folder like ``detect``'s; ``combine``
+refuses a calibration made with other detect settings than the detections it maps.
 """
 
 from __future__ import annotations
 
 import json
-
+import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,11 +31,35 @@ from torchvision.ops import batched_nms
 
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets.registry import class_difference
-from spp_detect.detect import DetectSettings, Scorer, detect_image, write_image_detections
+from spp_detect.detect import (
+    NMS_THRESHOLD,
+    DetectSettings,
+    Scorer,
+    detect_image,
+    load_detections,
+    write_image_detections,
+    write_result_files,
+)
 from spp_detect.labels import class_overlaps
+from spp_detect.stage_dir import (
+    MANIFEST,
+    atomic_write,
+    open_stage,
+    read_manifest,
+    settings_config,
+    settings_from_config,
+    source_key,
+)
 from spp_detect.tensor_io import load_tensors, save_tensors
 
 __all__ = [
+    "CalibrateSettings",
+    "CalibrateSummary",
+    "run_calibrate",
+    "load_calibration",
+    "CombineSettings",
+    "CombineSummary",
+    "run_combine",
     "ClassArrays",
     "ScoreCalibration",
     "union_nms",
@@ -45,6 +74,9 @@ __all__ = [
 ClassArrays = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 #: A detection counts as correct for the calibration at IoU >= 0.5 (the VOC criterion).
 CORRECT_IOU: float = 0.5
+#: ``calibrated``: each model's scores mapped to P(correct) first; ``raw``: the paper's plain union (4.4).
+SCORE_MODES: tuple[str, ...] = ("calibrated", "raw")
+CALIBRATION_FILE = "calibration.npz"
 
 
 def union_nms(models: Sequence[ClassArrays], nms_threshold: float = 0.3) -> ClassArrays:
@@ -130,11 +162,13 @@ def fit_calibration(
     settings: DetectSettings = DetectSettings(),
     device: torch.device | str = "cpu",
     progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+    correct_iou: float = CORRECT_IOU,
 ) -> tuple[ScoreCalibration, dict[str, int]]:
     """Fit one logistic map per class on the model's detections on training images.
 
     Each training image is detected exactly as ``detect`` does (``settings``), and each
-    detection is labelled correct when its IoU with a ground truth of its class is >= 0.5.
+    detection is labelled correct when its IoU with a ground truth of its class is
+    >= ``correct_iou``.
 
     Returns:
         ``(calibration, counts)``, ``counts[name]`` the detections the class was fitted on.
@@ -152,7 +186,7 @@ def fit_calibration(
             image = cache.load(image_id)
             boxes, scores, labels, _ = detect_image(image, model, settings, device)
             overlaps = class_overlaps(boxes, image.gt_boxes, image.gt_labels, len(classes))  # [K, C]
-            correct = overlaps.gather(1, labels[:, None]).flatten() >= CORRECT_IOU
+            correct = overlaps.gather(1, labels[:, None]).flatten() >= correct_iou
             for c in labels.unique().tolist():
                 rows = labels == c
                 per_class_scores[c].append(scores[rows].numpy())
@@ -211,3 +245,180 @@ def write_per_image(folder: Path | str, arrays: ClassArrays, classes: Sequence[s
         lo, hi = np.searchsorted(ids_sorted, image_id, "left"), np.searchsorted(ids_sorted, image_id, "right")
         rows = order[lo:hi]
         write_image_detections(Path(folder), image_id, boxes_all[rows], scores_all[rows], labels_all[rows])
+
+
+@dataclass(frozen=True)
+class CalibrateSettings:
+    """How a model's calibration is fitted: ``detect``, the detect settings its training
+    images are detected with (they must be those of the detections it will map: ``combine``
+    checks); ``correct_iou``, the IoU at which a detection counts as correct."""
+
+    detect: DetectSettings = DetectSettings()
+    correct_iou: float = CORRECT_IOU
+
+
+@dataclass
+class CalibrateSummary:
+    """``detections[name]``: training detections the class was fitted on; ``unfitted``:
+    classes with too few correct or wrong ones (they keep ``sigmoid(score)``)."""
+
+    detections: dict[str, int] = field(default_factory=dict)
+    unfitted: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    already_done: bool = False
+
+
+def run_calibrate(
+    cache_folders: Sequence[Path | str],
+    model: Scorer,
+    out: Path | str,
+    settings: CalibrateSettings = CalibrateSettings(),
+    *,
+    model_key: str,
+    device: torch.device | str = "cpu",
+    force: bool = False,
+    progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+) -> CalibrateSummary:
+    """Fit ``model``'s calibration on the training caches into the stage folder ``out``
+    (``calibration.npz``, ``calibration.json``); a finished folder is reused unless ``force``.
+
+    Args:
+        cache_folders: extract caches of the model's *training* images (never the test set).
+        model_key: the model's train-svm manifest key (keys the folder; ``combine`` checks it).
+
+    Raises:
+        SettingsChanged: ``out`` holds another calibration and ``force`` is false.
+    """
+    out = Path(out)
+    caches = [FeatureCache(folder) for folder in cache_folders]
+    config = {**settings_config(settings), "caches": [c.key for c in caches], "model": model_key}
+    open_stage(out, "calibrate", config, force=force)
+    summary = CalibrateSummary()
+    if (out / CALIBRATION_FILE).is_file():
+        info = json.loads((out / "calibration.json").read_text())
+        summary.detections, summary.unfitted, summary.already_done = info["detections_per_class"], info["unfitted"], True
+        return summary
+    start = time.perf_counter()
+    calibration, summary.detections = fit_calibration(cache_folders, model, settings.detect, device, progress,
+                                                      settings.correct_iou)
+    summary.unfitted = [n for n, f in zip(calibration.classes, calibration.fitted.tolist()) if not f]
+    info = {"caches": [str(Path(c).resolve()) for c in cache_folders], "detections_per_class": summary.detections,
+            "unfitted": summary.unfitted}
+    atomic_write(out / "calibration.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+    calibration.save(out / CALIBRATION_FILE)  # last: its presence marks the folder finished
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def load_calibration(folder: Path | str) -> tuple[ScoreCalibration, CalibrateSettings, str]:
+    """``(calibration, the settings it was fitted with, the model key)`` of a calibrate folder.
+
+    Raises:
+        FileNotFoundError: not a finished calibrate folder.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest.get("stage") != "calibrate" or not (folder / CALIBRATION_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a finished calibrate folder")
+    config = manifest["config"]
+    return ScoreCalibration.load(folder / CALIBRATION_FILE), settings_from_config(CalibrateSettings, config), config["model"]
+
+
+@dataclass(frozen=True)
+class CombineSettings:
+    """``scores``: ``calibrated`` (each model's calibration applied first) or ``raw`` (the
+    paper's plain union, 4.4); ``nms_threshold``: NMS IoU over the union (paper: 0.3);
+    ``image_set``: name of the devkit files (None: the inputs' own)."""
+
+    scores: str = "calibrated"
+    nms_threshold: float = NMS_THRESHOLD
+    image_set: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.scores not in SCORE_MODES:
+            raise ValueError(f"scores must be one of {SCORE_MODES}, got {self.scores!r}")
+
+
+@dataclass
+class CombineSummary:
+    models: int = 0
+    detections: int = 0
+    image_set: str = "test"
+
+
+def _input_detections(path: Path, settings: CombineSettings) -> tuple[tuple[str, ...], set[str] | None, ClassArrays, str | None]:
+    """``(classes, image ids or None, detections, image set)`` of one combine input, its
+    calibration applied when ``settings.scores`` is ``calibrated``."""
+    from eval.results import read_detections
+    from spp_detect.datasets.voc import VOC_CLASSES
+
+    info_path = path / "model.json"
+    if not (path.is_dir() and info_path.is_file()):
+        if settings.scores == "calibrated":
+            raise ValueError(f"{path} is not a detect folder: it has no model to calibrate with; use --scores raw")
+        return VOC_CLASSES, None, as_class_arrays(read_detections(path, settings.image_set or "test")), None
+    info = json.loads(info_path.read_text())
+    classes = tuple(info["classes"])
+    ids = {p.stem for p in path.glob("*.npz") if not p.name.startswith(".")}
+    detections = load_detections(path, classes)
+    if settings.scores == "calibrated":
+        folder = Path(info.get("calibration") or Path(info.get("svm", path)) / "calibration")
+        if not (folder / CALIBRATION_FILE).is_file():
+            raise ValueError(f"{path}: its model has no score calibration ({folder}); run `spp-detect calibrate --svm "
+                             f"{info.get('svm', 'SVM')} --cache TRAIN` or use --scores raw")
+        calibration, calibrated_with, model_key = load_calibration(folder)
+        if (path / MANIFEST).is_file():
+            _check_calibration(path, folder, read_manifest(path)["config"], calibrated_with, model_key)
+        detections = calibration.apply(detections)
+    return classes, ids, detections, info.get("image_set")
+
+
+def _check_calibration(path: Path, folder: Path, detect_config: dict, calibrated_with: CalibrateSettings,
+                       model_key: str) -> None:
+    """Refuse a calibration of another model, or one fitted on detections made otherwise
+    (NMS, thresholds, box regression) than ``path``'s; fc precision and SVD rank may differ."""
+    if detect_config.get("model") != model_key:
+        raise ValueError(f"{folder} calibrates another model than the one of {path}; rerun `spp-detect calibrate`")
+    detected = settings_from_config(DetectSettings, detect_config)
+    ignored = ("precision", "svd_rank")
+    changed = [f"{k}: {getattr(calibrated_with.detect, k)!r} vs {getattr(detected, k)!r}"
+               for k in settings_config(detected) if k not in ignored and getattr(calibrated_with.detect, k) != getattr(detected, k)]
+    if changed:
+        raise ValueError(f"{folder} was fitted on detections made with other settings than {path} ({'; '.join(changed)}); "
+                         "rerun `spp-detect calibrate` with the detect options of the detections")
+
+
+def run_combine(
+    inputs: Sequence[Path | str],
+    out: Path | str,
+    settings: CombineSettings = CombineSettings(),
+    *,
+    force: bool = False,
+) -> CombineSummary:
+    """Combine the detections of two or more models into the detections folder ``out``
+    (per-image ``.npz``, devkit comp4 files, ``detections.json``, ``model.json``).
+
+    Args:
+        inputs: detect (or combine) folders; with ``scores="raw"`` also devkit result
+            folders or COCO json files.
+
+    Raises:
+        ValueError: fewer than two inputs, inputs of other classes or images (named), a
+            missing or mismatched calibration.
+        SettingsChanged: ``out`` holds another combination and ``force`` is false.
+    """
+    inputs = [Path(p) for p in inputs]
+    if len(inputs) < 2:
+        raise ValueError("give --detections at least twice: combine joins two or more models")
+    names = [str(p) for p in inputs]
+    classes, image_ids, arrays, image_sets = zip(*(_input_detections(p, settings) for p in inputs))
+    check_compatible(names, classes, image_ids)
+    keys = [source_key(p) if (p / MANIFEST).is_file() else str(p.resolve()) for p in inputs]
+    open_stage(out, "combine", {**settings_config(settings), "inputs": keys}, force=force)
+    merged = union_nms(list(arrays), settings.nms_threshold)
+    known = [ids for ids in image_ids if ids is not None]
+    write_per_image(out, merged, classes[0], set().union(*known) if known else None)
+    image_set = settings.image_set or next((s for s in image_sets if s), "test")
+    info = {"combined": names, "scores": settings.scores, "classes": list(classes[0]), "image_set": image_set}
+    count = write_result_files(out, merged, classes[0], image_set, info)
+    return CombineSummary(models=len(inputs), detections=count, image_set=image_set)

@@ -13,8 +13,8 @@ Per image (``spp_test.m:73-103``, ``imdb_eval_voc.m:65``; FACTS 1.8, 1.9):
 Boxes are 0-based continuous xyxy (IoU in NMS without ``+ 1``; the devkit's rule lives
 in ``eval/``). Results are saved per image (``<id>.npz``: ``boxes [K, 4]``, ``scores [K]``,
 ``labels [K]``), so a killed run resumes where it stopped, and several processes (the
-shards of a ``torchrun``/``srun`` job) can fill one folder; the per-class result files are
-written from the per-image ones once all exist.
+shards of a ``torchrun``/``srun`` job) can fill one folder; the shard that finds every
+image done writes the result files from the per-image ones (:func:`write_result_files`).
 
 The model is any object with the attributes of ``svm.train.SVMModel`` (``layer``,
 ``head``, ``classes``, ``regressor``, ``pooled_dim`` and ``scores(features)``); this
@@ -26,7 +26,8 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
@@ -38,7 +39,7 @@ from torchvision.ops import batched_nms
 from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.head import SPPHead
-from spp_detect.stage_dir import open_stage_dir, write_npz
+from spp_detect.stage_dir import atomic_write, open_stage, settings_config, write_npz
 from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
 
 __all__ = [
@@ -47,8 +48,8 @@ __all__ = [
     "Scorer",
     "detect_image",
     "run_detect",
-    "missing_images",
     "write_image_detections",
+    "write_result_files",
     "load_detections",
 ]
 
@@ -90,10 +91,17 @@ class DetectSettings:
 
 @dataclass
 class DetectSummary:
+    """What a run did: ``done``/``skipped`` images of this shard, ``detections`` it found;
+    ``pending`` images left to other shards (0: this run wrote the result files, holding
+    ``total_detections`` over all images)."""
+
     done: int = 0
     skipped: int = 0
     detections: int = 0
     seconds: float = 0.0
+    pending: int = 0
+    total_detections: int = 0
+    image_set: str = "test"
     #: seconds over the images computed: map decode, pooling, fc layers, SVM scores, NMS
     #: (with thresholds and box regression)
     timings: dict[str, float] = field(
@@ -170,6 +178,7 @@ def run_detect(
     settings: DetectSettings,
     *,
     model_key: str,
+    model_folder: Path | str | None = None,
     device: torch.device | str = "cpu",
     force: bool = False,
     progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
@@ -179,9 +188,11 @@ def run_detect(
 
     Args:
         model_key: identifies the model (its train-svm manifest key), for the manifest.
+        model_folder: the train-svm folder, recorded in ``model.json`` (``combine`` finds
+            the model's calibration through it).
         shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...`` of the
-            cache (in id order); the n shards may run at once into ``out``. Once every
-            image has its file (:func:`missing_images`), the result files can be written.
+            cache (in id order); the n shards may run at once into ``out``. The run that
+            finds every image done writes the result files (:func:`write_result_files`).
 
     Raises:
         SettingsChanged: ``out`` holds other detections and ``force`` is false.
@@ -213,14 +224,11 @@ def run_detect(
             raise ValueError("--precision bf16 applies to the fc layers of a fine-tuned head; this model scores pooled features")
         model = copy.copy(model)
         model.head = copy.deepcopy(model.head).to(torch.bfloat16)
-    config = {"settings": asdict(settings), "cache": cache.key, "model": model_key}
-    k, n = shard
-    if not 1 <= k <= n:
-        raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
-    open_stage_dir(out, "detect", config, force=force, leader=k == 1)
-    ids = cache.image_ids[k - 1 :: n]
-    todo = [i for i in ids if not (out / f"{i}.npz").is_file()]
-    summary = DetectSummary(skipped=len(ids) - len(todo))
+    config = {**settings_config(settings), "cache": cache.key, "model": model_key}
+    stage = open_stage(out, "detect", config, force=force, shard=shard)
+    path_of = lambda image_id: out / f"{image_id}.npz"  # noqa: E731
+    todo, skipped, _ = stage.todo(cache.image_ids, path_of)
+    summary = DetectSummary(skipped=skipped, image_set=cache.manifest["config"].get("image_set", "test"))
     start = time.perf_counter()
     buffer = PoolBuffer()
     for image_id in progress(todo) if progress else todo:
@@ -228,12 +236,19 @@ def run_detect(
         image = cache.load(image_id)
         summary.timings["decode"] += time.perf_counter() - t0
         boxes, scores, labels, timings = detect_image(image, model, settings, device, buffer)
-        for k, v in timings.items():
-            summary.timings[k] += v
+        for name, seconds in timings.items():
+            summary.timings[name] += seconds
         write_image_detections(out, image_id, boxes.numpy(), scores.numpy(), labels.numpy())
         summary.done += 1
         summary.detections += len(scores)
     summary.seconds = time.perf_counter() - start
+    summary.pending = sum(not path_of(i).is_file() for i in cache.image_ids)  # after our last write
+    if not summary.pending:
+        info = {"classes": list(model.classes), "image_set": summary.image_set}
+        if model_folder is not None:
+            info["svm"] = str(Path(model_folder).resolve())
+        detections = load_detections(out, model.classes)
+        summary.total_detections = write_result_files(out, detections, model.classes, summary.image_set, info)
     return summary
 
 
@@ -247,10 +262,22 @@ def write_image_detections(folder: Path, image_id: str, boxes: np.ndarray, score
     return path
 
 
-def missing_images(cache_folder: Path | str, out: Path | str) -> list[str]:
-    """Images of the cache without a result file in ``out`` yet (other shards' work)."""
+def write_result_files(
+    out: Path | str, per_class: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], classes: Sequence[str],
+    image_set: str, info: dict[str, object],
+) -> int:
+    """The final files of a detections folder from its detections per class (as
+    :func:`load_detections` gives them): the devkit's ``comp4_det_<image_set>_<class>.txt``,
+    ``detections.json`` (COCO results) and ``model.json`` (``info``: classes, image set and
+    where the scores come from). Returns the number of detections."""
+    from eval.results import ClassDetections, write_coco_results, write_voc_results
+
     out = Path(out)
-    return [i for i in FeatureCache(cache_folder).image_ids if not (out / f"{i}.npz").is_file()]
+    detections = {name: ClassDetections(*arrays) for name, arrays in per_class.items()}
+    write_voc_results(detections, out, image_set, comp_id="comp4", classes=classes)
+    write_coco_results(detections, out / "detections.json", classes=classes)
+    atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+    return sum(len(d) for d in detections.values())
 
 
 def load_detections(folder: Path | str, classes: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

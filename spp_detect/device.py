@@ -7,14 +7,18 @@ import torch
 __all__ = ["resolve_device"]
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given.
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> ``cuda:<local_rank>`` (modulo the visible GPUs) when CUDA is available,
+    else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"`` as given. ``local_rank``: this process's
+    place on its machine in a torchrun / srun job (:mod:`spp_detect.distributed`).
 
     Raises:
         ValueError: an unknown name, or CUDA asked for where there is none.
     """
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     try:
         device = torch.device(name)
     except RuntimeError:

@@ -22,11 +22,13 @@ sessions; this module is that split, made automatic.
 
 from __future__ import annotations
 
+import contextlib
+
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["Launch", "launch_from_env", "parse_shard", "resolve_shard", "process_device", "init_process_group"]
+__all__ = ["Launch", "launch_from_env", "parse_shard", "resolve_shard", "init_process_group", "process_group", "cpus_per_process"]
 
 
 @dataclass(frozen=True)
@@ -105,23 +107,6 @@ def resolve_shard(value: str, launch: Launch) -> tuple[int, int]:
     return launch.shard if shard is None else shard
 
 
-def process_device(name: str, launch: Launch):
-    """``torch.device`` of this process: ``auto`` is ``cuda:<local rank>`` when CUDA is
-    present (modulo the visible GPUs), else CPU; other names as
-    :func:`spp_detect.device.resolve_device`.
-
-    Raises:
-        ValueError: an unknown name, or CUDA asked for where there is none.
-    """
-    import torch
-
-    from spp_detect.device import resolve_device
-
-    if name == "auto" and torch.cuda.is_available():
-        return torch.device("cuda", launch.local_rank % torch.cuda.device_count())
-    return resolve_device(name)
-
-
 def init_process_group(launch: Launch, device) -> bool:
     """Join the job's process group when it has more than one process: nccl on CUDA,
     gloo on CPU, rendezvous through ``MASTER_ADDR``/``MASTER_PORT`` (torchrun sets them;
@@ -148,3 +133,25 @@ def init_process_group(launch: Launch, device) -> bool:
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
     return True
+
+
+@contextlib.contextmanager
+def process_group(launch: Launch, device):
+    """Inside: this process has joined the job's process group (:func:`init_process_group`,
+    when there is more than one process); on the way out it leaves it."""
+    joined = init_process_group(launch, device)
+    try:
+        yield
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def cpus_per_process() -> int:
+    """This machine's CPUs (those this process may use) shared among the job's processes
+    on it (``LOCAL_WORLD_SIZE``, set by torchrun): the default worker count of a stage that
+    runs worker processes, so that a launched job does not oversubscribe its machine."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))

@@ -21,27 +21,29 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spp_detect.backbones import NORMALIZATIONS, BackboneSpec, Normalization, build_trunk, get_backbone, resolve_normalization
+from spp_detect.backbones import (
+    BackboneSpec,
+    Normalization,
+    build_trunk,
+    get_backbone,
+    normalization_name,
+    resolve_normalization,
+)
 from spp_detect.cache import FORMAT_VERSION, cached_file_problem, write_cached_image
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
-from spp_detect.images import ImageReadError, read_image
+from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
+from spp_detect.images import ImageReadError
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import open_stage_dir, source_key
+from spp_detect.stage_dir import open_stage, settings_config
 from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
 __all__ = [
     "BadSetting",
-    "ImageReadError",
     "ExtractSummary",
-    "load_image_rgb",
-    "resize_shorter_side",
-    "prepare_trunk",
-    "conv_maps",
     "assign_windows",
     "EXTRACT_MODES",
     "ExtractSettings",
@@ -62,56 +64,6 @@ class BadSetting(ValueError):
     def __init__(self, setting: str, message: str) -> None:
         super().__init__(message)
         self.setting = setting
-
-
-def load_image_rgb(path: Path | str, expected_size: tuple[int, int] | None = None) -> np.ndarray:
-    """``np.ndarray[H, W, 3]`` uint8 RGB, the stored pixels (EXIF orientation ignored; grey
-    images replicated to 3 channels), read through :func:`spp_detect.images.read_image`.
-
-    Args:
-        expected_size: ``(width, height)`` from the annotation, checked if given.
-
-    Raises:
-        ImageReadError: missing, empty, truncated or undecodable file, or another size.
-    """
-    return np.ascontiguousarray(read_image(path, expected_size)[:, :, ::-1])
-
-
-def resize_shorter_side(image: np.ndarray, scale: int) -> np.ndarray:
-    """Resize ``np.ndarray[H, W, 3]`` so ``min(H, W) == scale``, bilinear, no antialiasing.
-
-    The other side becomes ``round(side * scale / min(H, W))``; e.g. 500 x 375 at 688
-    gives 917 x 688.
-    """
-    height, width = image.shape[:2]
-    factor = scale / min(height, width)
-    size = (max(1, round(width * factor)), max(1, round(height * factor)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
-
-
-def prepare_trunk(trunk: nn.Module, device: torch.device) -> nn.Module:
-    """Move a trunk to ``device`` in channels-last layout, in eval mode (for :func:`conv_maps`)."""
-    return trunk.to(device=device, memory_format=torch.channels_last).eval()
-
-
-@torch.inference_mode()
-def conv_maps(
-    trunk: nn.Module, norm: Normalization, image: np.ndarray, scales: Sequence[int], device: torch.device
-) -> list[Tensor]:
-    """Run ``trunk`` once per scale on ``np.ndarray[H, W, 3]`` uint8 RGB.
-
-    Returns:
-        One ``Tensor[C, h_s, w_s]`` float32 per scale, on ``device``.
-
-    The input runs in channels-last layout, which roughly halves the CPU conv time of a
-    channels-last trunk (:func:`prepare_trunk`) and changes no value beyond float rounding.
-    """
-    maps = []
-    for scale in scales:
-        pixels = torch.from_numpy(resize_shorter_side(image, scale)).to(device).permute(2, 0, 1)  # [3, h, w]
-        batch = norm(pixels).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        maps.append(trunk(batch)[0].contiguous())  # [C, h', w'], C-order for pooling and the cache
-    return maps
 
 
 def assign_windows(
@@ -138,8 +90,11 @@ def assign_windows(
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """What an extract cache is computed with; with the proposals key and the image set it is
-    what the cache's manifest key hashes (:meth:`config`).
+    """What an extract cache is computed with; with the proposals key, the image set, the
+    class list and the cache format it is what the cache's manifest key hashes
+    (:func:`spp_detect.stage_dir.settings_config`). ``input_norm`` holds the resolved
+    convention (``auto`` picks it from the weights), ``scales`` the crop size in
+    ``crop-warp`` mode.
 
     Attributes:
         backbone, weights, input_norm: see :mod:`spp_detect.backbones`; ``weights`` is
@@ -149,7 +104,7 @@ class ExtractSettings:
         mode: ``"spp"`` (the paper: one conv pass per scale, windows pooled from the shared
             map) or ``"crop-warp"`` (R-CNN's baseline: every window cropped with context,
             warped to ``crop_size`` and sent through the trunk on its own; its map is pooled
-            whole with the same pyramid). ``crop-warp`` takes one scale entry, ignored.
+            whole with the same pyramid). ``crop-warp`` ignores the scales given.
         crop_size: warped crop side in pixels (R-CNN: 227 for AlexNet; 224 here, the
             backbones' ImageNet input).
         context_pad: pixels of context around the box in the warped crop (R-CNN
@@ -166,7 +121,8 @@ class ExtractSettings:
     context_pad: int = 16
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "scales", tuple(int(s) for s in self.scales))
+        object.__setattr__(self, "input_norm", normalization_name(self.backbone, self.weights, self.input_norm))
+        object.__setattr__(self, "scales", tuple(int(s) for s in self.scales) if self.mode == "spp" else (self.crop_size,))
         object.__setattr__(self, "levels", tuple(int(n) for n in self.levels))
         if self.mode not in EXTRACT_MODES:
             raise ValueError(f"extract mode must be one of {EXTRACT_MODES}, got {self.mode!r}")
@@ -174,26 +130,6 @@ class ExtractSettings:
             raise BadSetting("levels", f"pyramid levels must be positive integers, got {self.levels}")
         if not self.scales or min(self.scales) <= 0:
             raise BadSetting("scales", f"scales must be positive, got {self.scales}")
-
-    def config(self, proposals_key: str, image_set: str) -> dict[str, object]:
-        """The manifest config (the manifest adds the package version)."""
-        weights_id = self.weights if self.weights in ("imagenet", "none") else source_key(Path(self.weights))
-        norm = resolve_normalization(self.backbone, self.weights, self.input_norm)
-        norm_name = next(k for k, v in NORMALIZATIONS.items() if v == norm)
-        config: dict[str, object] = {
-            "backbone": self.backbone,
-            "weights": weights_id,
-            "input_norm": norm_name,
-            "scales": list(self.scales) if self.mode == "spp" else [self.crop_size],
-            "levels": list(self.levels),
-            "mode": self.mode,
-            "proposals": proposals_key,
-            "image_set": image_set,
-            "format": FORMAT_VERSION,
-        }
-        if self.mode == "crop-warp":
-            config["context_pad"] = self.context_pad
-        return config
 
 
 def _check_smallest_scale(trunk: nn.Module, norm: Normalization, backbone: str, scale: int, device: torch.device) -> None:
@@ -272,32 +208,18 @@ def run_extract(
         ImageReadError: an image cannot be decoded (unless ``skip_bad``).
         StageWriteError: a cache file cannot be written (e.g. disk full); finished files stay.
     """
-    k, n = shard
-    if not (1 <= k <= n):
-        raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
     missing = [im.image_id for im in images if im.image_id not in proposals]
     if missing and not skip_bad:
         raise KeyError(f"no proposals for {len(missing)} image(s), e.g. {missing[:5]}")
-
-    config = {**settings.config(proposals_key, image_set), "classes": list(classes)}
-    manifest = open_stage_dir(out, "extract", config, force=force, leader=k == 1)
+    config = {**settings_config(settings), "proposals": proposals_key, "image_set": image_set,
+              "format": FORMAT_VERSION, "classes": list(classes)}
+    stage = open_stage(out, "extract", config, force=force, shard=shard)
     spec = get_backbone(settings.backbone)
-    mine = list(images)[k - 1 :: n]
-    summary = ExtractSummary()
-    todo = []
-    for im in mine:
-        path = Path(out) / f"{im.image_id}.npz"
-        problem = cached_file_problem(path, manifest["key"]) if path.is_file() else "missing"
-        if problem is None:
-            summary.skipped += 1
-            continue
-        if problem != "missing":
-            log.warning("extract: redoing %s: %s", path, problem)
-            summary.redone += 1
-        if im.image_id not in proposals:
-            summary.bad.append(KeyError(f"no proposals for image {im.image_id}"))
-            continue
-        todo.append(im)
+    todo, skipped, redone = stage.todo(images, lambda im: Path(out) / f"{im.image_id}.npz",
+                                       lambda path: cached_file_problem(path, stage.key))
+    summary = ExtractSummary(skipped=skipped, redone=redone)
+    summary.bad = [KeyError(f"no proposals for image {im.image_id}") for im in todo if im.image_id not in proposals]
+    todo = [im for im in todo if im.image_id in proposals]
     if not todo:
         return summary
     backbone, weights = settings.backbone, settings.weights
@@ -334,7 +256,7 @@ def run_extract(
             maps, scale_index = [tiled], torch.zeros(len(boxes), dtype=torch.int64)
         summary.bytes_written += write_cached_image(
             Path(out) / f"{image.image_id}.npz",
-            manifest["key"],
+            stage.key,
             width,
             height,
             boxes,

@@ -1,4 +1,12 @@
-"""Keyed, atomic, resumable stage output folders.
+"""Keyed, atomic, resumable stage output folders, and the contract every stage follows.
+
+Every stage is one library call ``run_<stage>(inputs, out, settings, *, device, force,
+shard, progress) -> <Stage>Summary`` with one frozen ``<Stage>Settings`` dataclass that
+holds its defaults. :func:`settings_config` is the one way settings enter a manifest (and
+:func:`settings_from_config` the way back); :func:`open_stage` opens the folder for this
+process's shard and gives the to-do list (:class:`StageDir`); per-item files are written
+with :func:`atomic_write` / :func:`write_npz`; the shard that finds every item done
+(:meth:`StageDir.all_done`) writes the stage's final files.
 
 A stage (``proposals``, ``extract``, ...) writes into one folder:
 
@@ -9,7 +17,8 @@ A stage (``proposals``, ``extract``, ...) writes into one folder:
   so a file under its final name is always complete (luigi's ``atomic_file``).
 
 Reopening a folder whose manifest has another key is refused with a message naming the
-settings that changed, unless ``force=True``, which deletes the old per-image files.
+settings that changed, unless ``force=True``, which deletes the old per-image files (of
+other settings or the same: ``--force`` always recomputes).
 A rerun with the same settings skips images whose file exists and is complete
 (:func:`check_file`); a damaged one is redone.
 
@@ -27,6 +36,7 @@ by all; each writes its own images; a rerun skips finished images whoever wrote 
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -37,14 +47,24 @@ import shutil
 import socket
 import tempfile
 import time
+import typing
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 from spp_detect import __version__
 
 __all__ = [
+    "DamagedFile",
+    "StageDir",
+    "open_stage",
+    "settings_config",
+    "settings_from_config",
+    "weights_identity",
     "SettingsChanged",
     "StageWriteError",
     "config_key",
@@ -74,6 +94,15 @@ class SettingsChanged(RuntimeError):
     """A stage folder holds results computed with other settings."""
 
 
+class DamagedFile(ValueError):
+    """An input file of a stage is damaged or cut short; ``str()`` is one line naming the
+    file and the command that makes it again (rerunning that command repairs it)."""
+
+    def __init__(self, path: Path, reason: str, producer: str) -> None:
+        super().__init__(f"{path} is damaged ({reason}); rerun `spp-detect {producer}` with the same options to redo it")
+        self.path, self.producer = Path(path), producer
+
+
 class StageWriteError(OSError):
     """Writing a stage file failed (e.g. the disk is full); ``str()`` names the file and
     the reason. Nothing half-written is left under a final name."""
@@ -83,6 +112,50 @@ def config_key(config: dict[str, Any]) -> str:
     """SHA-256 hex digest of the canonical (sorted-keys) JSON of ``config``."""
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def weights_identity(weights: str) -> str:
+    """How a ``weights`` setting keys a folder: ``"imagenet"`` and ``"none"`` as they are, a
+    state_dict file by its content (``sha256:<digest>``), so a moved copy keys the same."""
+    return weights if weights in ("imagenet", "none") else source_key(Path(weights))
+
+
+def _jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return settings_config(value)
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def settings_config(settings: Any) -> dict[str, Any]:
+    """The manifest form of a stage's frozen settings, the one way any stage's settings
+    enter its key: every field by name, tuples as lists, nested settings as dicts, a field
+    named ``weights`` by :func:`weights_identity`. A stage's manifest config is this plus
+    the keys of its inputs."""
+    config = {f.name: _jsonable(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
+    if "weights" in config:
+        config["weights"] = weights_identity(config["weights"])
+    return config
+
+
+def settings_from_config(cls: type, config: Mapping[str, Any]) -> Any:
+    """The settings of class ``cls`` recorded in a manifest ``config`` (the inverse of
+    :func:`settings_config` for every field but a ``weights`` file, which stays its hash):
+    lists back to tuples, nested settings rebuilt; other keys of ``config`` (inputs) ignored."""
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in config:
+            continue
+        value = config[f.name]
+        kind = hints.get(f.name)
+        if dataclasses.is_dataclass(kind) and isinstance(value, Mapping):
+            value = settings_from_config(kind, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        values[f.name] = value
+    return cls(**values)
 
 
 def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
@@ -274,7 +347,8 @@ def open_stage_dir(
         folder: the output folder (created if missing).
         stage: the stage name, recorded in the manifest.
         config: JSON-serialisable settings; results are reusable only under equal configs.
-        force: drop results computed under another config instead of refusing.
+        force: start the folder again: drop its results, whether computed under another
+            config (instead of refusing) or under this one (recompute).
         leader: in a sharded run, whether this process applies ``force`` (shard 1 does).
             A non-leader given ``force`` does not delete anything: it waits up to
             ``wait_s`` seconds for the leader to replace a manifest of other settings.
@@ -299,8 +373,10 @@ def open_stage_dir(
                 raise SettingsChanged(str(exc)) from None
             old = {}
         if old.get("stage") == stage and old.get("key") == manifest["key"]:
-            remove_stale_temp_files(folder)
-            return old
+            if not (force and leader):
+                remove_stale_temp_files(folder)
+                return old
+            break  # --force recomputes a folder of the same settings too
         if not force:
             raise SettingsChanged(_describe_change(folder, old, manifest))
         if leader:
@@ -369,3 +445,66 @@ def _describe_change(folder: Path, old: dict[str, Any], new: dict[str, Any]) -> 
     changed = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
     details = "; ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in changed)
     return f"{folder} was made with other settings ({details}); rerun with --force to recompute"
+
+
+@dataclass
+class StageDir:
+    """A stage folder opened by :func:`open_stage`, and this process's shard of the items.
+
+    Attributes:
+        folder: the stage folder; manifest: its manifest (``key``: what per-item files
+            may record); shard: ``(k, n)``, 1-based.
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+    shard: tuple[int, int] = (1, 1)
+
+    @property
+    def key(self) -> str:
+        return self.manifest["key"]
+
+    def mine(self, items: Iterable[T]) -> list[T]:
+        """This shard's items: ``k-1, k-1+n, ...`` of ``items`` (all of them in a 1/1 run)."""
+        k, n = self.shard
+        return list(items)[k - 1 :: n]
+
+    def todo(
+        self, items: Iterable[T], path_of: Callable[[T], Path], problem: Callable[[Path], str | None] = check_file
+    ) -> tuple[list[T], int, int]:
+        """``(to do, skipped, redone)`` for this shard: an item whose file exists and has no
+        ``problem`` is skipped; a damaged one is logged and redone (counted in ``redone``)."""
+        todo, skipped, redone = [], 0, 0
+        for item in self.mine(items):
+            path = path_of(item)
+            found = problem(path) if path.is_file() else "missing"
+            if found is None:
+                skipped += 1
+                continue
+            if found != "missing":
+                log.warning("%s: redoing %s: %s", self.manifest.get("stage"), path, found)
+                redone += 1
+            todo.append(item)
+        return todo, skipped, redone
+
+    def all_done(self, items: Iterable[T], path_of: Callable[[T], Path]) -> bool:
+        """Whether every shard's items have their file: checked after this shard's last
+        write, the last shard to finish sees True and writes the stage's final files."""
+        return all(path_of(item).is_file() for item in items)
+
+
+def open_stage(
+    folder: Path, stage: str, config: dict[str, Any], *, force: bool = False, shard: tuple[int, int] = (1, 1)
+) -> StageDir:
+    """Open ``folder`` for ``stage`` under ``config`` (:func:`open_stage_dir`; shard 1 applies
+    ``force``) and return it with this process's shard.
+
+    Raises:
+        ValueError: ``shard`` is not ``(k, n)`` with ``1 <= k <= n``.
+        SettingsChanged: see :func:`open_stage_dir`.
+    """
+    k, n = shard
+    if not 1 <= k <= n:
+        raise ValueError(f"shard must be K/N with 1 <= K <= N, got {k}/{n}")
+    manifest = open_stage_dir(folder, stage, config, force=force, leader=k == 1)
+    return StageDir(Path(folder), manifest, (k, n))

@@ -19,7 +19,7 @@ from spp_detect.classification.features import FeatureSettings, image_features, 
 from spp_detect.classification.svm import l2_normalize, train_svms
 from spp_detect.datasets.image_folder import read_image_folder, split_per_class
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage, read_voc
-from spp_detect.extract import load_image_rgb, prepare_trunk
+from spp_detect.image_trunk import load_image_rgb, prepare_trunk
 from spp_detect.spp import spatial_pyramid_pool
 
 from tests.conftest import SQUEEZENET_FILE

@@ -23,7 +23,7 @@ from spp_detect.classification.train import (
     run_training,
 )
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
-from spp_detect.extract import load_image_rgb
+from spp_detect.image_trunk import load_image_rgb
 from spp_detect.stage_dir import SettingsChanged
 
 from tests.conftest import SQUEEZENET_FILE

@@ -10,9 +10,10 @@ import torch
 from click.testing import CliRunner
 
 import cli
-from spp_detect.combine import ScoreCalibration, fit_logistic, union_nms
+from spp_detect.combine import CalibrateSettings, ScoreCalibration, fit_logistic, union_nms
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.detect import load_detections, write_image_detections
+from spp_detect.stage_dir import open_stage_dir, settings_config
 
 
 def _detect_folder(path, per_image, classes=VOC_CLASSES, image_set="test", svm=None):
@@ -84,12 +85,15 @@ def test_calibration_recovers_a_known_logistic_map_and_is_applied(tmp_path):
 
     calib = ScoreCalibration(torch.full((20,), 2.0, dtype=torch.float64), torch.full((20,), -1.0, dtype=torch.float64),
                              torch.ones(20, dtype=torch.bool), VOC_CLASSES)
-    calib.save(tmp_path / "calibration.npz")
-    loaded = ScoreCalibration.load(tmp_path / "calibration.npz")
+    calib.save(tmp_path / "saved.npz")
+    loaded = ScoreCalibration.load(tmp_path / "saved.npz")
     out = loaded.apply({"cat": (np.array(["1"]), np.array([0.5]), np.zeros((1, 4)))})
     assert out["cat"][1][0] == pytest.approx(0.5)  # sigmoid(2 * 0.5 - 1)
 
-    a = _detect_folder(tmp_path / "a", DETS, svm=tmp_path)  # tmp_path holds calibration.npz
+    folder = tmp_path / "calibration"  # where combine looks: <svm>/calibration, a calibrate stage folder
+    open_stage_dir(folder, "calibrate", {**settings_config(CalibrateSettings()), "model": "m"})
+    calib.save(folder / "calibration.npz")
+    a = _detect_folder(tmp_path / "a", DETS, svm=tmp_path)
     r = CliRunner().invoke(cli.main, ["combine", "--detections", str(a), "--detections", str(a), "--out", str(tmp_path / "o")])
     assert r.exit_code == 0, r.output
     got = load_detections(tmp_path / "o", VOC_CLASSES)

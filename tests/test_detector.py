@@ -150,7 +150,8 @@ def test_bf16_head_scores_close_to_fp32_and_settings_check_precision(train_cache
 
 def test_crop_warp_cache_pools_each_crop_whole(voc_root, tmp_path):
     from spp_detect.backbones import build_trunk, resolve_normalization
-    from spp_detect.extract import crop_warp_maps, load_image_rgb, prepare_trunk
+    from spp_detect.extract import crop_warp_maps
+    from spp_detect.image_trunk import load_image_rgb, prepare_trunk
 
     image = read_voc(voc_root, "test")[0]
     out = _extract([image], tmp_path / "cw", mode="crop-warp", scales=(224,), count=3)

@@ -19,7 +19,8 @@ from proposals.io import save_mat
 from spp_detect.backbones import build_trunk, get_backbone, resolve_normalization
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
-from spp_detect.extract import ExtractSettings, assign_windows, conv_maps, load_image_rgb, prepare_trunk, run_extract
+from spp_detect.extract import ExtractSettings, assign_windows, run_extract
+from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.stage_dir import SettingsChanged, source_key
 from tests.conftest import SQUEEZENET_FILE

@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +37,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from spp_detect.backbones import Normalization
-from spp_detect.extract import load_image_rgb, resize_shorter_side
+from spp_detect.image_trunk import load_image_rgb, resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, source_key
+from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
 
 __all__ = [
     "VIEWS",
@@ -84,16 +84,6 @@ class FeatureSettings:
         bad = [n for n in self.levels if n < 1]
         if not self.levels or bad:
             raise ValueError(f"unsupported pyramid levels {tuple(self.levels)}")
-
-    def config(self) -> dict[str, object]:
-        """JSON form; a weights file enters by its content hash."""
-        out = asdict(self)
-        out["levels"] = [int(n) for n in self.levels]
-        if self.weights not in ("imagenet", "none"):
-            out["weights"] = source_key(Path(self.weights))
-        if self.pooling == "plain":
-            out["levels"] = None
-        return out
 
 
 def view_image(image: np.ndarray, view: str, size: int, crop_size: int | None = None) -> np.ndarray:
@@ -224,7 +214,7 @@ def run_classify_features(
         SettingsChanged: ``out`` holds other settings and ``force`` is false.
         ImageReadError: an image cannot be decoded.
     """
-    config = {**settings.config(), "dataset": dataset}
+    config = {**settings_config(settings), "dataset": dataset}
     open_stage_dir(out, "classify-features", config, force=force)
     out = Path(out)
     listing = {"image_ids": list(image_ids), "classes": list(classes), "labels": np.asarray(labels).tolist()}

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["SVMSettings", "LinearClassifier", "l2_normalize", "train_svms", "save_classifier", "load_classifier"]
+__all__ = ["ClassifierSettings", "LinearClassifier", "l2_normalize", "train_svms", "save_classifier", "load_classifier"]
 
 
 @dataclass(frozen=True)
-class SVMSettings:
+class ClassifierSettings:
     """``C``: the soft-margin parameter (paper 3.2: 1). ``max_iter``: liblinear's cap."""
 
     C: float = 1.0
@@ -53,7 +53,7 @@ def l2_normalize(features: np.ndarray) -> np.ndarray:
 
 
 def train_svms(
-    features: np.ndarray, labels: np.ndarray, classes: Sequence[str], settings: SVMSettings = SVMSettings(),
+    features: np.ndarray, labels: np.ndarray, classes: Sequence[str], settings: ClassifierSettings = ClassifierSettings(),
     config: dict[str, object] | None = None,
 ) -> LinearClassifier:
     """Fit one ``LinearSVC(C)`` per class, positives ``labels == 1`` vs negatives ``-1``.

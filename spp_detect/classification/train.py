@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,9 +34,9 @@ from torch import Tensor
 from spp_detect.backbones import Normalization, build_trunk, get_backbone
 from spp_detect.classification.features import run_by_shape, view_image
 from spp_detect.classification.model import SPPClassifier
-from spp_detect.extract import resize_shorter_side
+from spp_detect.image_trunk import resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import atomic_write, open_stage_dir, source_key
+from spp_detect.stage_dir import atomic_write, open_stage_dir, settings_config
 
 __all__ = [
     "TrainSettings",
@@ -85,13 +85,6 @@ class TrainSettings:
     def crop(self) -> int:
         """The crop taken from the resized image (the largest size); smaller sizes resize it."""
         return max(self.sizes)
-
-    def config(self) -> dict[str, object]:
-        out = asdict(self)
-        out["sizes"], out["levels"] = list(self.sizes), list(self.levels)
-        if self.weights not in ("imagenet", "none"):
-            out["weights"] = source_key(Path(self.weights))
-        return out
 
 
 def epoch_size(epoch: int, sizes: Sequence[int]) -> int:
@@ -213,7 +206,7 @@ def run_training(
         SettingsChanged: ``out`` holds a run with other settings and ``force`` is false.
     """
     out = Path(out)
-    config = {**settings.config(), "classes": list(classes), "dataset": dataset or {}}
+    config = {**settings_config(settings), "classes": list(classes), "dataset": dataset or {}}
     open_stage_dir(out, "train-spp-classifier", config, force=force)
     model = build_classifier(settings, len(classes)).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(

@@ -27,13 +27,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from spp_detect.backbones import NORMALIZATIONS, Normalization, build_trunk, resolve_normalization
-from spp_detect.extract import load_image_rgb, prepare_trunk
+from spp_detect.backbones import Normalization, build_trunk, normalization_name, resolve_normalization
+from spp_detect.image_trunk import load_image_rgb, prepare_trunk
 from spp_detect.retrieval.aml import quantize_levels
 from spp_detect.retrieval.descriptors import mac, region_vectors
 from spp_detect.retrieval.regions import LEVELS
 from spp_detect.retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
-from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, source_key
+from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -68,13 +68,8 @@ class IndexSettings:
     levels: int = LEVELS
     whiten_limit: int = 100
 
-    def config(self, whiten_files: Sequence[Path]) -> dict[str, object]:
-        weights_id = self.weights if self.weights in ("imagenet", "none") else source_key(Path(self.weights))
-        norm = resolve_normalization(self.backbone, self.weights, self.input_norm)
-        norm_name = next(k for k, v in NORMALIZATIONS.items() if v == norm)
-        listing = "\n".join(p.name for p in whiten_files)
-        return {**asdict(self), "weights": weights_id, "input_norm": norm_name, "format": FORMAT_VERSION,
-                "whiten_images": f"{len(whiten_files)} files, names sha256 {_sha256_text(listing)[:16]}"}
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_norm", normalization_name(self.backbone, self.weights, self.input_norm))
 
 
 def _sha256_text(text: str) -> str:
@@ -149,7 +144,9 @@ def run_index(
     whiten_files = list(whiten_images)[: settings.whiten_limit]
     if len(whiten_files) < 2:
         raise ValueError("need at least 2 whitening images")
-    config = settings.config(whiten_files)
+    listing = "\n".join(p.name for p in whiten_files)
+    config = {**settings_config(settings), "format": FORMAT_VERSION,
+              "whiten_images": f"{len(whiten_files)} files, names sha256 {_sha256_text(listing)[:16]}"}
     manifest = open_stage_dir(out, "index", config, force=force)
     source = {**asdict(settings), "images": str(Path(images[0]).parent.resolve()) if images else None}
     atomic_write(Path(out) / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=2, sort_keys=True)))

@@ -27,7 +27,7 @@ from torch import nn
 from spp_detect.backbones import Normalization, get_backbone
 from spp_detect.retrieval.aml import AMLResult, aml_localize
 from spp_detect.retrieval.descriptors import crop_query, mac, region_vectors
-from spp_detect.extract import load_image_rgb
+from spp_detect.image_trunk import load_image_rgb
 from spp_detect.retrieval.index import RetrievalIndex, apply_or_normalize, full_res_maps
 from spp_detect.retrieval.regions import cells_to_pixels
 from spp_detect.retrieval.whitening import l2_normalize

@@ -1,0 +1,205 @@
+"""evaluate: detection AP (VOC devkit, COCO), classification AP, retrieval mAP."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from spp_detect.commands.retrieval import open_index_trunk
+from spp_detect.commands.options import (
+    limit_option,
+    not_required,
+    read_voc_or_usage_error,
+    stage_errors,
+    voc_options,
+)
+
+
+@click.command("evaluate")
+@click.option(
+    "--voc2007",
+    "protocol",
+    flag_value="voc",
+    default=True,
+    show_default=False,
+    help="VOC devkit AP per class and mAP (Python re-implementation of VOCevaldet.m; the default).",
+)
+@click.option(
+    "--coco",
+    "protocol",
+    flag_value="coco",
+    show_default=False,
+    help="The 12 COCO numbers from pycocotools (VOC difficult objects as crowd/ignore regions).",
+)
+@click.option(
+    "--voc2007-cls",
+    "protocol",
+    flag_value="voc-cls",
+    show_default=False,
+    help="Image classification AP per class and mAP (VOCevalcls.m) of --scores.",
+)
+@click.option(
+    "--scores",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="With --voc2007-cls: folder of devkit files <comp>_cls_<image-set>_<class>.txt ('<image_id> <score>' lines).",
+)
+@click.option(
+    "--retrieval",
+    type=click.Choice(["paris6k"]),
+    default=None,
+    help="Retrieval mAP of an `spp-detect index` (Oxford/Paris compute_map protocol) instead of detection.",
+)
+@click.option(
+    "--index", "index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
+    help="With --retrieval: the index folder (of the dataset's jpg/ folder).",
+)
+@click.option(
+    "--ground-truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+    help="With --retrieval: gnd JSON  [default: gnd_paris6k_subset.json beside the indexed jpg/ folder]",
+)
+@click.option("--rerank", type=click.IntRange(min=1), default=100, help="With --retrieval: AML re-ranks the top N.")
+@not_required("voc_root")
+@voc_options(default_image_set="test")
+@limit_option
+@click.option(
+    "--detections",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Folder of devkit result files <comp>_det_<image-set>_<class>.txt (1-based "
+    "'<image_id> <score> <x1> <y1> <x2> <y2>' lines), or a COCO results json.",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(["11point", "area"]),
+    default=None,
+    show_default=False,
+    help="VOC AP: 11point (VOC2007) or area (VOC2010+).  [default: 11point for --year < 2010, else area]",
+)
+@click.option(
+    "--rule",
+    type=click.Choice(["devkit", "py-faster-rcnn"]),
+    default="devkit",
+    help="VOC matching: the MATLAB devkit (IoU >= t, stable sort) or py-faster-rcnn's voc_eval.py "
+    "(IoU > t, unstable sort, numpy's 11 thresholds).",
+)
+@click.option(
+    "--iou-threshold",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=0.5,
+    help="VOC match threshold (VOCopts.minoverlap).",
+)
+@click.option("--comp-id", default=None, help="Devkit file prefix, e.g. comp4  [default: any single match]")
+@click.option(
+    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here."
+)
+@click.option(
+    "--plots",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Write pr_curves.png (one precision-recall curve per class) into this folder.",
+)
+@click.pass_context
+def evaluate_cmd(
+    ctx: click.Context,
+    protocol: str,
+    retrieval: str | None,
+    index_dir: Path | None,
+    ground_truth: Path | None,
+    rerank: int,
+    voc_root: Path | None,
+    year: str,
+    image_set: str,
+    limit: int | None,
+    detections: Path | None,
+    metric: str | None,
+    rule: str,
+    iou_threshold: float,
+    comp_id: str | None,
+    json_out: Path | None,
+    plots: Path | None,
+    scores: Path | None = None,
+) -> None:
+    """Score detections against VOC ground truth: devkit AP (--voc2007) or COCO metrics (--coco).
+
+    \b
+    spp-detect evaluate --voc2007 --voc-root R --image-set test --detections D \\
+        [--metric 11point|area] [--rule devkit|py-faster-rcnn] [--json OUT] [--plots DIR]
+    spp-detect evaluate --coco --voc-root R --image-set test --detections D [--json OUT]
+    spp-detect evaluate --voc2007-cls --voc-root R --image-set test --scores S [--json OUT]
+    spp-detect evaluate --retrieval paris6k --index runs/paris-index [--rerank 100] [--json OUT]
+    """
+    from eval.report import coco_report, voc_cls_report, voc_report, write_report
+
+    if retrieval is not None:
+        report = retrieval_report(index_dir, ground_truth, rerank)
+    else:
+        _check_protocol_options(ctx, protocol, voc_root, detections, scores)
+        with stage_errors():
+            images = read_voc_or_usage_error(voc_root, image_set, year, limit)
+            if protocol == "voc":
+                report = voc_report(detections, images, year=year, image_set=image_set, metric=metric, rule=rule,
+                                    iou_threshold=iou_threshold, comp_id=comp_id)
+            elif protocol == "coco":
+                report = coco_report(detections, images, year=year, image_set=image_set, comp_id=comp_id)
+            else:
+                report = voc_cls_report(scores, images, year=year, image_set=image_set, metric=metric, comp_id=comp_id)
+    for line in report.lines:
+        click.echo(line)
+    with stage_errors():
+        for path in write_report(report, json_out, plots):
+            click.echo(f"wrote {path}")
+
+
+def _check_protocol_options(ctx: click.Context, protocol: str, voc_root, detections, scores) -> None:
+    """Usage errors: a missing input, or options of another protocol given."""
+    needed = {"voc": ("--detections", detections), "coco": ("--detections", detections), "voc-cls": ("--scores", scores)}
+    for name, value in (("--voc-root", voc_root), needed[protocol]):
+        if value is None:
+            raise click.UsageError(f"Missing option '{name}'.")
+    foreign = {"voc": (), "coco": ("metric", "rule", "iou_threshold"), "voc-cls": ("detections", "rule", "iou_threshold")}
+    given = [f"--{n.replace('_', '-')}" for n in foreign[protocol]
+             if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE]
+    if given:
+        scope = "only apply to --voc2007" if protocol == "coco" else "do not apply to --voc2007-cls"
+        raise click.UsageError(f"{', '.join(given)} {scope}")
+
+
+def retrieval_report(index_dir: Path | None, ground_truth: Path | None, rerank: int):
+    """`evaluate --retrieval paris6k`: mAP of the four methods, whitened, as a report."""
+    from tqdm import tqdm
+
+    from eval.report import Report
+    from eval.retrieval import load_paris_ground_truth, mean_average_precision
+    from spp_detect.retrieval.search import METHODS, run_queries
+
+    if index_dir is None:
+        raise click.UsageError("--retrieval needs --index (the folder made by `spp-detect index`)")
+    index, trunk, norm = open_index_trunk(index_dir)
+    images = Path(index.settings.get("images") or ".")
+    if ground_truth is None:
+        ground_truth = images.parent / "gnd_paris6k_subset.json"
+        if not ground_truth.is_file():
+            raise click.BadParameter(f"no {ground_truth.name} beside {images}; pass it", param_hint="--ground-truth")
+    try:
+        queries = load_paris_ground_truth(ground_truth, index.names)
+    except ValueError as exc:
+        raise click.ClickException(f"{ground_truth}: {exc}") from None
+    paths = [(images / f"{q.image}.jpg", q.box) for q in queries]
+    rankings = run_queries(index, trunk, norm, paths, rerank=rerank, qe=5,
+                           progress=lambda qs: tqdm(qs, desc="queries", unit="query"))
+    lines = [f"{len(queries)} queries on {len(index)} images, {index.config['backbone']}, whitened; "
+             f"AML re-ranks the top {rerank}, QE averages the top 5"]
+    summary: dict = {"protocol": "retrieval", "dataset": "paris6k", "index": str(index_dir), "rerank": rerank,
+                     "map": {}, "ap": {}}
+    for method in METHODS:
+        value, aps = mean_average_precision(rankings[method], queries)
+        summary["map"][method] = value
+        summary["ap"][method] = {q.name: float(a) for q, a in zip(queries, aps)}
+        lines.append(f"{method:<12} mAP {100 * value:5.1f}")
+    return Report(lines, summary, None, "")
+
+
+#: registered on the group by cli.py, in this order
+COMMANDS = (evaluate_cmd,)

@@ -1,0 +1,180 @@
+"""Retrieval commands: index, search."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from spp_detect.commands.options import (
+    backbone_options,
+    device_option,
+    force_option,
+    limit_option,
+    parse_bbox,
+)
+
+
+def open_index_trunk(index_dir: Path, device: str = "cpu"):
+    """The loaded index, and the trunk + normalisation it was made with (weights checked)."""
+    from spp_detect.backbones import build_trunk, resolve_normalization
+    from spp_detect.device import resolve_device
+    from spp_detect.image_trunk import prepare_trunk
+    from spp_detect.retrieval.index import load_index
+    from spp_detect.stage_dir import source_key
+
+    try:
+        index = load_index(index_dir)
+    except FileNotFoundError as exc:
+        raise click.BadParameter(str(exc), param_hint="--index") from None
+    weights = index.settings.get("weights", index.config["weights"])
+    if weights not in ("imagenet", "none"):
+        if not Path(weights).is_file() or source_key(Path(weights)) != index.config["weights"]:
+            raise click.ClickException(f"the index was made with weights {weights} ({index.config['weights'][:20]}...), "
+                                       "which are missing or changed")
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    trunk = prepare_trunk(build_trunk(index.config["backbone"], weights), torch_device)
+    norm = resolve_normalization(index.config["backbone"], weights, index.config["input_norm"])
+    return index, trunk, norm
+
+
+@click.command("index")
+@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Index folder.")
+@backbone_options
+@click.option(
+    "--whiten-images",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    required=True,
+    envvar="SPP_DETECT_WHITEN_IMAGES",
+    help="Folder of images of ANOTHER dataset to learn PCA-whitening on (e.g. VOC2007 JPEGImages; "
+    "env SPP_DETECT_WHITEN_IMAGES).",
+)
+@click.option("--whiten-limit", type=click.IntRange(min=2), default=100, help="Use the first N whitening images.")
+@click.option("--levels", type=click.IntRange(min=1), default=3, help="R-MAC region levels L (paper: 3).")
+@limit_option
+@device_option
+@force_option
+def index_cmd(
+    images_dir: Path, out: Path, backbone: str, weights: str, input_norm: str, whiten_images: Path,
+    whiten_limit: int, levels: int, limit: int | None, device: str, force: bool,
+) -> None:
+    """Describe a folder of images for retrieval: MAC, R-MAC region vectors, quantised maps.
+
+    \b
+    Each image runs once through the trunk at full resolution; its file holds the MAC,
+    the L2-normalised MACs of the R-MAC regions (L levels, 40% overlap) and the map
+    quantised to 0..8 for AML re-ranking. PCA-whitening is learned on --whiten-images,
+    which must not be the searched set. Rerun to resume.
+
+    \b
+    Example:
+      spp-detect index ../shared/data/paris6k-subset/jpg --out runs/paris-index \\
+          --weights ../shared/data/weights/squeezenet1_0-imagenet-deepcompression.pth \\
+          --whiten-images ../shared/data/voc2007-mini/VOC2007/JPEGImages
+    """
+    from tqdm import tqdm
+
+    from spp_detect.device import resolve_device
+    from spp_detect.images import ImageReadError
+    from spp_detect.retrieval.index import IndexSettings, list_images, run_index
+    from spp_detect.stage_dir import SettingsChanged
+
+    if weights not in ("imagenet", "none") and not Path(weights).is_file():
+        raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {weights}", param_hint="--weights")
+    try:
+        torch_device = resolve_device(device)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--device") from None
+    if images_dir.resolve() == whiten_images.resolve():
+        raise click.BadParameter("whitening must be learned on another dataset than the indexed one",
+                                 param_hint="--whiten-images")
+    try:
+        images = list_images(images_dir, limit)
+        whiten = list_images(whiten_images)
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = IndexSettings(backbone=backbone, weights=weights, input_norm=input_norm, levels=levels,
+                             whiten_limit=whiten_limit)
+    try:
+        summary = run_index(images, out, settings, whiten, device=torch_device, force=force,
+                            progress=lambda seq, desc: tqdm(seq, desc=desc, unit="img"))
+    except (SettingsChanged, ImageReadError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    per_image = summary.bytes_written / max(summary.done, 1) / 1e3
+    click.echo(f"index: {summary.done} image(s) described, {summary.skipped} already indexed, "
+               f"{per_image:.0f} kB/image, {summary.seconds:.1f} s -> {out}")
+
+
+@click.command("search")
+@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              help="Folder made by `spp-detect index`.")
+@click.option("--query", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
+              help="Query image.")
+@click.option("--bbox", callback=parse_bbox, default=None,
+              help="x1,y1,x2,y2: crop the query to this box first (0-based pixels).")
+@click.option("--method", type=click.Choice(["rmac", "mac"]), default="rmac", help="First-search descriptor.")
+@click.option("--whiten/--no-whiten", default=True, help="Use the index's PCA-whitening.")
+@click.option("--rerank", type=click.IntRange(min=0), default=100, help="AML re-ranks the top N (0: off).")
+@click.option("--qe", type=click.IntRange(min=0), default=0, help="Average query expansion with the top N (paper: 5).")
+@click.option("--top", type=click.IntRange(min=1), default=10, help="Results to print (and draw).")
+@click.option("--show", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: the query and the top results with their localised boxes.")
+@device_option
+def search_cmd(
+    index_dir: Path, query: Path, bbox: tuple[float, ...] | None, method: str, whiten: bool, rerank: int, qe: int,
+    top: int, show: Path | None, device: str,
+) -> None:
+    """Find the images of an index that show the query object.
+
+    \b
+    R-MAC (or MAC) ranks the whole index; AML then localises the query in the top
+    --rerank images and re-scores each by the R-MAC of its box; --qe averages the
+    query with its best localised results and scores them again.
+
+    \b
+    Example:
+      spp-detect search --index runs/paris-index \\
+          --query ../shared/data/paris6k-subset/jpg/paris_louvre_000136.jpg \\
+          --bbox 14,76,989,564 --qe 5 --show louvre.png
+    """
+    from spp_detect.image_trunk import load_image_rgb
+    from spp_detect.images import ImageReadError
+    from spp_detect.retrieval.descriptors import crop_query
+    from spp_detect.retrieval.search import describe_query, search
+
+    if qe and not rerank:
+        raise click.UsageError("--qe uses the localised results: give --rerank > 0 too")
+    index, trunk, norm = open_index_trunk(index_dir, device)
+    try:
+        image = load_image_rgb(query)
+        described = describe_query(trunk, norm, image, bbox, int(index.config["levels"]))
+    except (ImageReadError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    result = search(index, described, method=method, whiten=whiten, rerank=min(rerank, len(index)), qe=qe)
+    steps = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
+    click.echo(f"{len(index)} images searched ({method}{', whitened' if whiten else ''}"
+               f"{f', AML top {rerank}' if rerank else ''}{f', QE {qe}' if qe else ''}): {steps}")
+    click.echo(f"{'rank':>4}  {'score':>7}  {'image':<32} box (x1,y1,x2,y2)")
+    shown = []
+    for rank, (i, score) in enumerate(zip(result.order[:top], result.scores[:top]), start=1):
+        box = result.boxes.get(int(i))
+        text = ",".join(f"{v:.0f}" for v in box) if box is not None else "-"
+        click.echo(f"{rank:>4}  {score:>7.4f}  {index.names[i]:<32} {text}")
+        shown.append((int(i), float(score), box))
+    if show is not None:
+        from spp_detect.retrieval.draw import draw_results
+
+        panels = []
+        for i, score, box in shown:
+            path = index.image_path(i)
+            panels.append((index.names[i], score, load_image_rgb(path) if path is not None else None, box))
+        query_image = crop_query(image, bbox) if bbox is not None else image
+        click.echo(f"wrote {draw_results(query_image, panels, show)}")
+
+
+#: registered on the group by cli.py, in this order
+COMMANDS = (index_cmd, search_cmd)
