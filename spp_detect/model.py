@@ -52,7 +52,7 @@ from spp_detect.window_features import PoolBuffer
 from spp_detect.windows import scale_factors
 
 __all__ = [
-    "MODEL_FORMAT", "ModelError", "Prediction", "DetectionModel", "PredictSummary",
+    "MODEL_FORMAT", "ModelError", "Prediction", "DetectionModel", "PredictSettings", "PredictSummary",
     "export_model", "load_model", "coco_results", "run_predict",
 ]
 
@@ -336,13 +336,25 @@ def load_model(folder: Path | str, *, weights: Path | str | None = None, device:
     )
 
 
+@dataclass(frozen=True)
+class PredictSettings:
+    """What ``predict`` draws: detections scoring above ``threshold`` (an SVM margin; 0 is
+    the decision boundary), at most ``top`` per image, best first. The json holds every
+    detection, as ``detect``'s does."""
+
+    threshold: float = 0.0
+    top: int = 20
+
+
 @dataclass
 class PredictSummary:
-    """What :func:`run_predict` did: ``seconds`` per image id (in order), ``detections`` per
-    image id, the files written, and ``bad`` (images skipped with ``skip_bad``)."""
+    """What :func:`run_predict` did: ``seconds`` per image id (in order; decode, proposals,
+    conv and scoring), ``detections`` and ``drawn`` per image id, the files written, and
+    ``bad`` (images skipped with ``skip_bad``)."""
 
     seconds: dict[str, float] = field(default_factory=dict)
     detections: dict[str, int] = field(default_factory=dict)
+    drawn: dict[str, int] = field(default_factory=dict)
     pictures: list[Path] = field(default_factory=list)
     results_json: Path | None = None
     bad: list[Exception] = field(default_factory=list)
@@ -362,14 +374,13 @@ def run_predict(
     model: DetectionModel,
     images: list,
     out: Path | str,
+    settings: PredictSettings = PredictSettings(),
     *,
-    threshold: float = 0.0,
-    top: int = 20,
     skip_bad: bool = False,
     progress=None,
 ) -> PredictSummary:
     """Detect on each image and write ``<out>/<image_id>.png`` (the image with its
-    detections above ``threshold`` drawn, at most ``top``, best first) and
+    detections drawn as ``settings`` says) and
     ``<out>/detections.json`` (every detection, COCO results, :func:`coco_results`).
 
     The json is rewritten after every image, so what was computed before a failure stays.
@@ -394,6 +405,7 @@ def run_predict(
     summary = PredictSummary(results_json=out / "detections.json")
     results: list[dict] = []
     for image in progress(images) if progress else images:
+        start = time.perf_counter()
         try:
             rgb = load_image_rgb(image.path)
         except ImageReadError as exc:
@@ -401,14 +413,14 @@ def run_predict(
                 raise
             summary.bad.append(exc)
             continue
-        start = time.perf_counter()
         prediction = model.predict(rgb, image_id=image.image_id)
         summary.seconds[image.image_id] = time.perf_counter() - start
         summary.detections[image.image_id] = len(prediction.scores)
         results += coco_results(image.image_id, prediction)
         atomic_write(summary.results_json, lambda p: p.write_text(json.dumps(results)))
-        shown = torch.nonzero(prediction.scores > threshold).flatten()
-        shown = shown[torch.argsort(prediction.scores[shown], descending=True, stable=True)][:top]
+        shown = torch.nonzero(prediction.scores > settings.threshold).flatten()
+        shown = shown[torch.argsort(prediction.scores[shown], descending=True, stable=True)][: settings.top]
+        summary.drawn[image.image_id] = len(shown)
         canvas = draw_boxes(rgb, prediction.boxes[shown].numpy(),
                             [f"{prediction.class_names[i]} {float(prediction.scores[i]):.2f}" for i in shown.tolist()],
                             prediction.labels[shown].tolist())

@@ -17,7 +17,7 @@ from spp_detect.datasets import open_dataset
 from spp_detect.detect import DetectSettings, run_detect
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
-from spp_detect.model import ModelError, coco_results, export_model, load_model, run_predict
+from spp_detect.model import ModelError, PredictSettings, coco_results, export_model, load_model, run_predict
 from spp_detect.stage_dir import read_manifest, source_key
 from svm.train import SVMSettings, load_svm, run_train_svm
 from tests.conftest import SQUEEZENET_FILE
@@ -78,7 +78,7 @@ def test_predict_gives_detects_boxes_and_writes_pictures_and_json(trained, photo
     model = load_model(folder)
     data = open_dataset(images=[photos])
     out = tmp_path / "pred"
-    summary = run_predict(model, data.images, out, threshold=-1.0)
+    summary = run_predict(model, data.images, out, PredictSettings(threshold=-1.0))
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000015.png", "000040.png", "detections.json"]
     assert list(summary.seconds) == ["000001", "000015", "000040"] and all(s > 0 for s in summary.seconds.values())
     import cv2
