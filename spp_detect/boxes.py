@@ -10,6 +10,8 @@ Conversions happen once, at I/O boundaries:
 
 * VOC annotations (1-based, inclusive ``xmin..xmax``) -> :func:`from_voc_1based` in
   ``spp_detect.datasets.voc``;
+* COCO annotations (continuous 0-based ``[x, y, w, h]``) -> ``(x, y, x + w, y + h)`` in
+  ``spp_detect.datasets.coco`` (results json written back as ``[x, y, w, h]``);
 * MATLAB selective-search files (1-based ``(y1, x1, y2, x2)``) -> ``proposals.io``;
 * the VOC devkit's result files and its ``+ 1`` IoU rule live only in ``eval/``.
 """
