@@ -150,6 +150,47 @@ def read_voc_or_usage_error(voc_root: Path, image_set: str, year: str, limit: in
         raise
 
 
+def dataset_options(f):
+    """``--coco-json`` and ``--images``: a COCO dataset or plain images instead of --voc-root
+    (add ``not_required("voc_root", "image_set")`` above the VOC options)."""
+    f = click.option(
+        "--images", "image_paths", type=click.Path(exists=True, path_type=Path), multiple=True,
+        help="With --coco-json: the folder its file_name entries are relative to. Alone: images without "
+        "annotations (a folder and/or files; repeat).",
+    )(f)
+    f = click.option(
+        "--coco-json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+        help="A COCO dataset json instead of --voc-root (its categories, in id order, are the class list); with --images DIR.",
+    )(f)
+    return f
+
+
+def open_dataset_or_usage_error(voc_root: Path | None, image_set: str | None, year: str, coco_json: Path | None,
+                                image_paths: tuple[Path, ...], limit: int | None = None, bad: list | None = None):
+    """The :class:`~spp_detect.datasets.registry.Dataset` the options name; entries left out
+    (``bad`` given: --skip-bad) are appended to ``bad``; what reading changed (clipped or
+    dropped boxes) is printed. No source, two sources or a missing image-set list are usage errors."""
+    from spp_detect.datasets.registry import DatasetError, open_dataset
+    from spp_detect.datasets.voc import VOCFormatError
+
+    if voc_root is not None and image_set is None and coco_json is None and not image_paths:
+        raise click.UsageError("Missing option '--image-set'.")
+    try:
+        dataset = open_dataset(voc_root=voc_root, image_set=image_set, year=year, coco_json=coco_json,
+                               images=image_paths, limit=limit, skip_bad=bad is not None)
+    except DatasetError as exc:
+        raise click.UsageError(str(exc)) from None
+    except VOCFormatError as exc:
+        if exc.image_id is None and str(exc).startswith("image-set list not found"):
+            raise click.BadParameter(str(exc), param_hint="'--image-set' / '--year'") from None
+        raise
+    if bad is not None:
+        bad.extend(dataset.bad)
+    if dataset.notes:
+        click.echo(f"{dataset.name}: {dataset.notes}", err=True)
+    return dataset
+
+
 def message(exc: BaseException) -> str:
     """An exception's text for the command line (a KeyError's without the quotes repr adds)."""
     return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -354,6 +395,7 @@ def stage_errors(bad_input_hint: str = ""):
 
 def _bad_annotation_errors() -> tuple[type[Exception], ...]:
     from proposals.run import BadImageError
+    from spp_detect.datasets.coco import COCOFormatError
     from spp_detect.datasets.voc import VOCFormatError
 
-    return BadImageError, VOCFormatError
+    return BadImageError, VOCFormatError, COCOFormatError

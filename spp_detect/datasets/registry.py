@@ -37,6 +37,7 @@ class Dataset:
         notes: what reading changed, one line (COCO: clipped / dropped boxes), or ``""``.
         bad: entries left out (``skip_bad``), each an exception naming its file.
         coco_json: the annotation file of a COCO dataset (for ``evaluate --coco``).
+        year: the VOC year (VOC only).
     """
 
     kind: str
@@ -47,6 +48,14 @@ class Dataset:
     notes: str = ""
     bad: list[Exception] = field(default_factory=list)
     coco_json: Path | None = None
+    year: str | None = None
+
+    def describe(self) -> dict[str, str]:
+        """What identifies the images in a stage manifest: ``{"year", "image_set"}`` for VOC
+        (as before other sources existed), ``{"dataset", "image_set"}`` otherwise."""
+        if self.kind == "voc":
+            return {"year": str(self.year), "image_set": self.name}
+        return {"dataset": self.kind, "image_set": self.name}
 
 
 def _open_voc(voc_root: Path | str, image_set: str = "test", year: str | int = 2007, *, limit: int | None = None,
@@ -55,7 +64,7 @@ def _open_voc(voc_root: Path | str, image_set: str = "test", year: str | int = 2
 
     bad: list | None = [] if skip_bad else None
     images = read_voc(voc_root, image_set, year, bad=bad, limit=limit)
-    return Dataset("voc", images, VOC_CLASSES, image_set, bad=bad or [])
+    return Dataset("voc", images, VOC_CLASSES, image_set, bad=bad or [], year=str(year))
 
 
 def _open_coco(coco_json: Path | str, images_dir: Path | str, *, limit: int | None = None,
