@@ -2,7 +2,7 @@
 
 The click group, its shared options and the registration of the commands, which live in
 :mod:`spp_detect.commands` by group (``detection``, ``evaluation``, ``classification``,
-``retrieval``, ``tools``). A command parses its options, builds its stage's settings,
+``retrieval``, ``tools``, ``predict``). A command parses its options, builds its stage's settings,
 calls one ``run_<stage>`` and prints the summary; the stages themselves are library code
 (README "How a stage works"). Heavy imports (torch, cv2, sklearn) happen inside the
 commands so that ``spp-detect --help`` is instant.
@@ -18,13 +18,13 @@ import logging
 import click
 
 from spp_detect import __version__
-from spp_detect.commands import classification, detection, evaluation, retrieval, tools
+from spp_detect.commands import classification, detection, evaluation, predict, retrieval, tools
 from spp_detect.commands.options import BACKBONE_NAMES, parse_scales
 
 __all__ = ["main", "BACKBONE_NAMES", "parse_scales", "COMMAND_MODULES"]
 
 #: the modules whose ``COMMANDS`` make up the group
-COMMAND_MODULES = (detection, evaluation, classification, retrieval, tools)
+COMMAND_MODULES = (detection, evaluation, predict, classification, retrieval, tools)
 
 
 # --------------------------------------------------------------------------- the group
@@ -43,6 +43,10 @@ def main(verbose: int, quiet: bool) -> None:
       4. train-svm   linear SVMs with hard-negative mining (+ box regression)
       5. detect      score windows, NMS; VOC comp4 files and COCO json
       6. evaluate    VOC07 11-point AP (devkit-exact) / COCO metrics, PR curves
+    Your own data (README "Your own dataset"):
+      --coco-json FILE --images DIR   a COCO dataset instead of --voc-root
+      export-model   a self-contained model folder (weights hash, settings, SVMs)
+      predict        detections on images or folders: drawn PNGs + COCO json
     Image classification (paper section 3):
       classify-features, train-classifier   whole-image SPP features, linear SVMs
       train-spp-classifier                  SPP classifier trained end to end

@@ -41,37 +41,43 @@ def default_metric(year: str) -> str:
 
 
 def voc_report(detections: Path, images: Sequence, *, year: str, image_set: str, metric: str | None = None,
-               rule: str = "devkit", iou_threshold: float = 0.5, comp_id: str | None = None) -> Report:
+               rule: str = "devkit", iou_threshold: float = 0.5, comp_id: str | None = None,
+               classes: Sequence[str] = VOC_CLASSES) -> Report:
     """Devkit detection AP (``VOCevaldet.m``, Python re-implementation) of a folder of
-    devkit result files or a COCO results json, against ``images`` (``read_voc``)."""
+    devkit result files or a COCO results json, against ``images`` (``read_voc``, or any
+    dataset's images whose labels index ``classes``; ``year`` ``""`` for a non-VOC one)."""
     from eval.results import read_detections
     from eval.voc import evaluate_voc
 
     metric = metric or default_metric(year)
-    dets = read_detections(detections, image_set, comp_id=comp_id)
-    result = evaluate_voc(dets, images, iou_threshold=iou_threshold, use_07_metric=metric == "11point", rule=rule)
+    dets = read_detections(detections, image_set, comp_id=comp_id, classes=classes)
+    result = evaluate_voc(dets, images, classes=classes, iou_threshold=iou_threshold, use_07_metric=metric == "11point",
+                          rule=rule)
     lines = [f"{_header(year, image_set, images, dets)}; {metric} AP, {rule} rule, IoU {iou_threshold:g}",
              "(Python re-implementation of the VOC devkit)", f"{'class':<12} {'AP':>7} {'objects':>8} {'detections':>11}"]
-    for name in VOC_CLASSES:
+    for name in classes:
         lines.append(f"{name:<12} {result.ap[name]:>7.4f} {result.per_class[name].npos:>8d} {result.num_detections[name]:>11d}")
     lines.append(f"{'mAP':<12} {result.map:>7.4f}")
     summary = {"protocol": "voc", "year": year, "image_set": image_set, "detections": str(detections), **result.to_json()}
     curves = {name: (r.rec, r.prec, r.ap) for name, r in result.per_class.items()}
-    return Report(lines, summary, curves, f"VOC{year} {image_set}: {metric} mAP {result.map:.4f} ({rule})")
+    return Report(lines, summary, curves, f"{_name(year, image_set)}: {metric} mAP {result.map:.4f} ({rule})")
 
 
-def coco_report(detections: Path, images: Sequence, *, year: str, image_set: str, comp_id: str | None = None) -> Report:
-    """pycocotools' 12 numbers, VOC difficult objects as crowd (ignore) regions."""
-    from eval.coco import evaluate_coco
+def coco_report(detections: Path, images: Sequence, *, year: str, image_set: str, comp_id: str | None = None,
+                classes: Sequence[str] = VOC_CLASSES, coco_json: Path | None = None) -> Report:
+    """pycocotools' 12 numbers, VOC difficult objects as crowd (ignore) regions; with
+    ``coco_json``, against that COCO dataset file as it is (``evaluate_coco_json``)."""
+    from eval.coco import evaluate_coco, evaluate_coco_json
     from eval.results import read_detections
 
-    dets = read_detections(detections, image_set, comp_id=comp_id)
-    result = evaluate_coco(dets, images)
-    lines = [f"{_header(year, image_set, images, dets)}; pycocotools COCOeval (bbox), difficult objects as crowd regions",
+    dets = read_detections(detections, image_set, comp_id=comp_id, classes=classes)
+    result = evaluate_coco_json(dets, coco_json) if coco_json is not None else evaluate_coco(dets, images, classes)
+    ground_truth = f"the ground truth of {coco_json}" if coco_json is not None else "difficult objects as crowd regions"
+    lines = [f"{_header(year, image_set, images, dets)}; pycocotools COCOeval (bbox), {ground_truth}",
              result.summary.rstrip()]
     summary = {"protocol": "coco", "year": year, "image_set": image_set, "detections": str(detections), **result.to_json()}
-    curves = {name: (*result.curves[name], result.ap50[name]) for name in VOC_CLASSES}
-    return Report(lines, summary, curves, f"VOC{year} {image_set}: COCO AP50 per class (IoU 0.5, 101 recall points)")
+    curves = {name: (*result.curves[name], result.ap50[name]) for name in classes}
+    return Report(lines, summary, curves, f"{_name(year, image_set)}: COCO AP50 per class (IoU 0.5, 101 recall points)")
 
 
 def voc_cls_report(scores: Path, images: Sequence, *, year: str, image_set: str, metric: str | None = None,
@@ -105,5 +111,10 @@ def write_report(report: Report, json_out: Path | None = None, plots: Path | Non
     return written
 
 
+def _name(year: str, image_set: str) -> str:
+    """``VOC2007 test``, or the dataset's own name where there is no VOC year."""
+    return f"VOC{year} {image_set}" if year else image_set
+
+
 def _header(year: str, image_set: str, images: Sequence, dets) -> str:
-    return f"VOC{year} {image_set}, {len(images)} images, {sum(len(d) for d in dets.values())} detections"
+    return f"{_name(year, image_set)}, {len(images)} images, {sum(len(d) for d in dets.values())} detections"

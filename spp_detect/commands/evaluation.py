@@ -8,9 +8,10 @@ import click
 
 from spp_detect.commands.retrieval import open_index_trunk
 from spp_detect.commands.options import (
+    dataset_options,
     limit_option,
     not_required,
-    read_voc_or_usage_error,
+    open_dataset_or_usage_error,
     stage_errors,
     voc_options,
 )
@@ -62,6 +63,7 @@ from spp_detect.commands.options import (
 @click.option("--rerank", type=click.IntRange(min=1), default=100, help="With --retrieval: AML re-ranks the top N.")
 @not_required("voc_root")
 @voc_options(default_image_set="test")
+@dataset_options
 @limit_option
 @click.option(
     "--detections",
@@ -111,6 +113,8 @@ def evaluate_cmd(
     voc_root: Path | None,
     year: str,
     image_set: str,
+    coco_json: Path | None,
+    image_paths: tuple[Path, ...],
     limit: int | None,
     detections: Path | None,
     metric: str | None,
@@ -127,6 +131,8 @@ def evaluate_cmd(
     spp-detect evaluate --voc2007 --voc-root R --image-set test --detections D \\
         [--metric 11point|area] [--rule devkit|py-faster-rcnn] [--json OUT] [--plots DIR]
     spp-detect evaluate --coco --voc-root R --image-set test --detections D [--json OUT]
+    spp-detect evaluate --coco --coco-json instances_val.json --images DIR --detections D   # pycocotools on the json
+    spp-detect evaluate --coco-json instances_val.json --images DIR --detections D          # devkit AP, the json's classes
     spp-detect evaluate --voc2007-cls --voc-root R --image-set test --scores S [--json OUT]
     spp-detect evaluate --retrieval paris6k --index runs/paris-index [--rerank 100] [--json OUT]
     """
@@ -135,14 +141,20 @@ def evaluate_cmd(
     if retrieval is not None:
         report = retrieval_report(index_dir, ground_truth, rerank)
     else:
-        _check_protocol_options(ctx, protocol, voc_root, detections, scores)
+        _check_protocol_options(ctx, protocol, voc_root or coco_json or (image_paths or None), detections, scores)
         with stage_errors():
-            images = read_voc_or_usage_error(voc_root, image_set, year, limit)
-            if protocol == "voc":
-                report = voc_report(detections, images, year=year, image_set=image_set, metric=metric, rule=rule,
-                                    iou_threshold=iou_threshold, comp_id=comp_id)
+            data = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit)
+            if not data.annotated or (protocol == "voc-cls" and data.kind != "voc"):
+                raise click.UsageError("evaluate needs ground truth: --voc-root, or --coco-json with --images "
+                                       "(--voc2007-cls: --voc-root)")
+            images, name, voc_year = data.images, data.name, data.year or ""
+            if protocol == "voc":  # a COCO dataset: the --voc2007 (11-point) AP unless --metric says otherwise
+                report = voc_report(detections, images, year=voc_year, image_set=name, rule=rule,
+                                    metric=metric or (None if voc_year else "11point"),
+                                    iou_threshold=iou_threshold, comp_id=comp_id, classes=data.classes)
             elif protocol == "coco":
-                report = coco_report(detections, images, year=year, image_set=image_set, comp_id=comp_id)
+                report = coco_report(detections, images, year=voc_year, image_set=name, comp_id=comp_id,
+                                     classes=data.classes, coco_json=data.coco_json)
             else:
                 report = voc_cls_report(scores, images, year=year, image_set=image_set, metric=metric, comp_id=comp_id)
     for line in report.lines:
