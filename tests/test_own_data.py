@@ -200,3 +200,15 @@ def test_a_broken_image_stops_extract_keeping_what_was_done_and_skip_bad_skips_i
     assert (summary.skipped, summary.done, [e.path.name for e in summary.bad]) == (1, 1, ["000015.jpg"])
     assert (out / "000001.npz").stat().st_mtime_ns == first
     assert FeatureCache(out).image_ids == ["000001", "000040"]
+
+
+def test_devkit_ap_on_a_coco_export_of_voc_equals_the_voc_numbers(routes, voc_root):
+    voc, _, test_ids = routes
+    dets = _class_detections(voc, tuple(FeatureCache(voc / "test").classes))
+    on_voc = evaluate_voc(dets, open_dataset(voc_root=voc_root, image_set="test", limit=2).images)
+    coco = open_dataset(coco_json=write_coco(voc_root, test_ids, voc / "t.json"),
+                        images=[voc_root / "VOC2007" / "JPEGImages"])
+    on_coco = evaluate_voc(dets, coco.images, classes=coco.classes)
+    assert on_coco.map == on_voc.map and list(on_coco.ap) == list(on_voc.ap)
+    assert np.array_equal(list(on_coco.ap.values()), list(on_voc.ap.values()), equal_nan=True)  # NaN: no object
+    assert any(v > 0 for v in on_voc.ap.values() if v == v)
