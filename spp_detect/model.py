@@ -33,7 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +46,7 @@ from spp_detect.detect import DetectSettings, detect_image
 from spp_detect.extract import assign_windows
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.head import load_head, save_head
-from spp_detect.stage_dir import atomic_write, file_sha256, read_manifest
+from spp_detect.stage_dir import atomic_write, file_sha256, read_manifest, settings_config, settings_from_config
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import PoolBuffer
 from spp_detect.windows import scale_factors
@@ -98,7 +98,7 @@ class DetectionModel:
     levels: tuple[int, ...]
     classes: tuple[str, ...]
     scorer: object  # svm.train.SVMModel: layer, head, regressor, scores()
-    proposals: dict
+    proposals: object  # proposals.run.ProposalSettings
     settings: DetectSettings
     device: torch.device = torch.device("cpu")
     _trunk: torch.nn.Module | None = field(default=None, repr=False)
@@ -115,9 +115,8 @@ class DetectionModel:
         proposal settings recorded in the model (as ``spp-detect proposals`` computes them)."""
         from proposals.selective_search import propose
 
-        p = self.proposals
-        return propose(image_bgr, mode=p["mode"], min_size=p["min_size"], max_boxes=p["max_boxes"], seed=p["seed"],
-                       max_pixels=p["max_pixels"])
+        p = self.proposals  # the call proposals.run makes per image
+        return propose(image_bgr, p.mode, p.min_size, p.max_boxes, p.seed, p.max_pixels)
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray | Path | str, proposals: np.ndarray | None = None,
@@ -190,7 +189,7 @@ def export_model(
     *,
     weights: Path | str | None = None,
     copy_weights: bool = False,
-    proposals: dict | None = None,
+    proposals: object | None = None,
     settings: DetectSettings | None = None,
 ) -> Path:
     """Write a self-contained model folder from a ``train-svm`` folder.
@@ -204,8 +203,9 @@ def export_model(
             needed for ``imagenet`` / ``none`` weights.
         copy_weights: copy the weights file into the folder (``weights/<name>``), making
             the folder portable: copy it to another machine as it is.
-        proposals: selective-search settings recorded for ``predict`` (default:
-            ``proposals.run.ProposalSettings()``, what ``spp-detect proposals`` uses).
+        proposals: selective-search settings recorded for ``predict``, a
+            ``proposals.run.ProposalSettings`` (default: its defaults, what ``spp-detect
+            proposals`` uses).
         settings: detection settings recorded (default: ``DetectSettings`` with box
             regression on when the model has regressors).
 
@@ -260,6 +260,9 @@ def export_model(
         (out / "bbox.npz").unlink(missing_ok=True)
     if scorer.head is not None:
         save_head(out, scorer.head)
+    else:
+        for name in ("head.npz", "head.json"):
+            (out / name).unlink(missing_ok=True)
     settings = settings or DetectSettings(bbox=scorer.regressor is not None)
     meta = {
         "format": MODEL_FORMAT,
@@ -270,8 +273,8 @@ def export_model(
         "levels": list(cache.levels),
         "classes": list(cache.classes),
         "layer": scorer.layer,
-        "proposals": proposals or asdict(ProposalSettings()),
-        "detect": asdict(settings),
+        "proposals": settings_config(proposals or ProposalSettings()),
+        "detect": settings_config(settings),
         "source": {"svm": read_manifest(svm_folder)["key"], "cache": cache.key},
     }
     atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
@@ -291,6 +294,7 @@ def load_model(folder: Path | str, *, weights: Path | str | None = None, device:
         ModelError: another format version, or a weights file whose SHA-256 is not the
             recorded one (the SVMs were trained on the features of the original file).
     """
+    from proposals.run import ProposalSettings
     from svm.bbox_reg import BoxRegressor
     from svm.train import SVMModel
 
@@ -326,13 +330,13 @@ def load_model(folder: Path | str, *, weights: Path | str | None = None, device:
     scorer = SVMModel(weights=tensors["weights"].to(device), bias=tensors["bias"].to(device),
                       feature_scale=float(tensors["feature_scale"]), layer=meta["layer"], classes=classes,
                       head=head, regressor=regressor)
-    settings = DetectSettings(**meta["detect"])
+    settings = settings_from_config(DetectSettings, meta["detect"])
     if settings.bbox and regressor is None:
         raise ModelError(f"{meta_path} asks for box regression, but {folder} holds no bbox.npz")
     return DetectionModel(
         folder=folder, backbone=meta["backbone"], weights=weights_file, input_norm=meta["input_norm"],
         scales=tuple(meta["scales"]), levels=tuple(meta["levels"]), classes=classes, scorer=scorer,
-        proposals=dict(meta["proposals"]), settings=settings, device=device,
+        proposals=settings_from_config(ProposalSettings, meta["proposals"]), settings=settings, device=device,
     )
 
 
