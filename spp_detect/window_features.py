@@ -46,13 +46,18 @@ def open_caches(folders: Sequence[Path | str]) -> list[FeatureCache]:
     """Open one or more extract caches that a stage reads as one training or test set.
 
     Raises:
-        ValueError: no folder given, or caches that cannot be mixed (another backbone,
-            pyramid, extract mode, channel count or class list); the message names the
-            two folders and the difference.
+        ValueError: no folder given, a cache of images without annotations (no class
+            list: nothing to learn from), or caches that cannot be mixed (another
+            backbone, pyramid, extract mode, channel count or class list); the message
+            names the folders and the difference.
     """
     if not folders:
         raise ValueError("no feature cache given")
     caches = [FeatureCache(f) for f in folders]
+    for cache in caches:
+        if not cache.classes:
+            raise ValueError(f"{cache.folder} holds images without annotations (extract --images alone): "
+                             "training needs a labelled dataset (--voc-root, or --coco-json with --images)")
     first = caches[0]
     for other in caches[1:]:
         for attr in ("backbone", "levels", "mode", "channels"):
