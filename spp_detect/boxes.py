@@ -29,6 +29,7 @@ __all__ = [
     "from_voc_1based",
     "to_voc_1based",
     "clip_boxes",
+    "mirror_boxes",
     "box_area",
     "box_iou",
     "remove_small_boxes",
@@ -73,6 +74,18 @@ def clip_boxes(boxes: Tensor, width: int, height: int) -> Tensor:
     """
     _check_shape(boxes)
     return _tv_clip(boxes, (height, width))
+
+
+def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
+    """The ``Tensor[N, 4]`` 0-based xyxy boxes of an image of ``width`` pixels, mirrored
+    left-right: ``(x1, y1, x2, y2) -> (width - x2, y1, width - x1, y2)``.
+
+    A box covering pixel columns ``[x1, x2)`` covers ``[width - x2, width - x1)`` in the
+    mirrored image; this is the release's ``x' = W + 1 - x`` on 1-based inclusive
+    coordinates (``imdb_from_voc.m``, FACTS 1.6). Mirroring twice gives the boxes back.
+    """
+    _check_shape(boxes)
+    return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)
 
 
 def box_area(boxes: Tensor) -> Tensor:

@@ -33,6 +33,7 @@ from spp_detect.backbones import (
     normalization_name,
     resolve_normalization,
 )
+from spp_detect.boxes import mirror_boxes
 from spp_detect.cache import FORMAT_VERSION, cached_file_problem, write_cached_image
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
@@ -109,6 +110,11 @@ class ExtractSettings:
             backbones' ImageNet input).
         context_pad: pixels of context around the box in the warped crop (R-CNN
             ``rcnn_im_crop.m``: ``padding = 16``).
+        flip: cache the left-right mirror of every image, with its ground truth and
+            proposals mirrored (:func:`spp_detect.boxes.mirror_boxes`), under the same
+            image ids. The release fine-tunes on flipped images as well as the originals
+            (``flip_finetune = true``, FACTS 1.6) and trains the SVMs without them: give a
+            flipped cache to ``finetune`` beside the plain one (``--cache A --cache A-flip``).
     """
 
     backbone: str = "squeezenet1_0"
@@ -119,6 +125,7 @@ class ExtractSettings:
     mode: str = "spp"
     crop_size: int = 224
     context_pad: int = 16
+    flip: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_norm", normalization_name(self.backbone, self.weights, self.input_norm))
@@ -245,6 +252,9 @@ def run_extract(
             continue
         height, width = pixels.shape[:2]
         boxes = torch.cat([torch.tensor(image.boxes), torch.tensor(proposals[image.image_id])])  # [N, 4] GT first
+        if settings.flip:
+            pixels = np.ascontiguousarray(pixels[:, ::-1])
+            boxes = mirror_boxes(boxes, width)
         is_gt = torch.arange(len(boxes)) < len(image.boxes)
         if settings.mode == "spp":
             maps = conv_maps(trunk, norm, pixels, settings.scales, device)
