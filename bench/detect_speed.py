@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, print_table, write_json
+from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.backbones import build_trunk, resolve_normalization
@@ -89,7 +89,7 @@ def _proposals(work: Path, split: str, images, windows: int) -> dict[str, dict[s
     return {"measured": measured, "padded": padded}
 
 
-def _train_model(work: Path, images, windows: int, device: torch.device) -> Path:
+def _train_model(work: Path, images, windows: int, device: torch.device, iterations: int = 200) -> Path:
     """A small fc7 model with box regression (keyed folders under ``work``)."""
     props = _proposals(work, "trainval", images, windows)["measured"]
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(688,))
@@ -97,7 +97,8 @@ def _train_model(work: Path, images, windows: int, device: torch.device) -> Path
     run_extract(images, props, cache, settings, proposals_key=f"bench-detect-speed-{windows}", image_set="trainval",
                 device=device)
     head_dir = work / f"head-{len(images)}"
-    run_finetune([cache], head_dir, FinetuneSettings(fc_dim=1024, iterations=200, base_lr=0.02, lr_steps=(150,)),
+    run_finetune([cache], head_dir, FinetuneSettings(fc_dim=1024, iterations=iterations, base_lr=0.02,
+                                                     lr_steps=(iterations * 3 // 4,)),
                  device=device)
     svm_dir = work / f"svm-fc7-{len(images)}"
     c = 1e-3 * 5011 / len(images)  # bench/detection.py: the release's C scaled to the training-set size
@@ -112,17 +113,18 @@ def main() -> None:
     parser.add_argument("--train-images", type=int, default=10, help="trainval images the bench model is trained on")
     parser.add_argument("--model", type=Path, default=None, help="a train-svm folder to use instead")
     parser.add_argument("--rcnn-windows", type=int, default=64, help="R-CNN-style windows timed per image")
+    parser.add_argument("--train-iterations", type=int, default=200, help="fine-tuning iterations of the bench model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detect-speed"))
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = smoke_args(parser, images=1, windows=100, train_images=2, rcnn_windows=2, train_iterations=10)
 
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     work = args.work
     t_start = time.perf_counter()
     model_dir = args.model or _train_model(work, read_voc(VOC_ROOT, "trainval")[: args.train_images], args.windows,
-                                           device)
+                                           device, args.train_iterations)
     model = load_svm(model_dir, device)
     head = model.head
     if head is None:

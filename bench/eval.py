@@ -31,7 +31,7 @@ from eval.results import ClassDetections, read_voc_results, write_voc_results
 from eval.voc import evaluate_voc, voc07_recall_thresholds
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 
-from bench.common import VOC_ROOT
+from bench.common import VOC_ROOT, smoke_args
 
 
 def make_detections(images, per_class: int, seed: int) -> dict[str, ClassDetections]:
@@ -127,7 +127,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-coco", action="store_true")
     parser.add_argument("--json", type=Path, default=None, help="write the numbers here")
-    args = parser.parse_args()
+    args = smoke_args(parser, per_class=200, loop_per_class=50, repeats=1)
 
     images = read_voc(args.voc_root, "test")
     detections = make_detections(images, args.per_class, args.seed)

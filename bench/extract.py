@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, print_table, write_json
+from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.backbones import build_trunk, resolve_normalization
@@ -86,7 +86,7 @@ def main() -> None:
     parser.add_argument("--proposals", type=Path, default=None, help="existing proposals folder (else computed)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = smoke_args(parser, images=1, rcnn_windows=4)
 
     device = resolve_device(args.device)
     images = read_voc(VOC_ROOT, "test")[: args.images]

@@ -7,6 +7,7 @@ re-run with bf16 fc layers instead, and the VOC07 mAP of both is reported (the o
 accuracy cost), with the fc seconds per image of each.
 
     python -m bench.redetect [--work runs/bench-detection] [--precision fp32] [--json bench/results/redetect.json]
+    python -m bench.redetect --smoke     # makes a tiny work folder first (2 + 2 images, pool SVMs): seconds
 
 About 3 minutes for the 17 folders of runs/bench-detection here (60-100 test images each).
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import VOC_ROOT, machine, write_json
+from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, smoke_args, write_json
 from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
@@ -35,7 +36,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = smoke_args(parser)
+    if args.smoke:
+        _smoke_work(args.work)
     keyed = lambda pattern: {read_manifest(p)["key"]: p for p in args.work.glob(pattern)  # noqa: E731
                              if (p / "manifest.json").is_file()}
     caches, models = keyed("feat-*"), keyed("svm-*")
@@ -72,6 +75,37 @@ def main() -> None:
         print(f"mAP change: mean {result['map_change_mean']:+.4f}, largest {result['map_change_max_abs']:.4f}")
     print(f"all identical: {result['all_identical']}")
     write_json(args.json, result)
+
+
+def _smoke_work(work: Path) -> None:
+    """A work folder as ``bench.detection`` leaves one, tiny: caches of 2 trainval and 2 test
+    images (a grid of 30 windows each, 1 scale), SVMs on pooled features, their detections."""
+    import torch
+
+    from spp_detect.extract import ExtractSettings, run_extract
+    from svm.train import SVMSettings, run_train_svm
+
+    settings = ExtractSettings(weights=str(SQUEEZENET_FILE), scales=(240,))
+    for split in ("trainval", "test"):
+        images = read_voc(VOC_ROOT, split)[:2]
+        windows = {im.image_id: _grid(im.width, im.height) for im in images}
+        run_extract(images, windows, work / f"feat-{split}", settings, proposals_key="grid-30", image_set=split,
+                    device=torch.device("cpu"))
+    run_train_svm([work / "feat-trainval"], work / "svm-pool", SVMSettings(layer="pool", C=0.1))
+    model_key = read_manifest(work / "svm-pool")["key"]
+    run_detect(work / "feat-test", work / "dets-pool", load_svm(work / "svm-pool"), DetectSettings(), model_key=model_key)
+
+
+def _grid(width: int, height: int) -> np.ndarray:
+    """``np.ndarray[30, 4]`` float32 0-based xyxy: 5 x 3 cells of the image, and 5 x 3 of its centre half."""
+    boxes = []
+    for scale in (1.0, 0.5):
+        w, h = width * scale, height * scale
+        x0, y0 = (width - w) / 2, (height - h) / 2
+        for i in range(5):
+            for j in range(3):
+                boxes.append([x0 + i * w / 5, y0 + j * h / 3, x0 + (i + 1) * w / 5 - 1, y0 + (j + 1) * h / 3 - 1])
+    return np.asarray(boxes, dtype=np.float32)
 
 
 def _map(folder: Path, images) -> float:

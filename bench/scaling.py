@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, write_json
+from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets.voc import read_voc
 from spp_detect.detect import DetectSettings, run_detect
@@ -79,7 +79,7 @@ def main() -> None:
     parser.add_argument("--ft-iterations", type=int, default=4, help="fine-tuning iterations timed")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = smoke_args(parser, images=1, windows=50, fc_dim=64, ft_iterations=1)
 
     load_before = os.getloadavg()[0]
     device = resolve_device(args.device)

@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, write_json
+from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
 
 
 def spp_detect(args: list, **kwargs) -> subprocess.Popen:
@@ -214,7 +214,7 @@ def main() -> None:
     parser.add_argument("--svm-kills", type=int, default=5, help="kills of the train-svm soak")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = smoke_args(parser, images=2, kills=1, scales="240", svm_images=2, svm_kills=1)
 
     payload: dict[str, object] = {"machine": machine(), "seed": args.seed}
     ok = True

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torchvision.ops import roi_pool
 
-from bench.common import best_time, machine, print_table, write_json
+from bench.common import best_time, machine, print_table, smoke_args, write_json
 from spp_detect.spp import PAPER_LEVELS, _pool_roi, spatial_pyramid_pool
 from tests.reference import spp_loop
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=43)
     parser.add_argument("--width", type=int, default=57)
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = smoke_args(parser, windows=50, channels=16, height=10, width=12)
 
     gen = torch.Generator().manual_seed(0)
     fmap = torch.relu(torch.randn(args.channels, args.height, args.width, generator=gen))

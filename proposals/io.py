@@ -24,7 +24,7 @@ keeps 0-based *inclusive* boxes.)
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -222,6 +222,14 @@ def load_mat(path: Path | str, errors: list[ProposalsError] | None = None) -> di
             continue
         proposals[image_id] = boxes
     return proposals
+
+
+def export_mat_file(folder: Path | str, path: Path | str, image_ids: Sequence[str] | None = None) -> int:
+    """Write the proposals folder ``folder`` (``image_ids`` of it, default all) as an
+    R-CNN-style ``.mat`` (:func:`save_mat`); returns the number of images written."""
+    proposals = load_proposals(folder, image_ids)
+    save_mat(path, proposals)
+    return len(proposals)
 
 
 def save_mat(path: Path | str, proposals: Mapping[str, np.ndarray], image_ids: Iterable[str] | None = None) -> Path:

@@ -152,6 +152,7 @@ def run_proposals(
     force: bool = False,
     skip_bad: bool = False,
     progress: bool = True,
+    bad: Sequence[Exception] | None = None,
     shard: tuple[int, int] = (1, 1),
 ) -> ProposalsSummary:
     """Selective search on ``images``, one ``<out>/<image_id>.npy`` per image.
@@ -168,6 +169,8 @@ def run_proposals(
         force: recompute a folder made with other settings instead of refusing.
         skip_bad: count unreadable images in the summary instead of stopping.
         progress: show a tqdm bar (images/s) on stderr.
+        bad: images found unusable before the run (e.g. by ``read_voc(bad=...)``),
+            counted and listed in the summary.
         shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...``; the n
             shards may run at once into the same ``out`` (shard 1 applies ``force``).
 
@@ -200,7 +203,8 @@ def run_proposals(
     images, ids = stage.mine(images), stage.mine(ids)
     todo = [_Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
             for image in pending]
-    summary = ProposalsSummary(out=out, images=len(images), already_done=already_done, workers=workers, shard=shard)
+    summary = ProposalsSummary(out=out, images=len(images) + len(bad or []), already_done=already_done, workers=workers,
+                               shard=shard, bad=list(bad or []))
     log.info("proposals: %d images, %d to compute, %d workers, %s", len(images), len(todo), workers, config)
 
     from tqdm import tqdm

@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from spp_detect.cache import FeatureCache
 from spp_detect.head import DROPOUT, SPPHead, save_head
 from spp_detect.labels import class_overlaps
-from spp_detect.stage_dir import atomic_write, open_stage_dir
+from spp_detect.stage_dir import atomic_write, open_stage_dir, settings_config
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, mean_feature_norm, open_caches
 
@@ -128,6 +128,17 @@ class FinetuneSummary:
     seconds: float = 0.0
     rounds: list[dict[str, float]] = field(default_factory=list)
     already_done: bool = False
+
+    def describe(self, out: Path | str) -> str:
+        """One line for the command line about the run into ``out``."""
+        if self.already_done:
+            return f"finetune: {out} already holds the trained head (use --force to retrain)"
+        last = self.rounds[-1] if self.rounds else {}
+        state = "done" if (Path(out) / "head.npz").is_file() else "stopped (rerun to continue)"
+        return (f"finetune: {self.iterations_run} iterations in {self.seconds:.0f} s"
+                + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")
+                + f", last round loss {last.get('loss', float('nan')):.3f}, fg accuracy {last.get('fg_accuracy', 0):.2f}; "
+                f"{state} -> {out}")
 
 
 def _round_batches(
@@ -278,7 +289,7 @@ def run_finetune(
             raise ValueError(f"world_size {world_size} given, but no process group: call init_process_group first")
     barrier = (lambda: dist.barrier()) if parallel else (lambda: None)
     caches = open_caches(cache_folders)
-    config = {"settings": asdict(settings), "caches": [c.key for c in caches]}
+    config = {**settings_config(settings), "caches": [c.key for c in caches]}
     if rank == 0:  # the only process that may delete (force) before the others look
         open_stage_dir(out, "finetune", config, force=force)
     barrier()

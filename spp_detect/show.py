@@ -8,6 +8,7 @@ pixels ``floor(x1) .. ceil(x2) - 1``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -96,3 +97,37 @@ def _dashed_line(canvas: np.ndarray, a: tuple[int, int], b: tuple[int, int], col
         p0 = (round(a[0] + (b[0] - a[0]) * t0), round(a[1] + (b[1] - a[1]) * t0))
         p1 = (round(a[0] + (b[0] - a[0]) * t1), round(a[1] + (b[1] - a[1]) * t1))
         cv2.line(canvas, p0, p1, colour, thickness)
+
+
+def show_detections(detections: Path, image, out: Path, image_set: str, threshold: float = 0.0, top: int = 20,
+                    ground_truth: bool = True) -> int:
+    """Draw the detections of one annotated image (``VOCImage``-like: ``image_id``, ``path``,
+    ``boxes``) read from ``detections`` (a detect folder, devkit result files or a COCO
+    json), those scoring above ``threshold``, at most ``top``, best first, with class names
+    and scores (and its ground truth dashed); write the picture to ``out`` (PNG or JPEG).
+    Returns the number of detections drawn.
+
+    Raises:
+        ValueError: ``out`` has an extension OpenCV cannot write.
+    """
+    import cv2
+
+    from eval.results import read_detections
+    from spp_detect.datasets.voc import VOC_CLASSES
+    from spp_detect.image_trunk import load_image_rgb
+
+    dets = read_detections(detections, image_set)
+    rows = []
+    for c, name in enumerate(VOC_CLASSES):
+        d = dets.get(name)
+        if d is not None:
+            mine = (d.image_ids == image.image_id) & (d.scores > threshold)
+            rows += [(float(s), c, name, b) for s, b in zip(d.scores[mine], d.boxes[mine])]
+    rows = sorted(rows, key=lambda r: -r[0])[:top]
+    canvas = draw_boxes(load_image_rgb(image.path), np.array([r[3] for r in rows]).reshape(-1, 4),
+                        [f"{r[2]} {r[0]:.2f}" for r in rows], [r[1] for r in rows],
+                        ground_truth=image.boxes if ground_truth else None)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(out), canvas[:, :, ::-1]):
+        raise ValueError(f"cannot write {out} (is the extension .png or .jpg?)")
+    return len(rows)

@@ -117,7 +117,9 @@ def config_key(config: dict[str, Any]) -> str:
 def weights_identity(weights: str) -> str:
     """How a ``weights`` setting keys a folder: ``"imagenet"`` and ``"none"`` as they are, a
     state_dict file by its content (``sha256:<digest>``), so a moved copy keys the same."""
-    return weights if weights in ("imagenet", "none") else source_key(Path(weights))
+    if weights in ("imagenet", "none") or str(weights).startswith("sha256:"):  # the latter: already an identity
+        return weights
+    return source_key(Path(weights))
 
 
 def _jsonable(value: Any) -> Any:

@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ from spp_detect.boxes import box_iou
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.head import FEATURE_LAYERS, SPPHead, load_head
 from spp_detect.labels import class_overlaps
-from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest
+from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, distinct_windows, mean_feature_norm, open_caches, window_features
 from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, fit_box_regressor
@@ -114,6 +114,14 @@ class SVMSummary:
     untrained: list[str] = field(default_factory=list)
     already_done: bool = False
 
+    def describe(self, out: Path | str) -> str:
+        """One line for the command line about the run into ``out``."""
+        if self.already_done:
+            return f"train-svm: {out} already holds trained SVMs (use --force to retrain)"
+        return (f"train-svm: {len(self.positives)} classes on {self.images} images (C = {self.C:.4g}) in {self.seconds:.0f} s; "
+                f"{sum(self.positives.values())} positives, {sum(self.negatives.values())} cached hard negatives"
+                + (f", box regression on {self.bbox_samples} windows" if self.bbox_samples else "") + f" -> {out}")
+
 
 def run_train_svm(
     cache_folders: Sequence[Path | str],
@@ -151,7 +159,7 @@ def run_train_svm(
         if head.in_dim != caches[0].feature_dim:
             raise ValueError(f"the head in {head_folder} takes {head.in_dim}-d features, the caches give {caches[0].feature_dim}")
     head_key = read_manifest(head_folder)["key"] if head is not None else None
-    config = {"settings": asdict(settings), "caches": [c.key for c in caches], "head": head_key}
+    config = {**settings_config(settings), "caches": [c.key for c in caches], "head": head_key}
     open_stage_dir(out, "train-svm", config, force=force)
     summary = SVMSummary()
     if (out / "svm.npz").is_file():

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from spp_detect.backbones import Normalization
-from spp_detect.image_trunk import load_image_rgb, resize_shorter_side
+from spp_detect.backbones import Normalization, build_trunk, resolve_normalization
+from spp_detect.image_trunk import load_image_rgb, prepare_trunk, resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
 from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
 
@@ -199,7 +199,7 @@ def run_classify_features(
     out: Path,
     settings: FeatureSettings,
     dataset: dict[str, object],
-    trunk_factory: Callable[[], tuple[nn.Module, Normalization]],
+    *,
     device: torch.device,
     force: bool = False,
     batch_size: int = 16,
@@ -207,6 +207,7 @@ def run_classify_features(
 ) -> tuple[int, int, float]:
     """Fill the stage folder ``out``: ``manifest.json``, ``images.json`` (ids, labels,
     classes) and one ``<n>.npy`` (``float32 [D]``) per image, ``n`` its list position.
+    The trunk (``settings``) is built only when there is an image to compute.
 
     Resumable: images whose file exists are skipped. Returns ``(computed, skipped, seconds)``.
 
@@ -222,7 +223,8 @@ def run_classify_features(
     todo = [n for n in range(len(image_ids)) if not (out / f"{n}.npy").is_file()]
     if not todo:
         return 0, len(image_ids), 0.0
-    trunk, norm = trunk_factory()
+    trunk = prepare_trunk(build_trunk(settings.backbone, settings.weights), device)
+    norm = resolve_normalization(settings.backbone, settings.weights, settings.input_norm)
     start = time.perf_counter()
     pixels = (load_image_rgb(paths[n]) for n in todo)
     bar = progress(range(len(todo))) if progress else None

@@ -11,6 +11,7 @@ from spp_detect.commands.options import (
     backbone_options,
     bar,
     caches_option,
+    dataset_options,
     detect_settings_options,
     device_option,
     force_option,
@@ -19,10 +20,12 @@ from spp_detect.commands.options import (
     limit_option,
     message,
     not_required,
+    open_dataset_or_usage_error,
     parse_int_list,
     parse_scales,
     pick_device,
-    read_voc_or_usage_error,
+    quiet,
+    refuse_given,
     settings_from_params,
     settings_option,
     shard_option,
@@ -30,214 +33,119 @@ from spp_detect.commands.options import (
     voc_options,
     where,
     workers_option,
-    write_error,
 )
+
+
+PROPOSAL_SETTINGS = "proposals.run:ProposalSettings"
+EXTRACT_SETTINGS = "spp_detect.extract:ExtractSettings"
+FINETUNE_SETTINGS = "spp_detect.finetune:FinetuneSettings"
+SVM_SETTINGS = "svm.train:SVMSettings"
+SKIP_BAD_HINT = "; fix or remove it, or rerun with --skip-bad to skip it"
 
 
 @click.command("proposals")
 @not_required("voc_root")
 @voc_options(default_image_set="test")
+@dataset_options
 @limit_option
-@click.option(
-    "--out",
-    type=click.Path(file_okay=False, path_type=Path),
-    required=True,
-    help="Proposals folder: manifest.json + one <image_id>.npy (float32 [N, 4], 0-based xyxy) per image.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["fast", "opencv-fast", "opencv-quality"]),
-    default="fast",
-    help="fast: selective search's fast mode as the paper and R-CNN ran it (HSV+Lab, "
-    "k=50,100; 95% recall on VOC07 test). opencv-fast / opencv-quality: OpenCV's own modes "
-    "(k=150..450: 93.5% recall at the same speed; quality: ~3.5x slower).",
-)
-@click.option("--max-boxes", type=click.IntRange(min=1), default=2000, help="Keep the best-ranked N boxes per image (R-CNN: ~2000).")
-@click.option("--min-size", type=click.IntRange(min=0), default=20, help="Drop boxes narrower or shorter than this, in pixels (R-CNN: 20).")
-@click.option("--seed", type=int, default=0, help="Seed for OpenCV's random ranking, reset per image (results do not depend on order or --workers).")
-@click.option(
-    "--max-pixels",
-    type=click.IntRange(min=10_000),
-    default=1_000_000,
-    help="Search larger images on a copy shrunk to this many pixels (boxes scaled back); bounds memory and time.",
-)
-@click.option(
-    "--skip-bad",
-    is_flag=True,
-    help="Skip images that are missing, unreadable or badly annotated (counted and listed in the summary) instead of stopping.",
-)
-@click.option(
-    "--import",
-    "import_file",
-    type=click.Path(exists=True, path_type=Path),
-    help="Fill --out from precomputed boxes instead: an R-CNN/Fast R-CNN selective-search .mat "
-    "(images, boxes; 1-based y1 x1 y2 x2) or another proposals folder. No --voc-root needed.",
-)
-@click.option(
-    "--export-mat",
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="Afterwards write --out as an R-CNN-style .mat (images, boxes; 1-based y1 x1 y2 x2). "
-    "Alone with --out: export an existing folder.",
-)
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Proposals folder: manifest.json + one <image_id>.npy (float32 [N, 4], 0-based xyxy) per image.")
+@settings_option(PROPOSAL_SETTINGS, "mode", "--mode", type=click.Choice(["fast", "opencv-fast", "opencv-quality"]),
+                 help="fast: selective search's fast mode as the paper and R-CNN ran it (HSV+Lab, k=50,100; 95% recall "
+                 "on VOC07 test). opencv-fast / opencv-quality: OpenCV's own modes (k=150..450: 93.5% recall at the same "
+                 "speed; quality: ~3.5x slower).")
+@settings_option(PROPOSAL_SETTINGS, "max_boxes", "--max-boxes", type=click.IntRange(min=1),
+                 help="Keep the best-ranked N boxes per image (R-CNN: ~2000).")
+@settings_option(PROPOSAL_SETTINGS, "min_size", "--min-size", type=click.IntRange(min=0),
+                 help="Drop boxes narrower or shorter than this, in pixels (R-CNN: 20).")
+@settings_option(PROPOSAL_SETTINGS, "seed", "--seed", type=int,
+                 help="Seed of the random ranking, reset per image (results do not depend on order or --workers).")
+@settings_option(PROPOSAL_SETTINGS, "max_pixels", "--max-pixels", type=click.IntRange(min=10_000),
+                 help="Search larger images on a copy shrunk to this many pixels (boxes scaled back); bounds memory and time.")
+@click.option("--skip-bad", is_flag=True, help="Skip images that are missing, unreadable or badly annotated (counted and "
+              "listed in the summary) instead of stopping.")
+@click.option("--import", "import_file", type=click.Path(exists=True, path_type=Path),
+              help="Fill --out from precomputed boxes instead: an R-CNN/Fast R-CNN selective-search .mat (images, boxes; "
+              "1-based y1 x1 y2 x2) or another proposals folder. No --voc-root needed.")
+@click.option("--export-mat", type=click.Path(dir_okay=False, path_type=Path),
+              help="Afterwards write --out as an R-CNN-style .mat (images, boxes; 1-based y1 x1 y2 x2). Alone with --out: "
+              "export an existing folder.")
 @workers_option
 @force_option
 @shard_option
 @click.pass_context
-def proposals_cmd(
-    ctx: click.Context,
-    voc_root: Path | None,
-    year: str,
-    image_set: str,
-    limit: int | None,
-    out: Path,
-    mode: str,
-    max_boxes: int,
-    min_size: int,
-    seed: int,
-    max_pixels: int,
-    skip_bad: bool,
-    import_file: Path | None,
-    export_mat: Path | None,
-    workers: int | None,
-    force: bool,
-    shard: str,
-) -> None:
+def proposals_cmd(ctx, voc_root, year, image_set, coco_json, image_paths, limit, out, skip_bad, import_file, export_mat,
+                  workers, force, shard, **params) -> None:
     """Selective search windows per image (stage 1), or import / export precomputed boxes.
 
     \b
     Compute (resumable; a rerun skips finished images, changed settings need --force):
       spp-detect proposals --voc-root VOCdevkit --image-set test --out props/test
+      spp-detect proposals --coco-json instances_val.json --images photos --out props/val
     Import the standard R-CNN VOC07 boxes, or export yours to share them:
       spp-detect proposals --import selective_search_data/voc_2007_test.mat --out props/test
       spp-detect proposals --out props/test --export-mat voc_2007_test.mat
     Several processes (machines) fill one folder, each a shard of the images:
       torchrun --nproc-per-node 4 --no-python spp-detect proposals --voc-root VOCdevkit --out props/test
     """
-    from click.core import ParameterSource
+    from proposals.io import export_mat_file
+    from proposals.run import ProposalSettings, import_proposals, run_proposals
 
-    from proposals.io import load_proposals, save_mat
-    from proposals.run import BadImageError, ProposalSettings, import_proposals, run_proposals
-    from spp_detect.datasets.voc import VOCFormatError
-    from spp_detect.stage_dir import SettingsChanged
-
-    def on_command_line(name: str) -> bool:
-        return ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE
-
-    search_options = ("voc_root", "limit", "mode", "max_boxes", "min_size", "seed", "max_pixels", "skip_bad", "workers")
+    searching = voc_root is not None or coco_json is not None or bool(image_paths)
+    if import_file is None and not searching and export_mat is None:
+        raise click.UsageError("give --voc-root (or --coco-json / --images) to compute proposals, --import FILE to import, "
+                               "or --export-mat FILE to export --out")
     image_ids = None
-    try:
+    with stage_errors(SKIP_BAD_HINT):
         if import_file is not None:
-            clashing = [f"--{n.replace('_', '-')}" for n in search_options if on_command_line(n)]
-            if clashing:
-                raise click.UsageError(f"not used with --import (it stores the file's boxes as they are): {', '.join(clashing)}")
-            summary = import_proposals(import_file, out, force=force)
-            click.echo(f"imported {import_file}: {summary.describe()}")
-        elif voc_root is not None:
-            import os
-
-            from spp_detect.distributed import resolve_shard
-
-            launch = job_launch()
-            shard_kn = resolve_shard(shard, launch)
+            refuse_given(ctx, ("voc_root", "coco_json", "image_paths", "limit", "skip_bad", "workers", *params),
+                         "not used with --import (it stores the file's boxes as they are)")
+            click.echo(f"imported {import_file}: {import_proposals(import_file, out, force=force).describe()}")
+        elif searching:
+            launch, shard_kn = job_shard(shard)
             if export_mat is not None and shard_kn[1] > 1:
                 raise click.UsageError("--export-mat needs every shard's boxes: export once the job is done "
                                        "(spp-detect proposals --out DIR --export-mat FILE, one process)")
-            if workers is None and launch.world_size > 1:  # share this machine's CPUs among its processes
-                cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-                workers = max(1, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-            settings = ProposalSettings(mode=mode, min_size=min_size, max_boxes=max_boxes, seed=seed, max_pixels=max_pixels)
-            voc_bad: list[VOCFormatError] | None = [] if skip_bad else None
-            images = read_voc_or_usage_error(voc_root, image_set, year, limit, voc_bad)
-            image_ids = [image.image_id for image in images]
-            summary = run_proposals(
-                images,
-                out,
-                settings,
-                {"year": year, "image_set": image_set},
-                workers=workers,
-                force=force,
-                skip_bad=skip_bad,
-                progress=logging.getLogger().getEffectiveLevel() <= logging.INFO,  # hidden by -q
-                shard=shard_kn,
-            )
-            summary.bad[:0] = voc_bad or []
-            summary.images += len(voc_bad or [])
+            unreadable: list | None = [] if skip_bad else None
+            dataset = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit, unreadable)
+            images = dataset.images
+            summary = run_proposals(images, out, settings_from_params(ProposalSettings, params), dataset.describe(),
+                                    workers=workers, force=force, skip_bad=skip_bad, progress=not quiet(), shard=shard_kn,
+                                    bad=unreadable)
             click.echo(summary.describe())
             for error in summary.bad:
                 click.echo(f"  skipped {error}", err=True)
-            if summary.bad:
-                image_ids = [i for i in image_ids if i not in {e.image_id for e in summary.bad}]
-        elif export_mat is None:
-            raise click.UsageError("give --voc-root to compute proposals, --import FILE to import, or --export-mat FILE to export --out")
+            image_ids = [im.image_id for im in images if im.image_id not in {e.image_id for e in summary.bad}]
         if export_mat is not None:
-            proposals = load_proposals(out, image_ids)
-            save_mat(export_mat, proposals)
-            click.echo(f"exported {len(proposals)} images to {export_mat}")
-    except (BadImageError, VOCFormatError) as exc:
-        raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from None
-    except (SettingsChanged, FileNotFoundError, KeyError, ValueError) as exc:
-        raise click.ClickException(message(exc)) from None
-    except OSError as exc:
-        raise write_error(exc) from None
+            click.echo(f"exported {export_mat_file(out, export_mat, image_ids)} images to {export_mat}")
 
 
 @click.command("extract")
+@not_required("voc_root", "image_set")
 @voc_options()
+@dataset_options
 @limit_option
-@click.option(
-    "--proposals",
-    "proposals_path",
-    type=click.Path(exists=True, path_type=Path),
-    required=True,
-    help="Output folder of `spp-detect proposals`, or an R-CNN selective-search .mat file.",
-)
-@backbone_options
-@click.option(
-    "--scales",
-    default="480,576,688,864,1200",
-    callback=parse_scales,
-    help="Shorter-side scales (paper 4.1); '688' is the paper's 1-scale setting.",
-)
-@click.option(
-    "--levels", default="1,2,3,6", callback=parse_scales, help="Pyramid levels, in feature order (paper: 1,2,3,6)."
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["spp", "crop-warp"]),
-    default="spp",
-    help="spp: the paper (conv maps once per scale, windows pooled from them). crop-warp: "
-    "R-CNN's baseline, every window cropped with 16 px context, warped to 224 and run through "
-    "the trunk alone (its map pooled whole with the same pyramid; --scales is ignored). "
-    "Slow by design: for comparisons.",
-)
+@click.option("--proposals", "proposals_path", type=click.Path(exists=True, path_type=Path), required=True,
+              help="Output folder of `spp-detect proposals`, or an R-CNN selective-search .mat file.")
+@backbone_options(EXTRACT_SETTINGS)
+@settings_option(EXTRACT_SETTINGS, "scales", "--scales", callback=parse_scales,
+                 help="Shorter-side scales (paper 4.1); '688' is the paper's 1-scale setting.")
+@settings_option(EXTRACT_SETTINGS, "levels", "--levels", callback=parse_scales, help="Pyramid levels, in feature order (paper: 1,2,3,6).")
+@settings_option(EXTRACT_SETTINGS, "mode", "--mode", type=click.Choice(["spp", "crop-warp"]),
+                 help="spp: the paper (conv maps once per scale, windows pooled from them). crop-warp: R-CNN's baseline, "
+                 "every window cropped with 16 px context, warped to 224 and run through the trunk alone (its map pooled "
+                 "whole with the same pyramid; --scales is ignored). Slow by design: for comparisons.")
+@settings_option(EXTRACT_SETTINGS, "flip", "--flip/--no-flip",
+                 help="Cache the left-right mirror of every image (boxes mirrored, same ids): the release fine-tunes on "
+                 "flipped images too. Give it to finetune beside the plain cache: --cache feat --cache feat-flip.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Cache folder.")
 @device_option
 @force_option
 @shard_option
-@click.option(
-    "--skip-bad",
-    is_flag=True,
-    help="Skip images that are missing, unreadable, badly annotated or without usable proposals "
-    "(counted and listed in the summary) instead of stopping.",
-)
-def extract_cmd(
-    voc_root: Path,
-    year: str,
-    image_set: str,
-    limit: int | None,
-    proposals_path: Path,
-    backbone: str,
-    weights: str,
-    input_norm: str,
-    scales: tuple[int, ...],
-    levels: tuple[int, ...],
-    mode: str,
-    out: Path,
-    device: str,
-    force: bool,
-    shard: str,
-    skip_bad: bool,
-) -> None:
+@click.option("--skip-bad", is_flag=True, help="Skip images that are missing, unreadable, badly annotated or without usable "
+              "proposals (counted and listed in the summary) instead of stopping.")
+def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, proposals_path, out, device, force, shard, skip_bad,
+                **params) -> None:
     """Conv maps once per scale per image, windows assigned to scales, cached.
 
     \b
@@ -251,85 +159,61 @@ def extract_cmd(
     Example:
       spp-detect extract --voc-root VOCdevkit --image-set test --proposals runs/ss-test \\
           --backbone squeezenet1_0 --weights squeezenet.pth --out runs/feat-test
+      spp-detect extract --coco-json instances_val.json --images photos --proposals runs/ss-val \\
+          --weights squeezenet.pth --out runs/feat-val      # the json's classes go into the cache
       torchrun --nproc-per-node 4 --no-python spp-detect extract --voc-root VOCdevkit \\
           --image-set test --proposals runs/ss-test --out runs/feat-test
     """
-    from tqdm import tqdm
-
     from proposals.io import load_proposals
-    from spp_detect.datasets.voc import VOCFormatError
-    from spp_detect.distributed import resolve_shard
-    from spp_detect.extract import BadSetting, ExtractSettings, run_extract
-    from spp_detect.images import ImageReadError
-    from spp_detect.stage_dir import SettingsChanged, source_key
+    from spp_detect.extract import ExtractSettings, run_extract
+    from spp_detect.stage_dir import source_key
 
-    if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {weights}", param_hint="--weights")
-    launch = job_launch()
-    shard_kn = resolve_shard(shard, launch)
+    launch, shard_kn = job_shard(shard)
     torch_device = pick_device(device, launch)
-    bad: list[Exception] | None = [] if skip_bad else None
-    try:
-        settings = ExtractSettings(
-            backbone=backbone, weights=weights, input_norm=input_norm, scales=scales, levels=levels, mode=mode
-        )
-        images = read_voc_or_usage_error(voc_root, image_set, year, limit, bad)
+    bad: list | None = [] if skip_bad else None
+    with stage_errors(SKIP_BAD_HINT):
+        settings = settings_from_params(ExtractSettings, params)
+        dataset = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit, bad)
+        images = dataset.images
         boxes = load_proposals(proposals_path, [im.image_id for im in images], bad=bad)
-        if bad:
-            images = [im for im in images if im.image_id in boxes]
-        summary = run_extract(
-            images,
-            boxes,
-            out,
-            settings,
-            proposals_key=source_key(proposals_path),
-            image_set=image_set,
-            device=torch_device,
-            force=force,
-            shard=shard_kn,
-            progress=lambda todo: tqdm(todo, desc="extract" if shard_kn[1] == 1 else f"extract {shard_kn[0]}/{shard_kn[1]}",
-                                       unit="img", position=shard_kn[0] - 1 if launch.world_size > 1 else None,
-                                       disable=logging.getLogger().getEffectiveLevel() > logging.INFO),  # -q hides it
-            skip_bad=skip_bad,
-        )
-    except BadSetting as exc:
-        raise click.BadParameter(str(exc), param_hint=f"--{exc.setting}") from None
-    except (VOCFormatError, ImageReadError) as exc:
-        raise click.ClickException(f"{exc}; fix or remove it, or rerun with --skip-bad to skip it") from None
-    except (SettingsChanged, KeyError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(message(exc)) from None
-    except OSError as exc:
-        raise write_error(exc) from None
-    summary.bad[:0] = bad or []
-    for error in summary.bad:
+        images = [im for im in images if im.image_id in boxes] if bad else images
+        summary = run_extract(images, boxes, out, settings,
+                              proposals_key=source_key(proposals_path), image_set=dataset.name, device=torch_device,
+                              force=force, shard=shard_kn, progress=bar("extract" + where(shard_kn, launch)), skip_bad=skip_bad,
+                              classes=dataset.classes)
+    for error in [*(bad or []), *summary.bad]:
         click.echo(f"  skipped {message(error)}", err=True)
-    per_image = summary.bytes_written / max(summary.done, 1) / 1e6
     redone = f", {summary.redone} damaged file(s) redone" if summary.redone else ""
-    click.echo(
-        f"extract{where(shard_kn, launch)}: {summary.done} image(s) computed, {summary.skipped} already cached, {len(summary.bad)} bad{redone}, "
-        f"{summary.windows / max(summary.done, 1):.0f} windows/image, {per_image:.2f} MB/image, "
-        f"{summary.images_per_second:.2f} img/s on {torch_device} -> {out}"
-    )
+    click.echo(f"extract{where(shard_kn, launch)}: {summary.done} image(s) computed, {summary.skipped} already cached, "
+               f"{len(bad or []) + len(summary.bad)} bad{redone}, {summary.windows / max(summary.done, 1):.0f} windows/image, "
+               f"{summary.bytes_written / max(summary.done, 1) / 1e6:.2f} MB/image, "
+               f"{summary.images_per_second:.2f} img/s on {torch_device} -> {out}")
 
 
 @click.command("finetune")
 @caches_option
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Head folder (head.npz + head.json).")
-@click.option("--fc-dim", type=click.IntRange(min=1), default=4096, help="Width of fc6 and fc7 (paper: 4096; 1024 is about 4x faster on a CPU).")
-@click.option("--iterations", type=click.IntRange(min=1), default=3000, help="Minibatches of --batch-size windows (release: 3 x 30k).")
-@click.option("--lr", "base_lr", type=click.FloatRange(min=0, min_open=True), default=0.01, help="Base learning rate (release: 1e-3 from ImageNet-trained fc layers; fc6/fc7 are random here).")
-@click.option("--lr-steps", default="2000", callback=parse_int_list, help="Iterations at which the learning rate is divided by 10 (release: 30000,60000).")
-@click.option("--batch-size", type=click.IntRange(min=2), default=128, help="Windows per minibatch (release: 128).")
-@click.option("--fg-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.25, help="Share of foreground windows per minibatch (release: 0.25).")
-@click.option("--random-scale/--no-random-scale", default=True, help="Pool each training window at a random scale (release: random_scale = 1).")
-@click.option("--round-iterations", type=click.IntRange(min=1), default=100, help="Minibatches prepared at once; a checkpoint follows each round.")
-@click.option("--seed", type=int, default=0, help="Seed of the initial weights, window sampling and dropout.")
+@settings_option(FINETUNE_SETTINGS, "fc_dim", "--fc-dim", type=click.IntRange(min=1),
+                 help="Width of fc6 and fc7 (paper: 4096; 1024 is about 4x faster on a CPU).")
+@settings_option(FINETUNE_SETTINGS, "iterations", "--iterations", type=click.IntRange(min=1),
+                 help="Minibatches of --batch-size windows (release: 3 x 30k).")
+@settings_option(FINETUNE_SETTINGS, "base_lr", "--lr", "base_lr", type=click.FloatRange(min=0, min_open=True),
+                 help="Base learning rate (release: 1e-3 from ImageNet-trained fc layers; fc6/fc7 are random here).")
+@settings_option(FINETUNE_SETTINGS, "lr_steps", "--lr-steps", callback=parse_int_list,
+                 help="Iterations at which the learning rate is divided by 10 (release: 30000,60000).")
+@settings_option(FINETUNE_SETTINGS, "batch_size", "--batch-size", type=click.IntRange(min=2), help="Windows per minibatch (release: 128).")
+@settings_option(FINETUNE_SETTINGS, "fg_fraction", "--fg-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True),
+                 help="Share of foreground windows per minibatch (release: 0.25).")
+@settings_option(FINETUNE_SETTINGS, "random_scale", "--random-scale/--no-random-scale",
+                 help="Pool each training window at a random scale (release: random_scale = 1).")
+@settings_option(FINETUNE_SETTINGS, "round_iterations", "--round-iterations", type=click.IntRange(min=1),
+                 help="Minibatches prepared at once; a checkpoint follows each round.")
+@settings_option(FINETUNE_SETTINGS, "seed", "--seed", type=int, help="Seed of the initial weights, window sampling and dropout.")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, help="Stop with a checkpoint after this many iterations (rerun to continue).")
 @device_option
 @force_option
-def finetune_cmd(caches, out, fc_dim, iterations, base_lr, lr_steps, batch_size, fg_fraction, random_scale,
-                 round_iterations, seed, stop_after, device, force) -> None:
-    """Train fc6 -> fc7 -> fc8 (21-way) on pooled SPP features from extract caches (stage 3).
+def finetune_cmd(caches, out, stop_after, device, force, **params) -> None:
+    """Train fc6 -> fc7 -> fc8 on pooled SPP features from extract caches (stage 3).
 
     \b
     Minibatches of 128 windows, 25% foreground (IoU >= 0.5 with a ground truth,
@@ -347,64 +231,41 @@ def finetune_cmd(caches, out, fc_dim, iterations, base_lr, lr_steps, batch_size,
     """
     from tqdm import tqdm
 
-    from spp_detect.distributed import init_process_group
+    from spp_detect.distributed import process_group
     from spp_detect.finetune import FinetuneSettings, run_finetune
-    from spp_detect.stage_dir import SettingsChanged
 
     launch = job_launch()
     torch_device = pick_device(device, launch)
-    if batch_size < launch.world_size:
-        raise click.BadParameter(f"{batch_size} windows cannot be split over {launch.world_size} processes", param_hint="--batch-size")
-    try:
-        settings = FinetuneSettings(
-            fc_dim=fc_dim, iterations=iterations, base_lr=base_lr, lr_steps=lr_steps, batch_size=batch_size,
-            fg_fraction=fg_fraction, random_scale=random_scale, round_iterations=round_iterations, seed=seed,
-        )
-        grouped = init_process_group(launch, torch_device)
-        quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-        try:
-            summary = run_finetune(
-                caches, out, settings, device=torch_device, force=force, stop_after=stop_after,
-                progress=lambda total, start: tqdm(total=total, initial=start, desc="finetune", unit="it", disable=quiet),
-                rank=launch.rank, world_size=launch.world_size,
-            )
-        finally:
-            if grouped:
-                import torch.distributed as dist
-
-                dist.destroy_process_group()
-    except (SettingsChanged, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    if not launch.is_main:
-        return  # rank 0 reports for the job
-    if summary.already_done:
-        click.echo(f"finetune: {out} already holds the trained head (use --force to retrain)")
-        return
-    last = summary.rounds[-1] if summary.rounds else {}
-    state = "done" if (out / "head.npz").is_file() else "stopped (rerun to continue)"
-    click.echo(
-        f"finetune: {summary.iterations_run} iterations in {summary.seconds:.0f} s"
-        + (f" (resumed at {summary.resumed_from})" if summary.resumed_from else "")
-        + (f" on {launch.world_size} processes" if launch.world_size > 1 else "")
-        + f", last round loss {last.get('loss', float('nan')):.3f}, fg accuracy {last.get('fg_accuracy', 0):.2f}; {state} -> {out}"
-    )
+    if params["batch_size"] < launch.world_size:
+        raise click.BadParameter(f"{params['batch_size']} windows cannot be split over {launch.world_size} processes",
+                                 param_hint="--batch-size")
+    with stage_errors(), process_group(launch, torch_device):
+        summary = run_finetune(caches, out, settings_from_params(FinetuneSettings, params), device=torch_device, force=force,
+                               stop_after=stop_after, rank=launch.rank, world_size=launch.world_size,
+                               progress=lambda total, start: tqdm(total=total, initial=start, desc="finetune", unit="it", disable=quiet()))
+    if launch.is_main:  # rank 0 reports for the job
+        click.echo(summary.describe(out) + (f" on {launch.world_size} processes" if launch.world_size > 1 else ""))
 
 
 @click.command("train-svm")
 @caches_option
 @click.option("--head", "head_folder", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Fine-tuned head (finetune --out), needed for --features fc6/fc7.")
-@click.option("--features", "layer", type=click.Choice(["pool", "fc6", "fc7"]), default="fc7",
-              help="Window features the SVMs read: the pooled SPP vector or a head layer (paper Table 6 rows).")
+@settings_option(SVM_SETTINGS, "layer", "--features", "layer", type=click.Choice(["pool", "fc6", "fc7"]),
+                 help="Window features the SVMs read: the pooled SPP vector or a head layer (paper Table 6 rows).")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Model folder (svm.npz, svm.json, bbox.npz).")
-@click.option("--bbox/--no-bbox", default=False, help="Also fit per-class box regressors on the pooled features.")
-@click.option("--bbox-lambda", type=click.FloatRange(min=0, min_open=True), default=4000.0, help="Ridge penalty (SPP-net: 4000; R-CNN: 1000).")
-@click.option("--bbox-min-overlap", type=click.FloatRange(0, 1), default=0.5, help="Regress windows with IoU > this (SPP-net: 0.5; R-CNN: 0.6).")
-@click.option("--exclude-difficult", is_flag=True, help="Leave difficult ground truths out of the positives (the release keeps them).")
-@click.option("--C", "svm_c", default="auto", show_default=True, help="SVM cost: a positive number, or 'auto' (SVMSettings.C) = 0.001 x 5011 / training images, the release's 0.001 on VOC07's 5,011 trainval images.")
+@settings_option(SVM_SETTINGS, "bbox", "--bbox/--no-bbox", help="Also fit per-class box regressors on the pooled features.")
+@settings_option(SVM_SETTINGS, "bbox_lambda", "--bbox-lambda", type=click.FloatRange(min=0, min_open=True),
+                 help="Ridge penalty (SPP-net: 4000; R-CNN: 1000).")
+@settings_option(SVM_SETTINGS, "bbox_min_overlap", "--bbox-min-overlap", type=click.FloatRange(0, 1),
+                 help="Regress windows with IoU > this (SPP-net: 0.5; R-CNN: 0.6).")
+@settings_option(SVM_SETTINGS, "include_difficult", "--include-difficult/--exclude-difficult",
+                 help="Difficult ground truths among the positives (the release keeps them).")
+@settings_option(SVM_SETTINGS, "C", "--C", "C", help="SVM cost: a positive number, or 'auto' = 0.001 x 5011 / training "
+                 "images, the release's 0.001 on VOC07's 5,011 trainval images.")
 @device_option
 @force_option
-def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_overlap, exclude_difficult, svm_c, device, force) -> None:
+def train_svm_cmd(caches, head_folder, out, device, force, **params) -> None:
     """One linear SVM per class with hard-negative mining, optionally box regression (stage 4).
 
     \b
@@ -418,36 +279,24 @@ def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_o
       spp-detect train-svm --cache runs/feat-trainval --head runs/head --features fc7 --bbox --out runs/svm
       spp-detect train-svm --cache runs/feat-trainval --features pool --out runs/svm-pool
     """
-    from spp_detect.stage_dir import SettingsChanged
     from svm.train import SVMSettings, run_train_svm
 
     launch = job_launch()
     if launch.world_size > 1:
         raise click.UsageError(
-            f"train-svm runs in one process (hard-negative mining goes through the images in order, each pass "
-            f"training on the negatives the previous images gave), but {launch.launcher} started {launch.world_size}: "
-            "run it without a launcher (under SLURM: srun --ntasks 1; docs/scaling.md)"
-        )
-    torch_device = pick_device(device)
-    if layer != "pool" and head_folder is None:
-        raise click.UsageError(f"--features {layer} reads a fine-tuned head: add --head FOLDER (from finetune), or use --features pool")
-    try:
-        settings = SVMSettings(layer=layer, C=svm_c, include_difficult=not exclude_difficult, bbox=bbox,
-                               bbox_lambda=bbox_lambda, bbox_min_overlap=bbox_min_overlap)
-        summary = run_train_svm(caches, out, settings, head_folder=head_folder, device=torch_device, force=force,
-                                progress=bar("train-svm"))
-    except (SettingsChanged, FileNotFoundError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    if summary.already_done:
-        click.echo(f"train-svm: {out} already holds trained SVMs (use --force to retrain)")
-        return
-    click.echo(
-        f"train-svm: 20 classes on {summary.images} images (C = {summary.C:.4g}) in {summary.seconds:.0f} s; "
-        f"{sum(summary.positives.values())} positives, {sum(summary.negatives.values())} cached hard negatives"
-        + (f", box regression on {summary.bbox_samples} windows" if bbox else "") + f" -> {out}"
-    )
+            f"train-svm runs in one process (hard-negative mining goes through the images in order, each pass training on "
+            f"the negatives the previous images gave), but {launch.launcher} started {launch.world_size}: run it without a "
+            "launcher (under SLURM: srun --ntasks 1; docs/scaling.md)")
+    if params["layer"] != "pool" and head_folder is None:
+        raise click.UsageError(f"--features {params['layer']} reads a fine-tuned head: add --head FOLDER (from finetune), "
+                               "or use --features pool")
+    with stage_errors():
+        summary = run_train_svm(caches, out, settings_from_params(SVMSettings, params), head_folder=head_folder,
+                                device=pick_device(device), force=force, progress=bar("train-svm"))
+    click.echo(summary.describe(out))
     if summary.untrained:
-        click.echo(f"  no ground truth of {', '.join(summary.untrained)} in the training caches: those classes are never detected", err=True)
+        click.echo(f"  no ground truth of {', '.join(summary.untrained)} in the training caches: those classes are never "
+                   "detected", err=True)
 
 
 @click.command("detect")
@@ -455,7 +304,7 @@ def train_svm_cmd(caches, head_folder, layer, out, bbox, bbox_lambda, bbox_min_o
 @click.option("--svm", "svm_folder", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True, help="train-svm folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Detections folder: per-image .npz, devkit comp4 files and detections.json (COCO).")
-@detect_settings_options
+@detect_settings_options()
 @device_option
 @force_option
 @shard_option
@@ -510,7 +359,7 @@ def load_model(svm_folder: Path, device, bbox: bool = False):
               help="train-svm folder.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Calibration folder [default: <svm>/calibration, where combine looks].")
-@detect_settings_options
+@detect_settings_options("spp_detect.combine:CalibrateSettings", "detect.")
 @device_option
 @force_option
 def calibrate_cmd(caches, svm_folder, out, device, force, **params) -> None:

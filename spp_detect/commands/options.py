@@ -97,31 +97,26 @@ def pick_device(device: str, launch=None):
         raise click.BadParameter(str(exc), param_hint="--device") from None
 
 
-def backbone_options(f):
-    """``--backbone``, ``--weights``, ``--input-norm``: the conv trunk and its weights."""
-    f = click.option(
-        "--input-norm",
-        type=click.Choice(["auto", "torchvision", "caffe-bgr", "tf-rgb"]),
-        default="auto",
-        show_default=True,
-        help="Input normalisation the weights expect. auto: torchvision's for --weights "
-        "imagenet/none, the known convention for the files in shared/data/weights, "
-        "else torchvision's.",
-    )(f)
-    f = click.option(
-        "--weights",
-        default="imagenet",
-        show_default=True,
-        help="'imagenet' (torchvision weights, downloaded), 'none' (random init) or a state_dict file.",
-    )(f)
-    f = click.option(
-        "--backbone",
-        type=click.Choice(BACKBONE_NAMES),
-        default="squeezenet1_0",
-        show_default=True,
-        help="Conv trunk whose last map is pooled.",
-    )(f)
-    return f
+def _check_weights(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    if value not in ("imagenet", "none") and not Path(value).is_file():
+        raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {value}")
+    return value
+
+
+def backbone_options(settings: str):
+    """``--backbone``, ``--weights``, ``--input-norm``: the conv trunk and its weights, with
+    the defaults of ``settings`` (``"module:Class"``, a stage's settings with those fields)."""
+
+    def decorate(f):
+        f = settings_option(settings, "input_norm", "--input-norm", type=click.Choice(["auto", "torchvision", "caffe-bgr", "tf-rgb"]),
+                            help="Input normalisation the weights expect. auto: torchvision's for --weights imagenet/none, "
+                            "the known convention for the files in shared/data/weights, else torchvision's.")(f)
+        f = settings_option(settings, "weights", "--weights", callback=_check_weights,
+                            help="'imagenet' (torchvision weights, downloaded), 'none' (random init) or a state_dict file.")(f)
+        return settings_option(settings, "backbone", "--backbone", type=click.Choice(BACKBONE_NAMES),
+                               help="Conv trunk whose last map is pooled.")(f)
+
+    return decorate
 
 
 def parse_scales(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
@@ -191,6 +186,20 @@ def open_dataset_or_usage_error(voc_root: Path | None, image_set: str | None, ye
     return dataset
 
 
+def quiet() -> bool:
+    """Whether ``-q`` hides progress bars (the log level is above INFO)."""
+    return logging.getLogger().getEffectiveLevel() > logging.INFO
+
+
+def refuse_given(ctx: click.Context, names, why: str) -> None:
+    """A usage error naming the options of ``names`` given on the command line, if any."""
+    from click.core import ParameterSource
+
+    given = [f"--{n.replace('_', '-')}" for n in names if ctx.get_parameter_source(n) == ParameterSource.COMMANDLINE]
+    if given:
+        raise click.UsageError(f"{why}: {', '.join(given)}")
+
+
 def message(exc: BaseException) -> str:
     """An exception's text for the command line (a KeyError's without the quotes repr adds)."""
     return str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
@@ -257,8 +266,7 @@ def bar(desc: str, unit: str = "img"):
     """A tqdm wrapper for a stage's per-image loop, hidden by -q."""
     from tqdm import tqdm
 
-    quiet = logging.getLogger().getEffectiveLevel() > logging.INFO
-    return lambda seq, label=desc: tqdm(seq, desc=label, unit=unit, disable=quiet)
+    return lambda seq, label=desc: tqdm(seq, desc=label, unit=unit, disable=quiet())
 
 
 def image_source_options(default_image_set: str):
@@ -278,11 +286,6 @@ def image_source_options(default_image_set: str):
         return f
 
     return decorate
-
-
-def check_weights(weights: str) -> None:
-    if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {weights}", param_hint="--weights")
 
 
 def parse_bbox(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
@@ -317,8 +320,9 @@ class SettingsOption(click.Option):
         import importlib
 
         module, name = self.settings.split(":")
-        value = getattr(importlib.import_module(module), name)()
-        for part in self.field.split("."):
+        first, *rest = self.field.split(".")
+        value = {f.name: f.default for f in dataclasses.fields(getattr(importlib.import_module(module), name))}[first]
+        for part in rest:  # a nested settings default, e.g. CalibrateSettings.detect
             value = getattr(value, part)
         return ",".join(map(str, value)) if isinstance(value, tuple) else value  # as typed on the command line
 
@@ -334,25 +338,30 @@ def settings_option(settings: str, field: str, *param_decls: str, **kwargs):
 DETECT_SETTINGS = "spp_detect.detect:DetectSettings"
 
 
-def detect_settings_options(f):
-    """The detect settings as options (detect and calibrate, which must detect alike)."""
+def detect_settings_options(settings: str = DETECT_SETTINGS, prefix: str = ""):
+    """The detect settings as options (detect and calibrate, which must detect alike), with
+    the defaults of ``settings``' fields ``prefix + name`` (calibrate: ``detect.``)."""
     options = [
-        settings_option(DETECT_SETTINGS, "bbox", "--bbox/--no-bbox", help="Apply the model's box regressors (train-svm --bbox)."),
-        settings_option(DETECT_SETTINGS, "score_threshold", "--score-threshold", type=float,
+        settings_option(settings, prefix + "bbox", "--bbox/--no-bbox", help="Apply the model's box regressors (train-svm --bbox)."),
+        settings_option(settings, prefix + "score_threshold", "--score-threshold", type=float,
                         help="Keep SVM scores above this (release: -1.5)."),
-        settings_option(DETECT_SETTINGS, "nms_threshold", "--nms", "nms_threshold", type=click.FloatRange(0, 1),
+        settings_option(settings, prefix + "nms_threshold", "--nms", "nms_threshold", type=click.FloatRange(0, 1),
                         help="Per-class NMS IoU (release: 0.3)."),
-        settings_option(DETECT_SETTINGS, "max_per_image", "--max-per-image", type=click.IntRange(min=1),
+        settings_option(settings, prefix + "max_per_image", "--max-per-image", type=click.IntRange(min=1),
                         help="Detections per class per image (release: 100)."),
-        settings_option(DETECT_SETTINGS, "svd_rank", "--svd-rank", type=click.IntRange(min=0),
+        settings_option(settings, prefix + "svd_rank", "--svd-rank", type=click.IntRange(min=0),
                         help="Replace fc6 by its rank-R truncated SVD (Fast R-CNN 3.1): faster, approximate; 0 keeps it exact."),
-        settings_option(DETECT_SETTINGS, "precision", "--precision", type=click.Choice(["fp32", "bf16"]),
+        settings_option(settings, prefix + "precision", "--precision", type=click.Choice(["fp32", "bf16"]),
                         help="fc6/fc7 arithmetic. bf16 rounds weights and input to bfloat16 (float32 sums): ~5x faster fc "
                              "on CPUs with AMX and on GPU tensor cores, approximate (README: its measured mAP cost)."),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+
+    def decorate(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
 
 
 def settings_from_params(cls, params: dict, **renamed):

@@ -8,17 +8,21 @@ import click
 
 from spp_detect.commands.options import (
     backbone_options,
+    bar,
     device_option,
     force_option,
     limit_option,
     parse_bbox,
+    pick_device,
+    settings_from_params,
+    settings_option,
+    stage_errors,
 )
 
 
 def open_index_trunk(index_dir: Path, device: str = "cpu"):
     """The loaded index, and the trunk + normalisation it was made with (weights checked)."""
     from spp_detect.backbones import build_trunk, resolve_normalization
-    from spp_detect.device import resolve_device
     from spp_detect.image_trunk import prepare_trunk
     from spp_detect.retrieval.index import load_index
     from spp_detect.stage_dir import source_key
@@ -32,36 +36,27 @@ def open_index_trunk(index_dir: Path, device: str = "cpu"):
         if not Path(weights).is_file() or source_key(Path(weights)) != index.config["weights"]:
             raise click.ClickException(f"the index was made with weights {weights} ({index.config['weights'][:20]}...), "
                                        "which are missing or changed")
-    try:
-        torch_device = resolve_device(device)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from None
-    trunk = prepare_trunk(build_trunk(index.config["backbone"], weights), torch_device)
+    trunk = prepare_trunk(build_trunk(index.config["backbone"], weights), pick_device(device))
     norm = resolve_normalization(index.config["backbone"], weights, index.config["input_norm"])
     return index, trunk, norm
+
+
+INDEX_SETTINGS = "spp_detect.retrieval.index:IndexSettings"
 
 
 @click.command("index")
 @click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Index folder.")
-@backbone_options
-@click.option(
-    "--whiten-images",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    required=True,
-    envvar="SPP_DETECT_WHITEN_IMAGES",
-    help="Folder of images of ANOTHER dataset to learn PCA-whitening on (e.g. VOC2007 JPEGImages; "
-    "env SPP_DETECT_WHITEN_IMAGES).",
-)
-@click.option("--whiten-limit", type=click.IntRange(min=2), default=100, help="Use the first N whitening images.")
-@click.option("--levels", type=click.IntRange(min=1), default=3, help="R-MAC region levels L (paper: 3).")
+@backbone_options(INDEX_SETTINGS)
+@click.option("--whiten-images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
+              envvar="SPP_DETECT_WHITEN_IMAGES", help="Folder of images of ANOTHER dataset to learn PCA-whitening on "
+              "(e.g. VOC2007 JPEGImages; env SPP_DETECT_WHITEN_IMAGES).")
+@settings_option(INDEX_SETTINGS, "whiten_limit", "--whiten-limit", type=click.IntRange(min=2), help="Use the first N whitening images.")
+@settings_option(INDEX_SETTINGS, "levels", "--levels", type=click.IntRange(min=1), help="R-MAC region levels L (paper: 3).")
 @limit_option
 @device_option
 @force_option
-def index_cmd(
-    images_dir: Path, out: Path, backbone: str, weights: str, input_norm: str, whiten_images: Path,
-    whiten_limit: int, levels: int, limit: int | None, device: str, force: bool,
-) -> None:
+def index_cmd(images_dir: Path, out: Path, whiten_images: Path, limit: int | None, device: str, force: bool, **params) -> None:
     """Describe a folder of images for retrieval: MAC, R-MAC region vectors, quantised maps.
 
     \b
@@ -76,34 +71,14 @@ def index_cmd(
           --weights ../shared/data/weights/squeezenet1_0-imagenet-deepcompression.pth \\
           --whiten-images ../shared/data/voc2007-mini/VOC2007/JPEGImages
     """
-    from tqdm import tqdm
-
-    from spp_detect.device import resolve_device
-    from spp_detect.images import ImageReadError
     from spp_detect.retrieval.index import IndexSettings, list_images, run_index
-    from spp_detect.stage_dir import SettingsChanged
 
-    if weights not in ("imagenet", "none") and not Path(weights).is_file():
-        raise click.BadParameter(f"not 'imagenet', 'none' or an existing file: {weights}", param_hint="--weights")
-    try:
-        torch_device = resolve_device(device)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--device") from None
+    torch_device = pick_device(device)
     if images_dir.resolve() == whiten_images.resolve():
-        raise click.BadParameter("whitening must be learned on another dataset than the indexed one",
-                                 param_hint="--whiten-images")
-    try:
-        images = list_images(images_dir, limit)
-        whiten = list_images(whiten_images)
-    except FileNotFoundError as exc:
-        raise click.ClickException(str(exc)) from None
-    settings = IndexSettings(backbone=backbone, weights=weights, input_norm=input_norm, levels=levels,
-                             whiten_limit=whiten_limit)
-    try:
-        summary = run_index(images, out, settings, whiten, device=torch_device, force=force,
-                            progress=lambda seq, desc: tqdm(seq, desc=desc, unit="img"))
-    except (SettingsChanged, ImageReadError, ValueError, RuntimeError) as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.BadParameter("whitening must be learned on another dataset than the indexed one", param_hint="--whiten-images")
+    with stage_errors():
+        summary = run_index(list_images(images_dir, limit), out, settings_from_params(IndexSettings, params),
+                            list_images(whiten_images), device=torch_device, force=force, progress=bar("index"))
     per_image = summary.bytes_written / max(summary.done, 1) / 1e3
     click.echo(f"index: {summary.done} image(s) described, {summary.skipped} already indexed, "
                f"{per_image:.0f} kB/image, {summary.seconds:.1f} s -> {out}")

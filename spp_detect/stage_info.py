@@ -1,0 +1,65 @@
+"""What ``spp-detect info`` reports about a stage folder: its stage, settings and key, how
+far it got, and its numbers (proposals: boxes per image and, given the annotations, recall;
+extract: windows per image, scale shares, feature size, cache size, damaged files)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["describe_folder"]
+
+
+def describe_folder(folder: Path, voc_root: Path | None = None, year: str = "2007", image_set: str | None = None) -> list[str]:
+    """Lines describing the stage folder ``folder``; with ``voc_root``, a proposals folder's
+    recall of the ground truth of ``image_set`` (default: the folder's own).
+
+    Raises:
+        FileNotFoundError: not a stage folder; ValueError: a damaged manifest.
+    """
+    from spp_detect.stage_dir import read_manifest
+
+    manifest = read_manifest(folder)
+    stage, config = manifest.get("stage"), manifest.get("config", {})
+    lines = [f"{folder}: {stage} stage, key {manifest.get('key', '')[:12]}", "  settings: " + json.dumps(config, sort_keys=True)]
+    if stage == "proposals":
+        from spp_detect.datasets.voc import read_voc
+
+        name = image_set or config.get("dataset", {}).get("image_set", "test")
+        lines += _proposals(folder, read_voc(voc_root, name, year) if voc_root is not None else None)
+    elif stage == "extract":
+        lines += _extract(folder, config)
+    return lines
+
+
+def _proposals(folder: Path, annotated: Sequence | None) -> list[str]:
+    import numpy as np
+
+    from proposals.io import load_proposals
+    from proposals.recall import proposal_recall
+
+    damaged: list = []
+    proposals = load_proposals(folder, bad=damaged)
+    counts = [len(b) for b in proposals.values()]
+    lines = [f"  images: {len(proposals)}, boxes/image: {np.mean(counts) if counts else 0:.1f}"]
+    lines += [f"  unusable: {error}" for error in damaged]
+    if annotated is not None:
+        images = [im for im in annotated if im.image_id in proposals]
+        table = proposal_recall(images, proposals)
+        lines.append(f"  recall of {table['num_objects']} non-difficult objects in {len(images)} images:")
+        for threshold, by_k in table["recall"].items():
+            lines.append(f"    {threshold}  " + "  ".join(f"top {k}: {r:.3f}" for k, r in by_k.items()))
+    return lines
+
+
+def _extract(folder: Path, config: dict) -> list[str]:
+    from spp_detect.cache import FeatureCache
+
+    stats = FeatureCache(folder).summary()
+    shares = ", ".join(f"{s}: {100 * p:.0f}%" for s, p in zip(config["scales"], stats["scale_share"]))
+    return [f"  images: {stats['images']}, windows/image: {stats['windows_per_image']:.0f}, "
+            f"cache: {stats['bytes_per_image'] / 1e6:.2f} MB/image",
+            f"  feature: {stats['feature_dim']} numbers per window (levels {config['levels']})",
+            f"  windows per scale: {shares}",
+            *(f"  damaged (rerun extract to redo it): {line}" for line in stats["damaged"])]

@@ -1,0 +1,73 @@
+"""Every benchmark runs: ``python -m bench.<name> --smoke`` (a few images, seconds) for each
+module in bench/, so that a benchmark that breaks fails the suite; and ``bench.combine``
+gives the files the command line gives for the same inputs."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import cli
+from spp_detect.stage_dir import read_manifest
+from tests.conftest import REPO_ROOT
+
+BENCHES = sorted(p.stem for p in (REPO_ROOT / "bench").glob("*.py") if p.stem not in ("__init__", "common"))
+_RUNS: dict[str, Path] = {}
+
+
+def _smoke(name: str, tmp_path_factory) -> Path:
+    """Run ``bench.<name> --smoke`` once per session in its own folder (its temporary work
+    folders go there too); returns the folder, holding ``result.json``."""
+    if name not in _RUNS:
+        folder = tmp_path_factory.mktemp(f"bench-{name}")
+        args = [sys.executable, "-m", f"bench.{name}", "--smoke", "--json", str(folder / "result.json")]
+        if name == "combine":
+            args += ["--work", str(folder / "work")]
+        env = {**os.environ, "TMPDIR": str(folder), "OMP_NUM_THREADS": "1"}
+        done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, f"bench.{name} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        _RUNS[name] = folder
+    return _RUNS[name]
+
+
+def test_every_bench_module_is_covered():
+    assert {"combine", "detect_speed", "redetect", "eval", "extract"} <= set(BENCHES)
+
+
+@pytest.mark.parametrize("name", BENCHES)
+def test_bench_smoke_runs_and_writes_its_json(name, tmp_path_factory):
+    folder = _smoke(name, tmp_path_factory)
+    result = json.loads((folder / "result.json").read_text())
+    assert isinstance(result, dict) and result
+
+
+def test_bench_combine_gives_the_files_of_the_command_line(tmp_path_factory, tmp_path):
+    work = _smoke("combine", tmp_path_factory) / "work"
+    dets = sorted(work.glob("dets-*"))
+    caches = {read_manifest(p)["key"]: p for p in work.glob("feat-*")}
+    assert len(dets) == 2
+    for folder in dets:  # calibrate as the CLI does, into a fresh folder: the same files as the bench's
+        svm = Path(json.loads((folder / "model.json").read_text())["svm"])
+        (cache,) = [caches[key] for key in read_manifest(svm)["config"]["caches"]]
+        out = tmp_path / f"calib-{folder.name}"
+        result = CliRunner().invoke(cli.main, ["-q", "calibrate", "--cache", str(cache), "--svm", str(svm), "--bbox",
+                                               "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        for name in ("calibration.npz", "calibration.json"):
+            assert filecmp.cmp(out / name, svm / "calibration" / name, shallow=False), name
+    for scores in ("raw", "calibrated"):
+        out = tmp_path / f"combined-{scores}"
+        args = ["-q", "combine", *[x for d in dets for x in ("--detections", str(d))], "--scores", scores, "--out", str(out)]
+        result = CliRunner().invoke(cli.main, args)
+        assert result.exit_code == 0, result.output
+        (bench_folder,) = work.glob(f"combined-{scores}-*")
+        files = sorted(p.name for p in bench_folder.iterdir())
+        assert files == sorted(p.name for p in out.iterdir()) and "manifest.json" in files and "detections.json" in files
+        assert all(filecmp.cmp(bench_folder / f, out / f, shallow=False) for f in files)
