@@ -117,39 +117,25 @@ def search_cmd(
           --bbox 14,76,989,564 --qe 5 --show louvre.png
     """
     from spp_detect.image_trunk import load_image_rgb
-    from spp_detect.images import ImageReadError
     from spp_detect.retrieval.descriptors import crop_query
+    from spp_detect.retrieval.draw import draw_search, top_results
     from spp_detect.retrieval.search import describe_query, search
 
     if qe and not rerank:
         raise click.UsageError("--qe uses the localised results: give --rerank > 0 too")
     index, trunk, norm = open_index_trunk(index_dir, device)
-    try:
+    with stage_errors():
         image = load_image_rgb(query)
         described = describe_query(trunk, norm, image, bbox, int(index.config["levels"]))
-    except (ImageReadError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
     result = search(index, described, method=method, whiten=whiten, rerank=min(rerank, len(index)), qe=qe)
     steps = ", ".join(f"{k} {v:.2f} s" for k, v in result.seconds.items())
     click.echo(f"{len(index)} images searched ({method}{', whitened' if whiten else ''}"
                f"{f', AML top {rerank}' if rerank else ''}{f', QE {qe}' if qe else ''}): {steps}")
     click.echo(f"{'rank':>4}  {'score':>7}  {'image':<32} box (x1,y1,x2,y2)")
-    shown = []
-    for rank, (i, score) in enumerate(zip(result.order[:top], result.scores[:top]), start=1):
-        box = result.boxes.get(int(i))
-        text = ",".join(f"{v:.0f}" for v in box) if box is not None else "-"
-        click.echo(f"{rank:>4}  {score:>7.4f}  {index.names[i]:<32} {text}")
-        shown.append((int(i), float(score), box))
+    for rank, (_, name, score, box) in enumerate(top_results(index, result, top), start=1):
+        click.echo(f"{rank:>4}  {score:>7.4f}  {name:<32} {','.join(f'{v:.0f}' for v in box) if box is not None else '-'}")
     if show is not None:
-        from spp_detect.retrieval.draw import draw_results
-
-        panels = []
-        for i, score, box in shown:
-            path = index.image_path(i)
-            panels.append((index.names[i], score, load_image_rgb(path) if path is not None else None, box))
-        query_image = crop_query(image, bbox) if bbox is not None else image
-        click.echo(f"wrote {draw_results(query_image, panels, show)}")
-
+        click.echo(f"wrote {draw_search(index, result, crop_query(image, bbox) if bbox is not None else image, top, show)}")
 
 #: registered on the group by cli.py, in this order
 COMMANDS = (index_cmd, search_cmd)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["draw_results"]
+__all__ = ["draw_results", "top_results", "draw_search"]
 
 
 def draw_results(
@@ -45,3 +45,21 @@ def draw_results(
     fig.savefig(out, dpi=80)
     plt.close(fig)
     return out
+
+
+def top_results(index, result, top: int) -> list[tuple[int, str, float, np.ndarray | None]]:
+    """The first ``top`` results of a search (:class:`~spp_detect.retrieval.search.SearchResult`)
+    as ``(image index, name, score, localised box 0-based xyxy or None)``."""
+    return [(int(i), index.names[i], float(score), result.boxes.get(int(i)))
+            for i, score in zip(result.order[:top], result.scores[:top])]
+
+
+def draw_search(index, result, query: np.ndarray, top: int, out: Path) -> Path:
+    """:func:`draw_results` of the first ``top`` results, their images read from the index's folder."""
+    from spp_detect.image_trunk import load_image_rgb
+
+    panels = []
+    for i, name, score, box in top_results(index, result, top):
+        path = index.image_path(i)
+        panels.append((name, score, load_image_rgb(path) if path is not None else None, box))
+    return draw_results(query, panels, out)
