@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -29,7 +30,7 @@ from proposals import (
 )
 from proposals.io import mat_to_xyxy, xyxy_to_mat
 from spp_detect.datasets.voc import read_voc
-from spp_detect.stage_dir import SettingsChanged
+from spp_detect.stage_dir import SettingsChanged, config_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 4
@@ -242,6 +243,18 @@ def test_changed_setting_is_refused_naming_it(small_voc: Path, fresh_run: Path, 
     assert result.exit_code == 0 and f"0 computed, {NUM_IMAGES} already done" in result.output
     with pytest.raises(SettingsChanged, match="max_boxes"):
         run_proposals(read_voc(small_voc, "test"), out, ProposalSettings(max_boxes=5), {"year": "2007", "image_set": "test"})
+
+
+def test_folder_of_the_old_opencv_order_engine_is_refused(small_voc: Path, fresh_run: Path, tmp_path: Path):
+    # a folder written before the paper's ranking had no "engine" in its manifest
+    out = tmp_path / "props"
+    shutil.copytree(fresh_run, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"].pop("engine").startswith("grouping-v1")
+    manifest["key"] = config_key(manifest["config"])
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(SettingsChanged, match="engine"):
+        run_proposals(read_voc(small_voc, "test"), out, ProposalSettings(), {"year": "2007", "image_set": "test"})
 
 
 def test_corrupt_jpeg_stops_or_is_skipped(voc_root: Path, tmp_path: Path):
