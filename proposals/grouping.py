@@ -204,7 +204,7 @@ def region_features(labels: np.ndarray, colour_bins: np.ndarray, texture_bins: n
     """Histograms, sizes, bounds and neighbours of the initial regions (no per-pixel loop).
 
     Args:
-        labels: ``np.ndarray[H, W]`` int labels ``0 .. n-1`` (every label present).
+        labels: ``np.ndarray[H, W]`` int labels ``>= 0``; gaps are renumbered away.
         colour_bins: ``np.ndarray[H, W, C]`` from :func:`colour_bin_image`.
         texture_bins: ``np.ndarray[H, W, 8C]`` from :func:`texture_bin_image`.
     """
@@ -212,6 +212,10 @@ def region_features(labels: np.ndarray, colour_bins: np.ndarray, texture_bins: n
     flat = labels.reshape(-1)
     n = int(flat.max()) + 1
     sizes = np.bincount(flat, minlength=n).astype(np.float64)  # [n]
+    if (sizes == 0).any():  # labels with gaps (OpenCV's are contiguous): renumber 0 .. n-1
+        _, inverse = np.unique(flat, return_inverse=True)
+        labels = inverse.reshape(height, width)
+        return region_features(labels, colour_bins, texture_bins)
     colour = _histograms(flat, colour_bins.reshape(len(flat), -1), n, COLOUR_BINS * colour_bins.shape[2])
     texture = _histograms(flat, texture_bins.reshape(len(flat), -1), n, TEXTURE_BINS * texture_bins.shape[2])
     bounds = _region_bounds(np.ascontiguousarray(labels), n)

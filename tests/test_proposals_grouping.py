@@ -211,6 +211,15 @@ def test_hand_made_regions_merge_by_size():
     np.testing.assert_array_equal(hierarchy_boxes(bounds)[-1], [0, 0, 6, 1])
 
 
+def test_labels_with_gaps_are_renumbered():
+    labels = np.array([[0, 0, 4, 7, 7, 7]])  # labels 1-3, 5, 6 unused
+    image = np.zeros((1, 6, 3), np.uint8)
+    features = region_features(labels, colour_bin_image(image, (256,) * 3), texture_bin_image(image))
+    np.testing.assert_array_equal(features.sizes, [2, 1, 3])
+    np.testing.assert_array_equal(features.pairs, [[0, 1], [1, 2]])
+    assert np.isfinite(features.colour).all() and np.isfinite(features.texture).all()
+
+
 def test_texture_bins_equal_the_numpy_reference(voc_root: Path):
     for space in (cv2.COLOR_BGR2HSV, cv2.COLOR_BGR2Lab):
         image = real_crop(voc_root, space, (120, 90))
