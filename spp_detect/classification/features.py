@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from spp_detect.backbones import Normalization, build_trunk, resolve_normalization
 from spp_detect.image_trunk import load_image_rgb, prepare_trunk, resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
+from spp_detect.stage_dir import atomic_write, open_stage, read_manifest, settings_config
 
 __all__ = [
     "VIEWS",
@@ -216,13 +216,13 @@ def run_classify_features(
         ImageReadError: an image cannot be decoded.
     """
     config = {**settings_config(settings), "dataset": dataset}
-    open_stage_dir(out, "classify-features", config, force=force)
+    stage = open_stage(out, "classify-features", config, force=force)
     out = Path(out)
     listing = {"image_ids": list(image_ids), "classes": list(classes), "labels": np.asarray(labels).tolist()}
     atomic_write(out / IMAGES_FILE, lambda tmp: tmp.write_text(json.dumps(listing)))
-    todo = [n for n in range(len(image_ids)) if not (out / f"{n}.npy").is_file()]
+    todo, skipped, _ = stage.todo(range(len(image_ids)), lambda n: out / f"{n}.npy")
     if not todo:
-        return 0, len(image_ids), 0.0
+        return 0, skipped, 0.0
     trunk = prepare_trunk(build_trunk(settings.backbone, settings.weights), device)
     norm = resolve_normalization(settings.backbone, settings.weights, settings.input_norm)
     start = time.perf_counter()

@@ -343,14 +343,14 @@ def detect_cmd(cache, svm_folder, out, device, force, shard, **params) -> None:
 
 
 def load_model(svm_folder: Path, device, bbox: bool = False):
-    """``(model, its manifest key)`` of a train-svm folder; ``bbox`` asks for its box regressors."""
-    from spp_detect.stage_dir import read_manifest
+    """``(model, its key)`` of a train-svm folder; ``bbox`` asks for its box regressors."""
+    from spp_detect.stage_dir import source_key
     from svm.train import load_svm
 
     model = load_svm(svm_folder, device)
     if bbox and model.regressor is None:
         raise click.BadParameter(f"{svm_folder} has no box regressors: train it with --bbox, or drop --bbox", param_hint="--bbox")
-    return model, read_manifest(svm_folder)["key"]
+    return model, source_key(svm_folder)
 
 
 @click.command("calibrate")

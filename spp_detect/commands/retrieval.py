@@ -21,24 +21,15 @@ from spp_detect.commands.options import (
 
 
 def open_index_trunk(index_dir: Path, device: str = "cpu"):
-    """The loaded index, and the trunk + normalisation it was made with (weights checked)."""
-    from spp_detect.backbones import build_trunk, resolve_normalization
-    from spp_detect.image_trunk import prepare_trunk
-    from spp_detect.retrieval.index import load_index
-    from spp_detect.stage_dir import source_key
+    """The index, its trunk and normalisation (:func:`spp_detect.retrieval.index.load_index_trunk`)."""
+    from spp_detect.retrieval.index import load_index_trunk
 
     try:
-        index = load_index(index_dir)
+        return load_index_trunk(index_dir, pick_device(device))
     except FileNotFoundError as exc:
         raise click.BadParameter(str(exc), param_hint="--index") from None
-    weights = index.settings.get("weights", index.config["weights"])
-    if weights not in ("imagenet", "none"):
-        if not Path(weights).is_file() or source_key(Path(weights)) != index.config["weights"]:
-            raise click.ClickException(f"the index was made with weights {weights} ({index.config['weights'][:20]}...), "
-                                       "which are missing or changed")
-    trunk = prepare_trunk(build_trunk(index.config["backbone"], weights), pick_device(device))
-    norm = resolve_normalization(index.config["backbone"], weights, index.config["input_norm"])
-    return index, trunk, norm
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 INDEX_SETTINGS = "spp_detect.retrieval.index:IndexSettings"

@@ -33,7 +33,7 @@ from spp_detect.retrieval.aml import quantize_levels
 from spp_detect.retrieval.descriptors import mac, region_vectors
 from spp_detect.retrieval.regions import LEVELS
 from spp_detect.retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
-from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
+from spp_detect.stage_dir import atomic_write, open_stage, read_manifest, settings_config
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -147,13 +147,13 @@ def run_index(
     listing = "\n".join(p.name for p in whiten_files)
     config = {**settings_config(settings), "format": FORMAT_VERSION,
               "whiten_images": f"{len(whiten_files)} files, names sha256 {_sha256_text(listing)[:16]}"}
-    manifest = open_stage_dir(out, "index", config, force=force)
+    stage = open_stage(out, "index", config, force=force)
     source = {**asdict(settings), "images": str(Path(images[0]).parent.resolve()) if images else None}
     atomic_write(Path(out) / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=2, sort_keys=True)))
     wrap = progress or (lambda seq, desc: seq)
     out = Path(out)
-    todo = [p for p in images if not (out / f"{p.stem}.npz").is_file()]
-    summary = IndexSummary(skipped=len(images) - len(todo))
+    todo, skipped, _ = stage.todo(images, lambda p: out / f"{p.stem}.npz")
+    summary = IndexSummary(skipped=skipped)
     whitening_path = out / "whitening.npz"
     if not todo and whitening_path.is_file():
         return summary
@@ -173,7 +173,7 @@ def run_index(
         def write_whitening(tmp: Path) -> None:
             np.savez(tmp, mean=whitening.mean, projection=whitening.projection, eigenvalues=whitening.eigenvalues,
                      num_vectors=np.int64(whitening.num_vectors), quant_cap=np.float64(cap),
-                     key=np.array(manifest["key"]))
+                     key=np.array(stage.key))
 
         atomic_write(whitening_path, write_whitening)
     cap = _read_cap(whitening_path)
@@ -185,7 +185,7 @@ def run_index(
             "regions": region_vectors(maps, settings.levels),
             "levels": quantize_levels(maps, cap).cpu().numpy(),
             "size": np.array([image.shape[1], image.shape[0]], dtype=np.int64),
-            "key": np.array(manifest["key"]),
+            "key": np.array(stage.key),
         }
         target = out / f"{path.stem}.npz"
         atomic_write(target, lambda tmp: np.savez_compressed(tmp, **arrays))
@@ -295,3 +295,20 @@ def load_index(folder: Path) -> RetrievalIndex:
         config=manifest["config"],
         settings=json.loads((folder / SETTINGS_FILE).read_text()) if (folder / SETTINGS_FILE).is_file() else {},
     )
+
+
+def load_index_trunk(folder: Path, device: torch.device) -> tuple[RetrievalIndex, nn.Module, Normalization]:
+    """An index folder, and the trunk and normalisation it was made with, on ``device``.
+
+    Raises:
+        FileNotFoundError: not an index folder.
+        ValueError: the weights file the index was made with is missing or changed.
+    """
+    from spp_detect.stage_dir import weights_identity
+
+    index = load_index(folder)
+    weights = index.settings.get("weights", index.config["weights"])
+    if weights not in ("imagenet", "none") and (not Path(weights).is_file() or weights_identity(weights) != index.config["weights"]):
+        raise ValueError(f"the index was made with weights {weights} ({index.config['weights'][:20]}...), which are missing or changed")
+    trunk = prepare_trunk(build_trunk(index.config["backbone"], weights), device)
+    return index, trunk, resolve_normalization(index.config["backbone"], weights, index.config["input_norm"])
