@@ -14,18 +14,28 @@ FACTS 1.9).
   in the primal (``(X'X + lambda I) W = X'Y``, ``D + 1`` unknowns) or the dual
   (``W = X' (XX' + lambda I)^-1 Y``, one unknown per sample), whichever system is smaller:
   a class has far fewer samples than the 25,600 dimensions of a pooled feature.
+
+train-svm gathers the samples in a :class:`BoxSampleStore`: float16 features spilled to one
+file per class on disk (the samples grow with the training set: ~38 per image, 51 kB each
+at 25,600-d, i.e. ~32 GB for VOC07+12), windows and targets (8 numbers a sample) in memory;
+:meth:`BoxSampleStore.fit` solves each class from its file in row blocks, so memory holds
+one ``min(n, D + 1)``-square system at a time, never the samples.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from spp_detect.box_coder import decode_boxes, encode_boxes
 
-__all__ = ["SPP_LAMBDA", "RCNN_LAMBDA", "SPP_MIN_OVERLAP", "RCNN_MIN_OVERLAP", "WHITEN_EPS", "BoxRegressor", "fit_ridge", "fit_box_regressor"]
+__all__ = ["SPP_LAMBDA", "RCNN_LAMBDA", "SPP_MIN_OVERLAP", "RCNN_MIN_OVERLAP", "WHITEN_EPS", "BoxRegressor", "fit_ridge", "fit_box_regressor",
+           "BoxSampleStore"]
 
 SPP_LAMBDA: float = 4000.0  # spp_exp_bbox_reg_train_and_test_voc.m (R-CNN: 1000)
 RCNN_LAMBDA: float = 1000.0  # rcnn_exp_bbox_reg_train_and_test.m
@@ -122,16 +132,139 @@ def fit_box_regressor(
         rows = labels == c
         if int(rows.sum()) < 2:
             continue
-        y = deltas[rows]
-        mu = y.mean(dim=0)
-        centred = y - mu
-        cov = centred.T @ centred / len(y)
-        eigval, eigvec = torch.linalg.eigh(cov)
-        eigval = eigval.clamp(min=0)
-        whiten = eigvec @ torch.diag(1 / torch.sqrt(eigval + WHITEN_EPS)) @ eigvec.T
-        x = torch.cat([features[rows].to(torch.float64) * feature_scale, torch.ones((len(y), 1), dtype=torch.float64)], 1)
-        weights[c] = fit_ridge(x, centred @ whiten, lam).float()
+        mu, whitened, unwhiten[c] = _whitened_targets(deltas[rows])
+        ones = torch.ones((int(rows.sum()), 1), dtype=torch.float64)
+        x = torch.cat([features[rows].to(torch.float64) * feature_scale, ones], 1)
+        weights[c] = fit_ridge(x, whitened, lam).float()
         mean[c] = mu.float()
-        unwhiten[c] = (eigvec @ torch.diag(torch.sqrt(eigval + WHITEN_EPS)) @ eigvec.T).float()
         trained[c] = True
     return BoxRegressor(weights, mean, unwhiten, trained, float(feature_scale))
+
+
+def _whitened_targets(deltas: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(mean Tensor[4], whitened Tensor[n, 4] float64, unwhiten Tensor[4, 4] float32)`` of
+    one class's ``Tensor[n, 4]`` targets (``spp_train_bbox_regressor.m:101-109``)."""
+    mu = deltas.mean(dim=0)
+    centred = deltas - mu
+    cov = centred.T @ centred / len(deltas)
+    eigval, eigvec = torch.linalg.eigh(cov)
+    eigval = eigval.clamp(min=0)
+    whiten = eigvec @ torch.diag(1 / torch.sqrt(eigval + WHITEN_EPS)) @ eigvec.T
+    unwhiten = (eigvec @ torch.diag(torch.sqrt(eigval + WHITEN_EPS)) @ eigvec.T).float()
+    return mu, centred @ whiten, unwhiten
+
+
+class BoxSampleStore:
+    """Box-regression samples of a training run, features on disk in float16.
+
+    ``folder`` gets one raw file per class (``class-<c>.f16``, rows of ``dim`` float16
+    pooled features, unscaled); windows, targets and counts stay in memory. Made empty
+    (any old folder is removed); :meth:`close` deletes it.
+    """
+
+    def __init__(self, folder: Path | str, dim: int, num_classes: int) -> None:
+        self.folder = Path(folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
+        self.folder.mkdir(parents=True)
+        self.dim = dim
+        self.num_classes = num_classes
+        self._windows: list[list[Tensor]] = [[] for _ in range(num_classes)]
+        self._targets: list[list[Tensor]] = [[] for _ in range(num_classes)]
+        self.counts = [0] * num_classes
+
+    def __len__(self) -> int:
+        return sum(self.counts)
+
+    def _path(self, c: int) -> Path:
+        return self.folder / f"class-{c}.f16"
+
+    def add(self, features: Tensor, windows: Tensor, targets: Tensor, labels: Tensor) -> None:
+        """Append samples: ``features Tensor[K, dim]`` pooled (unscaled), ``windows`` and
+        ``targets`` ``Tensor[K, 4]`` 0-based xyxy, ``labels Tensor[K]`` int64 classes."""
+        if features.shape[1] != self.dim:
+            raise ValueError(f"BoxSampleStore: features must be [K, {self.dim}], got {tuple(features.shape)}")
+        half = features.to(torch.float16).numpy()
+        for c in labels.unique().tolist():
+            rows = (labels == c).numpy()
+            with open(self._path(c), "ab") as f:
+                f.write(np.ascontiguousarray(half[rows]).tobytes())
+            self._windows[c].append(windows[rows].to(torch.float32))
+            self._targets[c].append(targets[rows].to(torch.float32))
+            self.counts[c] += int(rows.sum())
+
+    def features(self, c: int) -> np.ndarray:
+        """``np.ndarray[n_c, dim]`` float16, memory-mapped from class ``c``'s file."""
+        if self.counts[c] == 0:
+            return np.zeros((0, self.dim), dtype=np.float16)
+        return np.memmap(self._path(c), dtype=np.float16, mode="r", shape=(self.counts[c], self.dim))
+
+    def fit(self, feature_scale: float, lam: float = SPP_LAMBDA, block: int = 1024) -> BoxRegressor:
+        """The regressors of :func:`fit_box_regressor` on the stored samples (float16
+        features), each class solved by :func:`_ridge_blocks` in ``block``-row blocks."""
+        dim = self.dim + 1
+        weights = torch.zeros((self.num_classes, dim, 4))
+        mean = torch.zeros((self.num_classes, 4))
+        unwhiten = torch.eye(4).repeat(self.num_classes, 1, 1)
+        trained = torch.zeros(self.num_classes, dtype=torch.bool)
+        for c in range(self.num_classes):
+            if self.counts[c] < 2:
+                continue
+            windows, targets = torch.cat(self._windows[c]), torch.cat(self._targets[c])
+            deltas = encode_boxes(windows.to(torch.float64), targets.to(torch.float64))
+            mu, whitened, unwhiten[c] = _whitened_targets(deltas)
+            weights[c] = _ridge_blocks(self.features(c), feature_scale, whitened, lam, block).float()
+            mean[c] = mu.float()
+            trained[c] = True
+        return BoxRegressor(weights, mean, unwhiten, trained, float(feature_scale))
+
+    def close(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _ridge_blocks(features: np.ndarray, scale: float, y: Tensor, lam: float, block: int) -> Tensor:
+    """:func:`fit_ridge` of ``x = [scale * features, 1]`` (``features np.ndarray[n, d]``,
+    e.g. a float16 memmap) onto ``y Tensor[n, k]``, reading ``x`` in ``block``-row blocks:
+    the primal ``(x'x + lam I) W = x'y`` when ``d + 1 <= n``, else the dual
+    ``W = x' (x x' + lam I)^-1 y``. Products in float32 blocks, sums and solves in float64:
+    memory is the ``min(n, d + 1)``-square system plus two blocks."""
+    n, d = features.shape
+    y = y.to(torch.float64)
+
+    def rows(start: int) -> Tensor:  # [b, d + 1] float32
+        part = torch.from_numpy(np.asarray(features[start:start + block], dtype=np.float32)) * scale
+        return torch.cat([part, torch.ones((len(part), 1))], dim=1)
+
+    starts = range(0, n, block)
+    if d + 1 <= n:
+        gram = torch.zeros((d + 1, d + 1), dtype=torch.float64)
+        xty = torch.zeros((d + 1, y.shape[1]), dtype=torch.float64)
+        for s in starts:
+            x = rows(s)
+            gram += (x.T @ x).double()
+            xty += x.double().T @ y[s:s + block]
+        return _solve_in_place(gram, lam, xty)
+    kernel = torch.empty((n, n), dtype=torch.float64)
+    for s in starts:
+        xs = rows(s)
+        for t in starts:
+            if t < s:
+                continue
+            part = (xs @ rows(t).T).double() if t != s else (xs @ xs.T).double()
+            kernel[s:s + block, t:t + block] = part
+            kernel[t:t + block, s:s + block] = part.T
+    dual = _solve_in_place(kernel, lam, y)  # [n, k]
+    del kernel
+    out = torch.zeros((d + 1, y.shape[1]), dtype=torch.float64)
+    for s in starts:
+        out += rows(s).double().T @ dual[s:s + block]
+    return out
+
+
+def _solve_in_place(system: Tensor, lam: float, rhs: Tensor) -> Tensor:
+    """``(system + lam I)^-1 rhs`` by Cholesky, factorising ``system`` (``Tensor[m, m]``
+    float64, symmetric) in its own memory (LAPACK through SciPy, no second m x m copy)."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    system.diagonal().add_(lam)
+    factor = cho_factor(system.numpy(), lower=True, overwrite_a=True, check_finite=False)
+    return torch.from_numpy(cho_solve(factor, rhs.numpy(), check_finite=False))

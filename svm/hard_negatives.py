@@ -27,13 +27,16 @@ RETRAIN_LIMIT: int = 2000  # spp_train.m, retrain_limit
 
 
 class NegativeCache:
-    """The cached negatives of one class: ``keys Tensor[Q]`` int64 (unique window ids) and
-    ``features Tensor[Q, D]``, in insertion order, plus the count added since the last
-    retraining."""
+    """The cached negatives of one class: ``keys Tensor[Q]`` int64 (unique window ids),
+    ``features Tensor[Q, D]`` (float16 by default: half the memory of float32, and what
+    the :mod:`svm.dcd` solver reads) and ``alphas Tensor[Q]`` float64 (each negative's dual
+    variable in the last solve, 0 for new ones: the solver's warm start), in insertion
+    order, plus the count added since the last retraining."""
 
-    def __init__(self, dim: int, retrain_limit: int = RETRAIN_LIMIT, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, dim: int, retrain_limit: int = RETRAIN_LIMIT, dtype: torch.dtype = torch.float16) -> None:
         self.retrain_limit = retrain_limit
         self.keys = torch.zeros(0, dtype=torch.int64)
+        self.alphas = torch.zeros(0, dtype=torch.float64)
         self._chunks: list[Tensor] = [torch.zeros((0, dim), dtype=dtype)]
         self.num_added = 0
 
@@ -57,8 +60,9 @@ class NegativeCache:
         if not bool(keep.any()):
             return 0
         self.keys = torch.cat([self.keys, keys[keep]])
-        self._chunks.append(features[keep].to(self._chunks[0].dtype))
         added = int(keep.sum())
+        self.alphas = torch.cat([self.alphas, torch.zeros(added, dtype=torch.float64)])
+        self._chunks.append(features[keep].to(self._chunks[0].dtype))
         self.num_added += added
         return added
 
@@ -72,6 +76,7 @@ class NegativeCache:
         keep = scores >= threshold
         evicted = int((~keep).sum())
         self.keys = self.keys[keep]
+        self.alphas = self.alphas[keep]
         self._chunks = [self.features[keep]]
         self.num_added = 0
         return evicted

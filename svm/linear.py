@@ -6,6 +6,16 @@ regularised too): ``spp_train.m:43-45, 312, 335`` and R-CNN ``rcnn_train.m`` (FA
 2). scikit-learn's ``LinearSVC(loss="hinge", dual=True, intercept_scaling=10)`` is the
 same liblinear solver; fast-rcnn's ``tools/train_svms.py`` uses it the same way. The
 class weight is derived from :data:`POS_WEIGHT` so the two cannot drift apart.
+
+Two solvers of that same problem (:data:`SOLVERS`): ``"dcd"`` (the default), liblinear's
+dual coordinate descent compiled here (:mod:`svm.dcd`) on the float16 examples of the
+mining caches, warm-started across the retrains of a class; and ``"liblinear"``,
+scikit-learn's ``LinearSVC`` (float64 copies), kept for comparison. Both stop by
+liblinear's rule at :data:`LIBLINEAR_TOL`.
+
+``C``: the release's 0.001 balances hinge loss and regulariser for VOC2007 trainval's
+5,011 images; the loss term is a sum over examples, so :func:`auto_c` keeps that balance
+for any training-set size: ``C = 0.001 * 5011 / images``.
 """
 
 from __future__ import annotations
@@ -16,7 +26,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["SVM_C", "POS_WEIGHT", "BIAS_MULT", "LIBLINEAR_TOL", "train_linear_svm", "svm_objective"]
+__all__ = ["SVM_C", "RELEASE_IMAGES", "POS_WEIGHT", "BIAS_MULT", "LIBLINEAR_TOL", "SOLVERS", "auto_c", "train_linear_svm",
+           "linear_scores", "svm_objective"]
 
 SVM_C: float = 1e-3  # liblinear -c 0.001 (spp_train.m)
 POS_WEIGHT: float = 2.0  # liblinear -w1 2 (spp_train.m, pos_loss_weight)
@@ -24,6 +35,19 @@ BIAS_MULT: float = 10.0  # liblinear -B 10 (spp_train.m, bias_mult)
 #: Stopping tolerance: the release passes no -e, so liblinear's default for -s 3 applies
 #: (dual maximal violation <= 0.1); scikit-learn's own default (1e-4) solves far longer.
 LIBLINEAR_TOL: float = 0.1
+#: VOC2007 trainval, the set the release's C = 0.001 was chosen on (Script_spp_voc.m trains
+#: on voc_2007_trainval: 5,011 images, FACTS 1.7).
+RELEASE_IMAGES: int = 5011
+#: ``"dcd"``: :mod:`svm.dcd` (compiled, warm start); ``"liblinear"``: scikit-learn's LinearSVC.
+SOLVERS: tuple[str, ...] = ("dcd", "liblinear")
+
+
+def auto_c(num_images: int, c: float = SVM_C, images: int = RELEASE_IMAGES) -> float:
+    """The release's C rescaled to ``num_images`` training images: ``c * images / num_images``
+    (0.001 x 5,011 / n), so hinge loss and regulariser keep the release's balance."""
+    if num_images < 1:
+        raise ValueError(f"auto_c: needs at least one training image, got {num_images}")
+    return c * images / num_images
 
 
 def train_linear_svm(
@@ -34,23 +58,34 @@ def train_linear_svm(
     bias_mult: float = BIAS_MULT,
     max_iter: int = 1000,
     tol: float = LIBLINEAR_TOL,
+    solver: str = "dcd",
 ) -> tuple[Tensor, float]:
     """Fit ``score = w . x + b`` separating ``positives`` (``Tensor[P, D]``) from
-    ``negatives`` (``Tensor[Q, D]``).
+    ``negatives`` (``Tensor[Q, D]``), from scratch, with ``solver`` (:data:`SOLVERS`;
+    ``"dcd"`` rounds the examples to float16 first, as the mining caches store them).
 
     Returns:
         ``(w Tensor[D] float32, b float)``; ``b`` is the learned bias-feature weight times
         ``bias_mult`` (``b = w(end) * bias_mult`` in the release).
 
     Raises:
-        ValueError: no positives or no negatives.
+        ValueError: no positives or no negatives, or an unknown solver.
     """
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError(f"an SVM needs positives and negatives, got {len(positives)} and {len(negatives)}")
+    if solver == "dcd":
+        from svm.dcd import solve_dcd
+
+        x = torch.cat([positives.to(torch.float16), negatives.to(torch.float16)]).numpy()
+        y = np.concatenate([np.ones(len(positives)), -np.ones(len(negatives))])
+        w, b, _, _ = solve_dcd(x, y, C * pos_weight, C, bias_mult, tol, max_iter=max_iter)
+        return torch.from_numpy(w.astype(np.float32)), b
+    if solver != "liblinear":
+        raise ValueError(f"unknown SVM solver {solver!r}; choose from {SOLVERS}")
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.svm import LinearSVC
 
-    if len(positives) == 0 or len(negatives) == 0:
-        raise ValueError(f"an SVM needs positives and negatives, got {len(positives)} and {len(negatives)}")
-    x = torch.cat([positives, negatives]).to("cpu", torch.float64).numpy()
+    x = torch.cat([positives.to(torch.float64), negatives.to(torch.float64)]).numpy()
     y = np.concatenate([np.ones(len(positives)), -np.ones(len(negatives))])
     model = LinearSVC(
         C=C,
@@ -69,12 +104,23 @@ def train_linear_svm(
     return torch.from_numpy(model.coef_[0].astype(np.float32)), float(model.intercept_[0])
 
 
+def linear_scores(features: Tensor, w: Tensor, b: float, chunk: int = 4096) -> Tensor:
+    """``Tensor[N]`` float32 scores ``features @ w + b`` of ``Tensor[N, D]`` features of any
+    float dtype (float16 caches are widened ``chunk`` rows at a time)."""
+    w = w.to(torch.float32)
+    out = torch.empty(len(features), dtype=torch.float32)
+    for start in range(0, len(features), chunk):
+        out[start:start + chunk] = features[start:start + chunk].to(torch.float32) @ w + b
+    return out
+
+
 def svm_objective(
     w: Tensor, b: float, positives: Tensor, negatives: Tensor, C: float = SVM_C, pos_weight: float = POS_WEIGHT,
     bias_mult: float = BIAS_MULT,
 ) -> float:
     """The release's logged objective: ``C w1 sum hinge(pos) + C sum hinge(neg) + |w|^2 / 2
-    + (b / B)^2 / 2`` (``spp_train.m``)."""
-    pos_loss = torch.clamp(1 - (positives @ w + b), min=0).sum()
-    neg_loss = torch.clamp(1 + (negatives @ w + b), min=0).sum()
-    return float(C * pos_weight * pos_loss + C * neg_loss + 0.5 * w.dot(w) + 0.5 * (b / bias_mult) ** 2)
+    + (b / B)^2 / 2`` (``spp_train.m``), in float64 sums; features of any float dtype."""
+    pos_loss = torch.clamp(1 - linear_scores(positives, w, b).double(), min=0).sum()
+    neg_loss = torch.clamp(1 + linear_scores(negatives, w, b).double(), min=0).sum()
+    w64 = w.double()
+    return float(C * pos_weight * pos_loss + C * neg_loss + 0.5 * w64.dot(w64) + 0.5 * (b / bias_mult) ** 2)

@@ -9,6 +9,13 @@ mean norm of 20, and the negatives are mined in one pass (:mod:`svm.hard_negativ
 Every class is trained after the first image, then whenever it has gathered more than
 2,000 new negatives, and after the last image.
 
+Memory is bounded by the mining caches: negatives and positives are kept in float16, the
+solver (:mod:`svm.dcd`, default) reads them as they are and keeps each class's dual
+variables for a warm start at its next retraining; box-regression samples go to a
+float16 scratch file per class (:class:`svm.bbox_reg.BoxSampleStore`, deleted at the
+end); nothing else is kept per image. ``C = "auto"`` (the default) is the release's
+0.001 rescaled to the number of training images (:func:`svm.linear.auto_c`).
+
 Outputs in the stage folder: ``svm.npz`` (``weights [D, C]``, ``bias [C]``,
 ``feature_scale``), ``svm.json`` (classes, layer, per-class counts, the head used) and,
 with box regression, ``bbox.npz`` (:class:`svm.bbox_reg.BoxRegressor`).
@@ -33,9 +40,10 @@ from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, distinct_windows, mean_feature_norm, open_caches, window_features
-from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, fit_box_regressor
+from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, BoxSampleStore
+from svm.dcd import solve_dcd
 from svm.hard_negatives import EVICT_THRESHOLD, HARD_THRESHOLD, NEGATIVE_IOU, RETRAIN_LIMIT, NegativeCache
-from svm.linear import BIAS_MULT, LIBLINEAR_TOL, POS_WEIGHT, SVM_C, train_linear_svm
+from svm.linear import BIAS_MULT, LIBLINEAR_TOL, POS_WEIGHT, SOLVERS, SVM_C, auto_c, linear_scores, svm_objective, train_linear_svm
 
 __all__ = ["SVMSettings", "SVMModel", "SVMSummary", "run_train_svm", "load_svm"]
 
@@ -52,10 +60,12 @@ class SVMSettings:
     Defaults are the release's; each constant's source is where it is defined."""
 
     layer: str = "fc7"
-    C: float = SVM_C
+    #: ``"auto"``: ``0.001 x 5011 / training images`` (:func:`svm.linear.auto_c`); or a float.
+    C: float | str = "auto"
     pos_weight: float = POS_WEIGHT
     bias_mult: float = BIAS_MULT
     tol: float = LIBLINEAR_TOL
+    solver: str = "dcd"
     negative_iou: float = NEGATIVE_IOU
     hard_threshold: float = HARD_THRESHOLD
     evict_threshold: float = EVICT_THRESHOLD
@@ -69,6 +79,22 @@ class SVMSettings:
     def __post_init__(self) -> None:
         if self.layer not in FEATURE_LAYERS:
             raise ValueError(f"unknown feature layer {self.layer!r}; choose from {FEATURE_LAYERS}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown SVM solver {self.solver!r}; choose from {SOLVERS}")
+        c = self.C
+        if isinstance(c, str) and c != "auto":
+            try:  # "0.05" from a command line is the number 0.05 (one key for both spellings)
+                c = float(c)
+            except ValueError:
+                raise ValueError(f"SVM C must be 'auto' or a positive number, got {self.C!r}") from None
+        if c != "auto" and not (isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0):
+            raise ValueError(f"SVM C must be 'auto' or a positive number, got {self.C!r}")
+        object.__setattr__(self, "C", c if c == "auto" else float(c))
+
+    def resolved_c(self, num_images: int) -> float:
+        """The SVM cost for ``num_images`` training images: :func:`svm.linear.auto_c` for
+        ``"auto"`` (the release's 0.001 at VOC2007's 5,011), else ``C`` itself."""
+        return auto_c(num_images, SVM_C) if self.C == "auto" else float(self.C)
 
 
 @dataclass
@@ -107,11 +133,13 @@ class SVMModel:
 class SVMSummary:
     images: int = 0
     seconds: float = 0.0
+    C: float = 0.0
     positives: dict[str, int] = field(default_factory=dict)
     negatives: dict[str, int] = field(default_factory=dict)
     retrains: dict[str, int] = field(default_factory=dict)
     bbox_samples: int = 0
     untrained: list[str] = field(default_factory=list)
+    objective: dict[str, float] = field(default_factory=dict)
     already_done: bool = False
 
     def describe(self, out: Path | str) -> str:
@@ -132,6 +160,7 @@ def run_train_svm(
     device: torch.device | str = "cpu",
     force: bool = False,
     progress: Callable[[Sequence], Sequence] | None = None,
+    final_problem: Callable[[int, Tensor, Tensor, Tensor, float], None] | None = None,
 ) -> SVMSummary:
     """Train the SVMs (and box regressors) of ``settings`` on the images of ``cache_folders``.
 
@@ -142,6 +171,9 @@ def run_train_svm(
         device: where features are pooled and the head runs.
         force: start over even if ``out`` holds another model.
         progress: ``progress(pairs, desc)`` wraps the image sequence of each pass (e.g. tqdm).
+        final_problem: called once per trained class after its last retraining as
+            ``final_problem(class, positives Tensor[P, D], negatives Tensor[Q, D], w Tensor[D], b)``
+            (float16 scaled features: the exact problem its SVM solved), e.g. to compare solvers.
 
     Raises:
         SettingsChanged: ``out`` holds another model and ``force`` is false.
@@ -159,9 +191,11 @@ def run_train_svm(
         if head.in_dim != caches[0].feature_dim:
             raise ValueError(f"the head in {head_folder} takes {head.in_dim}-d features, the caches give {caches[0].feature_dim}")
     head_key = read_manifest(head_folder)["key"] if head is not None else None
-    config = {**settings_config(settings), "caches": [c.key for c in caches], "head": head_key}
+    num_images = sum(len(c.image_ids) for c in caches)
+    svm_c = settings.resolved_c(num_images)
+    config = {**settings_config(settings), "caches": [c.key for c in caches], "head": head_key, "resolved_C": svm_c}
     open_stage_dir(out, "train-svm", config, force=force)
-    summary = SVMSummary()
+    summary = SVMSummary(C=svm_c)
     if (out / "svm.npz").is_file():
         summary.already_done = True
         return summary
@@ -174,25 +208,26 @@ def run_train_svm(
     scale = TARGET_NORM / mean_feature_norm(caches, settings.layer, head, seed=settings.seed, device=device)
     pool_scale = scale if settings.layer == "pool" else TARGET_NORM / mean_feature_norm(caches, "pool", seed=settings.seed, device=device)
 
-    # pass 1: positives (ground-truth boxes) and box-regression samples
+    # pass 1: positives (ground-truth boxes, float16) and box-regression samples (to disk)
     positives: list[list[Tensor]] = [[] for _ in range(num_classes)]
-    bbox_parts: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
+    bbox_store = BoxSampleStore(out / "bbox-samples.tmp", caches[0].feature_dim, num_classes) if settings.bbox else None
     for image in _lazy(caches, pairs, "positives", progress):
         gt = torch.arange(len(image.gt_labels))
         if not settings.include_difficult:
             gt = gt[~image.gt_difficult]
         if len(gt):
-            feats = window_features(image, settings.layer, head, gt, device=device).cpu() * scale
+            feats = (window_features(image, settings.layer, head, gt, device=device).cpu() * scale).to(torch.float16)
             for c in image.gt_labels[gt].unique().tolist():
                 positives[c].append(feats[image.gt_labels[gt] == c])
-        if settings.bbox and len(image.gt_labels):
+        if bbox_store is not None and len(image.gt_labels):
             iou = box_iou(image.boxes, image.gt_boxes)  # [N, G]
             best, which = iou.max(dim=1)
             rows = torch.nonzero(best > settings.bbox_min_overlap).flatten()  # strictly >, FACTS 1.9
             if len(rows):
                 pooled = window_features(image, "pool", None, rows, device=device).cpu()
-                bbox_parts.append((pooled, image.boxes[rows], image.gt_boxes[which[rows]], image.gt_labels[which[rows]]))
-    pos = [torch.cat(p) if p else torch.zeros(0) for p in positives]
+                bbox_store.add(pooled, image.boxes[rows], image.gt_boxes[which[rows]], image.gt_labels[which[rows]])
+    pos = [torch.cat(p) if p else torch.zeros(0, dtype=torch.float16) for p in positives]
+    pos_alphas = [torch.zeros(len(p), dtype=torch.float64) for p in pos]  # dual variables (dcd warm start)
     active = [c for c in range(num_classes) if len(pos[c])]
     if not active:
         raise ValueError("the training caches hold no ground-truth windows: nothing to train")
@@ -207,14 +242,29 @@ def run_train_svm(
     negatives = [NegativeCache(dim, settings.retrain_limit) for _ in range(num_classes)]
     retrains = [0] * num_classes
     trained = [False] * num_classes
+    objective: dict[int, float] = {}
 
-    def retrain(c: int) -> None:
-        w, b = train_linear_svm(pos[c], negatives[c].features, settings.C, settings.pos_weight, settings.bias_mult,
-                                tol=settings.tol)
+    def retrain(c: int, last: bool) -> None:
+        neg = negatives[c].features
+        if settings.solver == "dcd":
+            examples = torch.cat([pos[c], neg]).numpy()  # [P + Q, D] float16
+            labels = torch.cat([torch.ones(len(pos[c])), -torch.ones(len(neg))]).numpy()
+            warm = torch.cat([pos_alphas[c], negatives[c].alphas]).numpy()
+            w64, b, alpha, _ = solve_dcd(examples, labels, svm_c * settings.pos_weight, svm_c, settings.bias_mult,
+                                         settings.tol, alpha=warm, seed=settings.seed)
+            w = torch.from_numpy(w64).float()
+            pos_alphas[c], negatives[c].alphas = torch.from_numpy(alpha[: len(pos[c])]), torch.from_numpy(alpha[len(pos[c]):])
+        else:
+            w, b = train_linear_svm(pos[c], neg, svm_c, settings.pos_weight, settings.bias_mult, tol=settings.tol,
+                                    solver="liblinear")
         weights[:, c], bias[c] = w, b
         trained[c] = True
         retrains[c] += 1
-        negatives[c].retrained(negatives[c].features @ w + b, settings.evict_threshold)
+        if last:  # the final problem, before eviction (the release evicts after every retraining)
+            objective[c] = svm_objective(w, b, pos[c], neg, svm_c, settings.pos_weight, settings.bias_mult)
+            if final_problem is not None:
+                final_problem(c, pos[c], neg, w, b)
+        negatives[c].retrained(linear_scores(neg, w, b), settings.evict_threshold)
 
     for number, image in enumerate(_lazy(caches, pairs, "mining", progress)):
         last = number == len(pairs) - 1
@@ -229,25 +279,30 @@ def run_train_svm(
             cand = torch.nonzero(is_first & (overlaps[:, c] < settings.negative_iou)).flatten()
             negatives[c].offer(keys[cand], feats[cand], scores[cand, c] if trained[c] else None, settings.hard_threshold)
             if (not trained[c] or negatives[c].needs_retraining() or last) and len(negatives[c]):
-                retrain(c)
+                retrain(c, last)
     for c in active:
         if not trained[c]:
             raise ValueError(f"no negative windows for class {classes[c]}")
     summary.positives = {classes[c]: len(pos[c]) for c in range(num_classes)}
     summary.negatives = {classes[c]: len(negatives[c]) for c in range(num_classes)}
     summary.retrains = {classes[c]: retrains[c] for c in range(num_classes)}
+    summary.objective = {classes[c]: value for c, value in sorted(objective.items())}
 
-    if settings.bbox:
-        feats, windows, targets, labels = (torch.cat(t) for t in zip(*bbox_parts))
-        regressor = fit_box_regressor(feats, windows, targets, labels, num_classes, pool_scale, settings.bbox_lambda)
+    if bbox_store is not None:
+        regressor = bbox_store.fit(pool_scale, settings.bbox_lambda)
         save_tensors(out / "bbox.npz", regressor.to_tensors())
-        summary.bbox_samples = len(feats)
+        summary.bbox_samples = len(bbox_store)
+        bbox_store.close()
     meta = {
         "classes": list(classes),
         "layer": settings.layer,
         "head": str(Path(head_folder).resolve()) if head is not None else None,
         "head_key": head_key,
         "feature_scale": scale,
+        "C": svm_c,
+        "C_setting": settings.C,
+        "solver": settings.solver,
+        "objective": summary.objective,
         "positives": summary.positives,
         "negatives": summary.negatives,
         "retrains": summary.retrains,

@@ -14,8 +14,14 @@ cosine similarity with the query's MAC (L2-normalised, not whitened):
 3. **Refinement**: coordinate descent from the best coarse box, moving one side at a time
    by ``3, 2, 1`` cells, at most 5 sweeps per step, accepting a move when it improves
    the score (``rf_step 3``, ``rf_iter 5``). This part is sequential by nature (each move
-   starts from the previous best), so it is a short Python loop of single-box scores;
-   each score is still a vectorised lookup over channels.
+   starts from the previous best).
+
+All three steps are compiled with numba (:func:`_localize`: the integral image, every
+candidate's score and the refinement in one call, no Python per box), and
+:func:`aml_localize_many` runs many images in parallel threads. Scores are cosines of
+float64 generalised maxima (four integral-image lookups per channel, 10th root, dot and
+norm in float64); the integral of the quantised levels' 10th powers is exact (integers
+below 2^53), so it does not depend on the summation order.
 
 Departures from the release, each documented where it happens: the 10th root is exact
 (``aml.c`` rounds it to an integer through its ``pow_10`` table); the quantisation cap
@@ -28,8 +34,10 @@ Frame: boxes are integer half-open map-cell rectangles ``(x1, y1, x2, y2)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import torch
 from torch import Tensor
@@ -46,6 +54,7 @@ __all__ = [
     "quantize_levels",
     "coarse_boxes",
     "aml_localize",
+    "aml_localize_many",
     "level_integral",
 ]
 
@@ -132,11 +141,128 @@ def coarse_boxes(height: int, width: int, query_ratio: float, step: int = GRID_S
     return torch.from_numpy(boxes)
 
 
-def _cosines(values: Tensor, query: Tensor) -> Tensor:
-    """Cosine of each row of ``Tensor[N, C]`` with ``query`` ``[C]`` (unit norm); 0 for zero rows."""
-    norms = values.norm(dim=1)
-    dots = values @ query
-    return torch.where(norms > 0, dots / norms.clamp_min(1e-30), torch.zeros_like(dots))
+@numba.njit(cache=True)
+def _integral(levels: np.ndarray, pow_table: np.ndarray) -> np.ndarray:
+    """``levels uint8[C, H, W]`` -> ``float64[(H + 1) * (W + 1), C]``: row ``y (W + 1) + x``
+    sums ``pow_table[level]`` over cells ``[0, x) x [0, y)`` (as :class:`IntegralImage`)."""
+    channels, height, width = levels.shape
+    w1 = width + 1
+    table = np.zeros(((height + 1) * w1, channels), dtype=np.float64)
+    for y in range(height):
+        for x in range(width):
+            here, up, left, diag = (y + 1) * w1 + x + 1, y * w1 + x + 1, (y + 1) * w1 + x, y * w1 + x
+            for c in range(channels):
+                table[here, c] = pow_table[levels[c, y, x]] + table[up, c] + table[left, c] - table[diag, c]
+    return table
+
+
+@numba.njit(cache=True, inline="always")
+def _box_cosine(table, w1, query, inv_alpha, x1, y1, x2, y2) -> float:
+    """Cosine of the box's generalised-max vector with the unit ``query``; 0 for a zero vector."""
+    a, b, c, d = y2 * w1 + x2, y1 * w1 + x2, y2 * w1 + x1, y1 * w1 + x1
+    dot = 0.0
+    norm = 0.0
+    for ch in range(table.shape[1]):
+        total = table[a, ch] - table[b, ch] - table[c, ch] + table[d, ch]
+        if total > 0.0:
+            value = total**inv_alpha
+            dot += value * query[ch]
+            norm += value * value
+    return dot / math.sqrt(norm) if norm > 0.0 else 0.0
+
+
+@numba.njit(cache=True)
+def _localize(levels, pow_table, query, candidates, inv_alpha, refine_step, refine_iterations):
+    """One image: integral, coarse search (first maximum), then aml.c's ``box_refine``.
+    Returns ``(box int64[4] (x1, y1, x2, y2), score, evaluated)``."""
+    _, height, width = levels.shape
+    table = _integral(levels, pow_table)
+    w1 = width + 1
+    best = np.array([0, 0, width, height], dtype=np.int64)
+    evaluated = candidates.shape[0]
+    if evaluated:
+        best_score = -np.inf
+        for k in range(evaluated):
+            value = _box_cosine(table, w1, query, inv_alpha, candidates[k, 0], candidates[k, 1], candidates[k, 2], candidates[k, 3])
+            if value > best_score:  # strict: the first maximum, as aml.c
+                best_score = value
+                best[:] = candidates[k]
+    else:
+        best_score = _box_cosine(table, w1, query, inv_alpha, 0, 0, width, height)
+        evaluated = 1
+    trial = np.empty(4, dtype=np.int64)
+    for move in range(refine_step, 0, -1):
+        for _ in range(refine_iterations):
+            changed = False
+            # aml.c order: rows (i1 -, i1 +, i2 -, i2 +), then columns (j1 -, j1 +, j2 -, j2 +);
+            # a side moves only while the box keeps >= 2 cells and stays inside the map.
+            for axis in (1, 0):
+                limit = height if axis == 1 else width
+                lo, hi = axis, axis + 2
+                for k in range(4):
+                    side = lo if k < 2 else hi
+                    delta = -move if k % 2 == 0 else move
+                    trial[:] = best
+                    trial[side] += delta
+                    if trial[lo] < 0 or trial[hi] > limit or trial[hi] - trial[lo] < 2:
+                        continue
+                    value = _box_cosine(table, w1, query, inv_alpha, trial[0], trial[1], trial[2], trial[3])
+                    evaluated += 1
+                    if value > best_score:
+                        best[:] = trial
+                        best_score = value
+                        changed = True
+            if not changed:
+                break
+    return best, best_score, evaluated
+
+
+@numba.njit(cache=True, parallel=True)
+def _localize_many(levels_list, pow_table, query, candidates_list, inv_alpha, refine_step, refine_iterations):
+    count = len(levels_list)
+    boxes = np.zeros((count, 4), dtype=np.int64)
+    scores = np.zeros(count, dtype=np.float64)
+    evaluated = np.zeros(count, dtype=np.int64)
+    for k in numba.prange(count):
+        i = np.int64(k)  # typed-list indices are signed
+        box, score, n = _localize(levels_list[i], pow_table, query, candidates_list[i], inv_alpha, refine_step,
+                                  refine_iterations)
+        boxes[i] = box
+        scores[i] = score
+        evaluated[i] = n
+    return boxes, scores, evaluated
+
+
+def _unit_query(query_mac: np.ndarray | Tensor) -> np.ndarray:
+    query = np.asarray(query_mac, dtype=np.float64).ravel()
+    return np.ascontiguousarray(query / max(float(np.linalg.norm(query)), 1e-300))
+
+
+def aml_localize_many(
+    levels: Sequence[Tensor | np.ndarray],
+    query_mac: np.ndarray | Tensor,
+    query_ratio: float,
+    *,
+    step: int = GRID_STEP,
+    ratio_tolerance: float = RATIO_TOLERANCE,
+    refine_step: int = REFINE_STEP,
+    refine_iterations: int = REFINE_ITERATIONS,
+) -> list[AMLResult]:
+    """:func:`aml_localize` of one query in many images (``levels``: ``[C, H, W]`` uint8
+    maps of any sizes), the images in parallel threads."""
+    if not len(levels):
+        return []
+    maps = numba.typed.List([np.ascontiguousarray(np.asarray(m, dtype=np.uint8)) for m in levels])
+    grids: dict[tuple[int, int], np.ndarray] = {}
+    candidates = numba.typed.List()
+    for m in maps:
+        shape = (int(m.shape[1]), int(m.shape[2]))
+        if shape not in grids:
+            grids[shape] = np.ascontiguousarray(coarse_boxes(*shape, query_ratio, step, ratio_tolerance).numpy())
+        candidates.append(grids[shape])
+    boxes, scores, evaluated = _localize_many(maps, _POW10.numpy(), _unit_query(query_mac), candidates, 1.0 / ALPHA,
+                                              refine_step, refine_iterations)
+    return [AMLResult(boxes[i].copy(), float(scores[i]), int(evaluated[i])) for i in range(len(maps))]
 
 
 def aml_localize(
@@ -148,7 +274,6 @@ def aml_localize(
     ratio_tolerance: float = RATIO_TOLERANCE,
     refine_step: int = REFINE_STEP,
     refine_iterations: int = REFINE_ITERATIONS,
-    integral: IntegralImage | None = None,
 ) -> AMLResult:
     """Localise the query in one database image (``aml.c``: ``max_score`` then ``box_refine``).
 
@@ -159,48 +284,9 @@ def aml_localize(
             their rows / columns within ``ratio_tolerance`` of it.
         step, ratio_tolerance, refine_step, refine_iterations: the release's ``t``, ``s``,
             ``rf_step``, ``rf_iter``.
-        integral: a prebuilt :class:`IntegralImage` of ``levels`` (built here if None).
 
     Returns:
         :class:`AMLResult`; the whole map when the map is too small for any candidate.
     """
-    _, height, width = levels.shape
-    integral = integral if integral is not None else level_integral(levels)
-    query = torch.as_tensor(np.asarray(query_mac), dtype=torch.float64).flatten()
-    query = query / query.norm().clamp_min(1e-300)
-
-    query32 = query.float()
-
-    def score(boxes: Tensor) -> Tensor:
-        return _cosines(integral.generalized_max(boxes, torch.float32), query32)
-
-    candidates = coarse_boxes(height, width, query_ratio, step, ratio_tolerance)
-    evaluated = len(candidates)
-    if len(candidates):
-        scores = score(candidates)
-        best_index = int(torch.argmax(scores))  # first maximum, as aml.c's strict '>'
-        best, best_score = candidates[best_index].tolist(), float(scores[best_index])
-    else:
-        best = [0, 0, width, height]
-        best_score = float(score(torch.tensor([best]))[0])
-        evaluated += 1
-
-    for move in range(refine_step, 0, -1):
-        for _ in range(refine_iterations):
-            changed = False
-            # aml.c order: rows (i1 -, i1 +, i2 -, i2 +), then columns (j1 -, j1 +, j2 -, j2 +);
-            # a side moves only while the box keeps >= 2 cells and stays inside the map.
-            for axis, limit in ((1, height), (0, width)):
-                lo, hi = axis, axis + 2
-                for side, delta in ((lo, -move), (lo, move), (hi, -move), (hi, move)):
-                    trial = list(best)
-                    trial[side] += delta
-                    if trial[lo] < 0 or trial[hi] > limit or trial[hi] - trial[lo] < 2:
-                        continue
-                    value = float(score(torch.tensor([trial]))[0])
-                    evaluated += 1
-                    if value > best_score:
-                        best, best_score, changed = trial, value, True
-            if not changed:
-                break
-    return AMLResult(np.array(best, dtype=np.int64), best_score, evaluated)
+    return aml_localize_many([levels], query_mac, query_ratio, step=step, ratio_tolerance=ratio_tolerance,
+                             refine_step=refine_step, refine_iterations=refine_iterations)[0]

@@ -25,7 +25,7 @@ import numpy as np
 from torch import nn
 
 from spp_detect.backbones import Normalization, get_backbone
-from spp_detect.retrieval.aml import AMLResult, aml_localize
+from spp_detect.retrieval.aml import AMLResult, aml_localize_many
 from spp_detect.retrieval.descriptors import crop_query, mac, region_vectors
 from spp_detect.image_trunk import load_image_rgb
 from spp_detect.retrieval.index import RetrievalIndex, apply_or_normalize, full_res_maps
@@ -86,18 +86,19 @@ def first_search(index: RetrievalIndex, query: QueryDescriptor, method: str, whi
 
 
 def localize_all(index: RetrievalIndex, query: QueryDescriptor, images: np.ndarray) -> list[AMLResult]:
-    """AML of ``query`` in each database image ``images`` (indices), one image at a time."""
-    return [aml_localize(index.levels(int(i)), query.mac, query.ratio) for i in images]
+    """AML of ``query`` in each database image ``images`` (indices), all in one compiled
+    call (:func:`~spp_detect.retrieval.aml.aml_localize_many`, images in parallel)."""
+    return aml_localize_many([index.levels(int(i)) for i in images], query.mac, query.ratio)
 
 
-def _box_vectors(index: RetrievalIndex, images: np.ndarray, boxes: list[AMLResult], whiten: bool) -> np.ndarray:
-    """R-MAC ``[K, D]`` of each localised box, from the quantised maps (test.m)."""
+def _box_vectors(index: RetrievalIndex, maps: list, boxes: list[AMLResult], whiten: bool) -> np.ndarray:
+    """R-MAC ``[K, D]`` of each localised box, from the quantised maps ``maps`` (test.m)."""
     levels_setting = int(index.config.get("levels", 3))
     white = index.whitening if whiten else None
     out = []
-    for i, found in zip(images, boxes):
+    for levels, found in zip(maps, boxes):
         x1, y1, x2, y2 = (int(v) for v in found.box)
-        crop = index.levels(int(i))[:, y1:y2, x1:x2].float()
+        crop = levels[:, y1:y2, x1:x2].float()
         out.append(l2_normalize(apply_or_normalize(region_vectors(crop, levels_setting), white).sum(0)))
     return np.stack(out) if out else np.zeros((0, index.macs.shape[1]), dtype=np.float32)
 
@@ -148,10 +149,12 @@ def search(
     top = order[:rerank]
     cache = localized if localized is not None else {}
     start = time.perf_counter()
-    missing = [int(i) for i in top if int(i) not in cache]
-    cache.update(zip(missing, localize_all(index, query, np.array(missing, dtype=np.int64))))
+    maps = [index.levels(int(i)) for i in top]  # read once: AML and the box vectors
+    missing = [k for k, i in enumerate(top) if int(i) not in cache]
+    cache.update(zip((int(top[k]) for k in missing),
+                     aml_localize_many([maps[k] for k in missing], query.mac, query.ratio)))
     found = [cache[int(i)] for i in top]
-    vectors = _box_vectors(index, top, found, whiten)  # [K, D]
+    vectors = _box_vectors(index, maps, found, whiten)  # [K, D]
     query_vector = query.vector("rmac", index, whiten)
     head_scores = vectors @ query_vector
     head = np.argsort(-head_scores, kind="stable")
