@@ -100,12 +100,13 @@ def _dashed_line(canvas: np.ndarray, a: tuple[int, int], b: tuple[int, int], col
 
 
 def show_detections(detections: Path, image, out: Path, image_set: str, threshold: float = 0.0, top: int = 20,
-                    ground_truth: bool = True) -> int:
+                    ground_truth: bool = True, classes: Sequence[str] | None = None) -> int:
     """Draw the detections of one annotated image (``VOCImage``-like: ``image_id``, ``path``,
     ``boxes``) read from ``detections`` (a detect folder, devkit result files or a COCO
     json), those scoring above ``threshold``, at most ``top``, best first, with class names
     and scores (and its ground truth dashed); write the picture to ``out`` (PNG or JPEG).
-    Returns the number of detections drawn.
+    ``classes`` name the detections' classes (default: VOC's 20). Returns the number of
+    detections drawn.
 
     Raises:
         ValueError: ``out`` has an extension OpenCV cannot write.
@@ -116,9 +117,10 @@ def show_detections(detections: Path, image, out: Path, image_set: str, threshol
     from spp_detect.datasets.voc import VOC_CLASSES
     from spp_detect.image_trunk import load_image_rgb
 
-    dets = read_detections(detections, image_set)
+    classes = VOC_CLASSES if classes is None else classes
+    dets = read_detections(detections, image_set, classes=classes)
     rows = []
-    for c, name in enumerate(VOC_CLASSES):
+    for c, name in enumerate(classes):
         d = dets.get(name)
         if d is not None:
             mine = (d.image_ids == image.image_id) & (d.scores > threshold)

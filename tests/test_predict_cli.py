@@ -127,3 +127,15 @@ def test_training_on_a_cache_without_annotations_is_refused(demo, tmp_path):
     result = CliRunner().invoke(cli.main, ["finetune", "--cache", str(root / "feat-photos"), "--out", str(tmp_path / "h")])
     assert result.exit_code == 1
     assert f"{root / 'feat-photos'} holds images without annotations" in result.stderr
+
+
+def test_show_draws_a_coco_images_detections_with_its_classes(demo, voc_root, tmp_path):
+    import cv2
+
+    root, _, photos = demo
+    gt = write_coco(voc_root, list(PHOTOS), tmp_path / "photos.json")
+    out = tmp_path / "shown.png"
+    result = _run("show", "--detections", root / "dets" / "detections.json", "--coco-json", gt, "--images", photos, "--image", "000015",
+                  "--threshold", "-10", "--out", out)
+    assert re.search(r"^show: [1-9]\d* detection\(s\) of 000015 above -10 -> ", result.output, re.M)
+    assert cv2.imread(str(out)).shape == (375, 500, 3)

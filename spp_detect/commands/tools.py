@@ -7,7 +7,9 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    read_voc_or_usage_error,
+    dataset_options,
+    not_required,
+    open_dataset_or_usage_error,
     stage_errors,
     voc_options,
 )
@@ -26,26 +28,32 @@ def download_voc2007_cmd(out: Path) -> None:
 @click.command("show")
 @click.option("--detections", type=click.Path(exists=True, path_type=Path), required=True,
               help="A detect folder, a folder of devkit result files, or a COCO results json.")
+@not_required("voc_root")
 @voc_options(default_image_set="test")
-@click.option("--image", "image_id", required=True, help="Image id, e.g. 000001.")
+@dataset_options
+@click.option("--image", "image_id", required=True, help="Image id, e.g. 000001 (a COCO image: its file name's stem).")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG (or JPEG) to write.")
 @click.option("--threshold", type=float, default=0.0, help="Draw detections scoring above this (SVM margin; 0 is the decision boundary).")
 @click.option("--top", type=click.IntRange(min=1), default=20, help="At most this many boxes, best first.")
 @click.option("--ground-truth/--no-ground-truth", default=True, help="Also draw the annotated boxes (dashed white).")
-def show_cmd(detections, voc_root, year, image_set, image_id, out, threshold, top, ground_truth) -> None:
+def show_cmd(detections, voc_root, year, image_set, coco_json, image_paths, image_id, out, threshold, top, ground_truth) -> None:
     """Draw one image's detections (class and score) and its ground truth into a picture.
 
     \b
     Example:
       spp-detect show --detections runs/dets --voc-root VOCdevkit --image 000001 --out 000001.png
+      spp-detect show --detections runs/dets-val --coco-json instances_val.json --images photos --image IMG_0042 --out 42.png
     """
     from spp_detect.show import show_detections
 
     with stage_errors():
-        images = {im.image_id: im for im in read_voc_or_usage_error(voc_root, image_set, year)}
+        data = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths)
+        if not data.annotated:
+            raise click.UsageError("show draws detections with their ground truth: --voc-root, or --coco-json with --images")
+        images = {im.image_id: im for im in data.images}
         if image_id not in images:
-            raise click.BadParameter(f"{image_id} is not in the {image_set} image set", param_hint="--image")
-        drawn = show_detections(detections, images[image_id], out, image_set, threshold, top, ground_truth)
+            raise click.BadParameter(f"{image_id} is not in the {data.name} image set", param_hint="--image")
+        drawn = show_detections(detections, images[image_id], out, data.name, threshold, top, ground_truth, data.classes)
     click.echo(f"show: {drawn} detection(s) of {image_id} above {threshold:g} -> {out}")
 
 
