@@ -164,3 +164,27 @@ def test_settings_round_trip_through_the_manifest_form():
         assert back == settings or back.weights == config["weights"]
         assert all(not isinstance(v, tuple) for v in config.values())  # JSON-ready: tuples as lists
     assert dataclasses.is_dataclass(CalibrateSettings) and isinstance(settings_config(CalibrateSettings())["detect"], dict)
+
+
+def test_every_stage_is_one_run_call_taking_out_settings_and_force():
+    import inspect
+
+    from proposals.run import run_proposals
+    from spp_detect.classification.features import run_classify_features
+    from spp_detect.classification.stages import run_train_spp_classifier
+    from spp_detect.combine import run_calibrate, run_combine
+    from spp_detect.detect import run_detect
+    from spp_detect.extract import run_extract
+    from spp_detect.finetune import run_finetune
+    from spp_detect.retrieval.index import run_index
+    from svm.train import run_train_svm
+
+    runs = {"proposals": run_proposals, "extract": run_extract, "finetune": run_finetune, "train-svm": run_train_svm,
+            "detect": run_detect, "calibrate": run_calibrate, "combine": run_combine,
+            "classify-features": run_classify_features, "train-spp-classifier": run_train_spp_classifier, "index": run_index}
+    assert set(runs) == set(STAGES)
+    for stage, run in runs.items():
+        params = inspect.signature(run).parameters
+        assert {"out", "settings"} <= set(params), stage
+        assert params["force"].kind is inspect.Parameter.KEYWORD_ONLY and params["force"].default is False, stage
+        assert str(params["settings"].annotation).endswith(STAGES[stage][1].__class__.__name__), stage

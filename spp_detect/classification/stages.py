@@ -8,8 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from spp_detect.classification.svm import ClassifierSettings
+    from spp_detect.classification.train import TrainSettings
 
 __all__ = ["LabelledImages", "labelled_images", "write_scores", "run_train_classifier", "run_train_spp_classifier"]
 
@@ -64,8 +69,8 @@ def write_scores(scores: np.ndarray, image_ids, classes, folder: Path, image_set
     return line
 
 
-def run_train_classifier(features_dir: Path, out: Path, settings=None, *, score: Path | None = None,
-                         scores_out: Path | None = None) -> list[str]:
+def run_train_classifier(features_dir: Path, out: Path, settings: ClassifierSettings | None = None, *,
+                         score: Path | None = None, scores_out: Path | None = None) -> list[str]:
     """Train one linear SVM per class on the features of ``features_dir`` into ``out``
     (``.npz``); with ``score`` and ``scores_out``, score those features into devkit files.
     Returns the lines to print.
@@ -97,7 +102,7 @@ def run_train_classifier(features_dir: Path, out: Path, settings=None, *, score:
     return lines
 
 
-def run_train_spp_classifier(images: LabelledImages, out: Path, settings, *, device, force: bool = False,
+def run_train_spp_classifier(images: LabelledImages, out: Path, settings: TrainSettings, *, device, force: bool = False,
                              score: LabelledImages | None = None, score_set: str = "test",
                              progress: Callable[[Iterable, int], Iterable] | None = None,
                              on_epoch: Callable[[int, int, float], None] | None = None) -> list[str]:
