@@ -139,3 +139,24 @@ def test_export_refuses_a_cache_the_svms_were_not_trained_on(trained, through_ca
     root, weights, _ = trained
     with pytest.raises(ModelError, match="is not one of the caches the SVMs in .* were trained on"):
         export_model(root / "svm", through_cache / "cache", tmp_path / "m", weights=weights)
+
+
+def test_predict_keeps_what_it_did_before_a_broken_image_and_skip_bad_goes_on(trained, voc_root, tmp_path):
+    from spp_detect.datasets.image_folder import PlainImage
+    from spp_detect.images import ImageReadError
+
+    root, weights, _ = trained
+    model = load_model(export_model(root / "svm", root / "train", tmp_path / "model", weights=weights))
+    broken = tmp_path / "broken.jpg"
+    data = (voc_root / "VOC2007" / "JPEGImages" / "000015.jpg").read_bytes()
+    broken.write_bytes(data[: len(data) // 2])
+    images = [PlainImage("000001", voc_root / "VOC2007" / "JPEGImages" / "000001.jpg", 353, 500),
+              PlainImage("broken", broken, 500, 375)]
+    with pytest.raises(ImageReadError, match="broken.jpg"):
+        run_predict(model, images, tmp_path / "out")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001.png", "detections.json"]
+    kept = json.loads((tmp_path / "out" / "detections.json").read_text())
+    assert len(kept) > 0 and {e["image_id"] for e in kept} == {"000001"}
+    summary = run_predict(model, images, tmp_path / "again", skip_bad=True)
+    assert list(summary.seconds) == ["000001"] and [e.path.name for e in summary.bad] == ["broken.jpg"]
+    assert json.loads((tmp_path / "again" / "detections.json").read_text()) == kept
