@@ -47,6 +47,7 @@ __all__ = [
     "DetectSummary",
     "Scorer",
     "detect_image",
+    "prepare_scorer",
     "run_detect",
     "write_image_detections",
     "write_result_files",
@@ -171,6 +172,28 @@ def detect_image(
     return out_boxes[order], out_scores[order], labels[order], timings
 
 
+def prepare_scorer(model: Scorer, settings: DetectSettings) -> Scorer:
+    """``model`` as ``settings`` score with it: fc6 replaced by its truncated SVD
+    (``svd_rank``), the head in bfloat16 (``precision``); a shallow copy when changed.
+
+    Raises:
+        ValueError: ``svd_rank`` or ``bf16`` for a model without a fine-tuned head.
+    """
+    if settings.svd_rank:
+        if model.head is None:
+            raise ValueError("--svd-rank compresses fc6 of a fine-tuned head; this model scores pooled features")
+        from spp_detect.head import truncate_fc
+
+        model = copy.copy(model)
+        model.head = truncate_fc(model.head, settings.svd_rank)
+    if settings.precision == "bf16":
+        if model.head is None:
+            raise ValueError("--precision bf16 applies to the fc layers of a fine-tuned head; this model scores pooled features")
+        model = copy.copy(model)
+        model.head = copy.deepcopy(model.head).to(torch.bfloat16)
+    return model
+
+
 def run_detect(
     cache_folder: Path | str,
     out: Path | str,
@@ -212,18 +235,7 @@ def run_detect(
             f"the model's classes differ from those of {cache_folder}: missing {missing}, extra {extra}"
             + ("" if missing or extra else " (same names, another order)")
         )
-    if settings.svd_rank:
-        if model.head is None:
-            raise ValueError("--svd-rank compresses fc6 of a fine-tuned head; this model scores pooled features")
-        from spp_detect.head import truncate_fc
-
-        model = copy.copy(model)
-        model.head = truncate_fc(model.head, settings.svd_rank)
-    if settings.precision == "bf16":
-        if model.head is None:
-            raise ValueError("--precision bf16 applies to the fc layers of a fine-tuned head; this model scores pooled features")
-        model = copy.copy(model)
-        model.head = copy.deepcopy(model.head).to(torch.bfloat16)
+    model = prepare_scorer(model, settings)
     config = {**settings_config(settings), "cache": cache.key, "model": model_key}
     stage = open_stage(out, "detect", config, force=force, shard=shard)
     path_of = lambda image_id: out / f"{image_id}.npz"  # noqa: E731

@@ -42,7 +42,7 @@ from torch import Tensor
 
 from spp_detect.backbones import NORMALIZATIONS, build_trunk, get_backbone
 from spp_detect.cache import CachedImage, FeatureCache
-from spp_detect.detect import DetectSettings, detect_image
+from spp_detect.detect import DetectSettings, detect_image, prepare_scorer
 from spp_detect.extract import assign_windows
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.head import load_head, save_head
@@ -97,10 +97,11 @@ class DetectionModel:
     scales: tuple[int, ...]
     levels: tuple[int, ...]
     classes: tuple[str, ...]
-    scorer: object  # svm.train.SVMModel: layer, head, regressor, scores()
+    scorer: object  # svm.train.SVMModel as ``settings`` score with it (detect.prepare_scorer)
     proposals: object  # proposals.run.ProposalSettings
     settings: DetectSettings
     device: torch.device = torch.device("cpu")
+    _plain_scorer: object = field(default=None, repr=False)  # as trained, for other settings
     _trunk: torch.nn.Module | None = field(default=None, repr=False)
     _buffer: PoolBuffer = field(default_factory=PoolBuffer, repr=False)
 
@@ -145,8 +146,9 @@ class DetectionModel:
         timings["proposals"] = time.perf_counter() - start
         cached = self.windows_and_maps(rgb, proposals, image_id)
         timings["conv"] = time.perf_counter() - start - timings["proposals"]
-        boxes, scores, labels, detect_timings = detect_image(cached, self.scorer, settings or self.settings, self.device,
-                                                             self._buffer)
+        settings = settings or self.settings
+        scorer = self.scorer if settings is self.settings else prepare_scorer(self._plain_scorer, settings)
+        boxes, scores, labels, detect_timings = detect_image(cached, scorer, settings, self.device, self._buffer)
         timings.update(detect_timings)
         return Prediction(boxes, scores, labels, [self.classes[i] for i in labels.tolist()],
                           time.perf_counter() - start, timings)
@@ -335,8 +337,9 @@ def load_model(folder: Path | str, *, weights: Path | str | None = None, device:
         raise ModelError(f"{meta_path} asks for box regression, but {folder} holds no bbox.npz")
     return DetectionModel(
         folder=folder, backbone=meta["backbone"], weights=weights_file, input_norm=meta["input_norm"],
-        scales=tuple(meta["scales"]), levels=tuple(meta["levels"]), classes=classes, scorer=scorer,
-        proposals=settings_from_config(ProposalSettings, meta["proposals"]), settings=settings, device=device,
+        scales=tuple(meta["scales"]), levels=tuple(meta["levels"]), classes=classes,
+        scorer=prepare_scorer(scorer, settings), proposals=settings_from_config(ProposalSettings, meta["proposals"]),
+        settings=settings, device=device, _plain_scorer=scorer,
     )
 
 

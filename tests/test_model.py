@@ -160,3 +160,26 @@ def test_predict_keeps_what_it_did_before_a_broken_image_and_skip_bad_goes_on(tr
     summary = run_predict(model, images, tmp_path / "again", skip_bad=True)
     assert list(summary.seconds) == ["000001"] and [e.path.name for e in summary.bad] == ["broken.jpg"]
     assert json.loads((tmp_path / "again" / "detections.json").read_text()) == kept
+
+
+def test_a_model_exported_with_bf16_fc_layers_predicts_as_detect_does_with_them(trained, through_cache, photos, tmp_path):
+    from spp_detect.cache import FeatureCache
+
+    root, weights, _ = trained
+    settings = DetectSettings(bbox=True, precision="bf16")
+    model = load_model(export_model(root / "svm", root / "train", tmp_path / "model", weights=weights, settings=settings))
+    assert model.settings == settings and model.scorer.head.fc6.weight.dtype == torch.bfloat16
+    run_detect(through_cache / "cache", tmp_path / "dets", load_svm(root / "svm"), settings,
+               model_key=read_manifest(root / "svm")["key"])
+    cache = FeatureCache(through_cache / "cache")
+    for image_id in ("000001", "000040"):
+        cached = np.load(tmp_path / "dets" / f"{image_id}.npz")
+        prediction = model.predict(photos / f"{image_id}.jpg", proposals=cache.load(image_id, with_maps=False).boxes.numpy())
+        assert np.array_equal(prediction.boxes.numpy(), cached["boxes"]) and len(cached["boxes"]) > 0
+        assert np.array_equal(prediction.scores.numpy().astype(np.float64), cached["scores"])
+        # the same model asked for fp32 scores its fc layers in float32 again
+        exact = model.predict(photos / f"{image_id}.jpg", proposals=cache.load(image_id, with_maps=False).boxes.numpy(),
+                              settings=DetectSettings(bbox=True))
+        fp32 = np.load(through_cache / "dets" / f"{image_id}.npz")
+        assert np.array_equal(exact.scores.numpy().astype(np.float64), fp32["scores"])
+        assert not np.array_equal(fp32["scores"], cached["scores"])
