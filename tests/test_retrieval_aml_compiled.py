@@ -14,7 +14,9 @@ import torch
 from spp_detect.backbones import build_trunk, resolve_normalization
 from spp_detect.extract import load_image_rgb, prepare_trunk
 from spp_detect.retrieval.aml import aml_localize, aml_localize_many, quantize_levels
-from spp_detect.retrieval.descriptors import crop_query, mac
+from spp_detect.retrieval.descriptors import crop_query, mac, region_macs
+from spp_detect.retrieval.regions import rmac_regions
+from spp_detect.retrieval.search import _region_maxima
 from spp_detect.retrieval.index import full_res_maps
 from tests.conftest import SQUEEZENET_FILE
 from tests.reference_aml import aml_localize_reference
@@ -87,3 +89,8 @@ def test_real_paris_maps_match_the_reference():
         for found, lv in zip(fast, levels):
             _same(found, aml_localize_reference(lv, query, ratio), lv, query)
             assert found.evaluated > 50  # real maps: a real coarse grid and refinement
+            # the box's R-MAC regions: compiled maxima == roi_pool on the float crop (as before)
+            x1, y1, x2, y2 = (int(v) for v in found.box)
+            regions = rmac_regions(y2 - y1, x2 - x1, 3)
+            expected = region_macs(lv[:, y1:y2, x1:x2].float(), regions)
+            assert np.array_equal(_region_maxima(lv.numpy(), x1, y1, regions), expected)

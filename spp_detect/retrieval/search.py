@@ -21,7 +21,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numba
 import numpy as np
+import torch
 from torch import nn
 
 from spp_detect.backbones import Normalization, get_backbone
@@ -29,7 +31,7 @@ from spp_detect.retrieval.aml import AMLResult, aml_localize_many
 from spp_detect.retrieval.descriptors import crop_query, mac, region_vectors
 from spp_detect.image_trunk import load_image_rgb
 from spp_detect.retrieval.index import RetrievalIndex, apply_or_normalize, full_res_maps
-from spp_detect.retrieval.regions import cells_to_pixels
+from spp_detect.retrieval.regions import cells_to_pixels, rmac_regions
 from spp_detect.retrieval.whitening import l2_normalize
 
 __all__ = [
@@ -91,15 +93,37 @@ def localize_all(index: RetrievalIndex, query: QueryDescriptor, images: np.ndarr
     return aml_localize_many([index.levels(int(i)) for i in images], query.mac, query.ratio)
 
 
+@numba.njit(cache=True)
+def _region_maxima(levels: np.ndarray, x0: int, y0: int, regions: np.ndarray) -> np.ndarray:
+    """Per-channel max of ``levels uint8[C, H, W]`` over each half-open cell region
+    ``regions int64[R, 4]`` given in the frame of a crop at ``(x0, y0)``: ``float32[R, C]``
+    (the values of :func:`~spp_detect.retrieval.descriptors.region_macs` on the crop)."""
+    channels = levels.shape[0]
+    out = np.zeros((regions.shape[0], channels), dtype=np.float32)
+    for r in range(regions.shape[0]):
+        x1, y1, x2, y2 = x0 + regions[r, 0], y0 + regions[r, 1], x0 + regions[r, 2], y0 + regions[r, 3]
+        for c in range(channels):
+            best = 0
+            for y in range(y1, y2):
+                for x in range(x1, x2):
+                    if levels[c, y, x] > best:
+                        best = levels[c, y, x]
+            out[r, c] = best
+    return out
+
+
 def _box_vectors(index: RetrievalIndex, maps: list, boxes: list[AMLResult], whiten: bool) -> np.ndarray:
-    """R-MAC ``[K, D]`` of each localised box, from the quantised maps ``maps`` (test.m)."""
+    """R-MAC ``[K, D]`` of each localised box, from the quantised maps ``maps`` (test.m):
+    the box's R-MAC regions maxed by :func:`_region_maxima` (the crop is never copied)."""
     levels_setting = int(index.config.get("levels", 3))
     white = index.whitening if whiten else None
     out = []
     for levels, found in zip(maps, boxes):
         x1, y1, x2, y2 = (int(v) for v in found.box)
-        crop = levels[:, y1:y2, x1:x2].float()
-        out.append(l2_normalize(apply_or_normalize(region_vectors(crop, levels_setting), white).sum(0)))
+        regions = rmac_regions(y2 - y1, x2 - x1, levels_setting)
+        array = levels.numpy() if isinstance(levels, torch.Tensor) else np.asarray(levels)
+        vectors = l2_normalize(_region_maxima(array, x1, y1, np.ascontiguousarray(regions, dtype=np.int64)))
+        out.append(l2_normalize(apply_or_normalize(vectors, white).sum(0)))
     return np.stack(out) if out else np.zeros((0, index.macs.shape[1]), dtype=np.float32)
 
 
