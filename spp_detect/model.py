@@ -387,8 +387,9 @@ def run_predict(
     progress=None,
 ) -> PredictSummary:
     """Detect on each image and write ``<out>/<image_id>.png`` (the image with its
-    detections drawn as ``settings`` says) and
-    ``<out>/detections.json`` (every detection, COCO results, :func:`coco_results`).
+    detections drawn as ``settings`` says), ``<out>/detections.json`` (every detection,
+    COCO results, :func:`coco_results`) and ``<out>/model.json`` (the model folder and the
+    class names the category ids index, as a detect folder records them).
 
     The json is rewritten after every image, so what was computed before a failure stays.
     Nothing else is written: no proposals or feature cache.
@@ -410,6 +411,8 @@ def run_predict(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(results_json=out / "detections.json")
+    info = {"model": str(model.folder.resolve()), "classes": list(model.classes)}
+    atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
     results: list[dict] = []
     for image in progress(images) if progress else images:
         start = time.perf_counter()

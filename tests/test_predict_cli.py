@@ -17,7 +17,7 @@ import cli
 from eval.coco import evaluate_coco_json
 from eval.results import read_detections
 from spp_detect.datasets import VOC_CLASSES
-from tests.coco_data import write_coco
+from tests.coco_data import RELABEL, THREE_CLASSES, write_coco
 from tests.conftest import SQUEEZENET_FILE
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -64,7 +64,9 @@ def test_predict_writes_pictures_and_detects_json_with_per_image_times(demo, tmp
     root, _, photos = demo
     out = tmp_path / "predicted"
     result = _run("predict", "--model", root / "model", photos, "--out", out, "--threshold", "-1")
-    assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000015.png", "000040.png", "detections.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000015.png", "000040.png", "detections.json",
+                                                     "model.json"]
+    assert json.loads((out / "model.json").read_text())["classes"] == list(VOC_CLASSES)
     for image_id in PHOTOS:
         assert re.search(rf"^  {image_id}: \d+ detections \(\d+ drawn\), \d+\.\d\d s$", result.output, re.M), result.output
     assert re.search(r"^predict: 3 image\(s\), \d+\.\d\d s/image, \d+ detections", result.output, re.M)
@@ -85,6 +87,12 @@ def test_evaluate_coco_json_on_the_command_line(demo, voc_root, tmp_path):
     assert "11point AP, devkit rule" in result.output and re.search(r"^mAP\s+\d\.\d{4}$", result.output, re.M)
     refused = CliRunner().invoke(cli.main, ["evaluate", "--images", str(photos), "--detections", str(dets)])
     assert refused.exit_code == 2 and "evaluate needs ground truth" in refused.stderr
+    three = write_coco(voc_root, list(PHOTOS), tmp_path / "three.json", RELABEL, THREE_CLASSES)
+    other = CliRunner().invoke(cli.main, ["evaluate", "--coco", "--coco-json", str(three), "--images", str(photos),
+                                          "--detections", str(dets)])
+    assert other.exit_code == 1
+    assert other.stderr.startswith(f"Error: {dets} holds detections of other classes than the ground truth "
+                                   "(missing ['animal', 'vehicle'], extra ['aeroplane', 'bicycle', 'bird'")
 
 
 def test_predict_refuses_a_changed_weights_file(demo, tmp_path):

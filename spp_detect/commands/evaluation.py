@@ -148,6 +148,8 @@ def evaluate_cmd(
                 raise click.UsageError("evaluate needs ground truth: --voc-root, or --coco-json with --images "
                                        "(--voc2007-cls: --voc-root)")
             images, name, voc_year = data.images, data.name, data.year or ""
+            if detections is not None:
+                _check_classes(detections, data.classes)
             if protocol == "voc":  # a COCO dataset: the --voc2007 (11-point) AP unless --metric says otherwise
                 report = voc_report(detections, images, year=voc_year, image_set=name, rule=rule,
                                     metric=metric or (None if voc_year else "11point"),
@@ -162,6 +164,22 @@ def evaluate_cmd(
     with stage_errors():
         for path in write_report(report, json_out, plots):
             click.echo(f"wrote {path}")
+
+
+def _check_classes(detections: Path, classes) -> None:
+    """Refuse detections whose folder records other classes (``model.json`` of a detect or
+    predict folder) than the ground truth's: their category ids would name other classes."""
+    import json
+
+    from spp_detect.datasets.registry import class_difference
+
+    info = (detections if detections.is_dir() else detections.parent) / "model.json"
+    if info.is_file():
+        recorded = json.loads(info.read_text()).get("classes")
+        difference = class_difference(classes, recorded) if recorded is not None else None
+        if difference is not None:
+            raise click.ClickException(f"{detections} holds detections of other classes than the ground truth "
+                                       f"({difference} in {info}): evaluate against the dataset the model was trained for")
 
 
 def _check_protocol_options(ctx: click.Context, protocol: str, voc_root, detections, scores) -> None:
