@@ -99,17 +99,20 @@ def _dashed_line(canvas: np.ndarray, a: tuple[int, int], b: tuple[int, int], col
         cv2.line(canvas, p0, p1, colour, thickness)
 
 
-def show_detections(detections: Path, image, out: Path, image_set: str, threshold: float = 0.0, top: int = 20,
-                    ground_truth: bool = True, classes: Sequence[str] | None = None) -> int:
-    """Draw the detections of one annotated image (``VOCImage``-like: ``image_id``, ``path``,
+def show_detections(detections: Path, images: Sequence, out: Path, image_set: str, threshold: float = 0.0, top: int = 20,
+                    ground_truth: bool = True, classes: Sequence[str] | None = None, columns: int = 3) -> list[int]:
+    """Draw the detections of annotated images (``VOCImage``-like: ``image_id``, ``path``,
     ``boxes``) read from ``detections`` (a detect folder, devkit result files or a COCO
-    json), those scoring above ``threshold``, at most ``top``, best first, with class names
-    and scores (and its ground truth dashed); write the picture to ``out`` (PNG or JPEG).
-    ``classes`` name the detections' classes (default: VOC's 20). Returns the number of
-    detections drawn.
+    json), those scoring above ``threshold``, at most ``top`` per image, best first, with
+    class names and scores (and the ground truth dashed); write the picture to ``out`` (PNG
+    or JPEG): one image as it is, several as a :func:`contact_sheet` of ``columns`` per row.
+    ``classes`` name the detections' classes (default: VOC's 20).
+
+    Returns:
+        the number of detections drawn on each image, in order.
 
     Raises:
-        ValueError: ``out`` has an extension OpenCV cannot write.
+        ValueError: no images, or ``out`` has an extension OpenCV cannot write.
     """
     import cv2
 
@@ -117,19 +120,25 @@ def show_detections(detections: Path, image, out: Path, image_set: str, threshol
     from spp_detect.datasets.voc import VOC_CLASSES
     from spp_detect.image_trunk import load_image_rgb
 
+    if not images:
+        raise ValueError("show_detections: no image to draw")
     classes = VOC_CLASSES if classes is None else classes
     dets = read_detections(detections, image_set, classes=classes)
-    rows = []
-    for c, name in enumerate(classes):
-        d = dets.get(name)
-        if d is not None:
-            mine = (d.image_ids == image.image_id) & (d.scores > threshold)
-            rows += [(float(s), c, name, b) for s, b in zip(d.scores[mine], d.boxes[mine])]
-    rows = sorted(rows, key=lambda r: -r[0])[:top]
-    canvas = draw_boxes(load_image_rgb(image.path), np.array([r[3] for r in rows]).reshape(-1, 4),
-                        [f"{r[2]} {r[0]:.2f}" for r in rows], [r[1] for r in rows],
-                        ground_truth=image.boxes if ground_truth else None)
+    pictures, counts = [], []
+    for image in images:
+        rows = []
+        for c, name in enumerate(classes):
+            d = dets.get(name)
+            if d is not None:
+                mine = (d.image_ids == image.image_id) & (d.scores > threshold)
+                rows += [(float(s), c, name, b) for s, b in zip(d.scores[mine], d.boxes[mine])]
+        rows = sorted(rows, key=lambda r: -r[0])[:top]
+        pictures.append(draw_boxes(load_image_rgb(image.path), np.array([r[3] for r in rows]).reshape(-1, 4),
+                                   [f"{r[2]} {r[0]:.2f}" for r in rows], [r[1] for r in rows],
+                                   ground_truth=image.boxes if ground_truth else None))
+        counts.append(len(rows))
+    canvas = pictures[0] if len(pictures) == 1 else contact_sheet(pictures, columns=columns)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     if not cv2.imwrite(str(out), canvas[:, :, ::-1]):
         raise ValueError(f"cannot write {out} (is the extension .png or .jpg?)")
-    return len(rows)
+    return counts

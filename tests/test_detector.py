@@ -312,6 +312,12 @@ def test_pipeline_cli_trains_detects_and_evaluate_reads_the_files(train_cache, t
     import cv2
 
     assert cv2.imread(str(png)) is not None
+    sheet = tmp_path / "sheet.png"
+    r = runner.invoke(cli.main, ["show", "--detections", str(dets), "--voc-root", str(tmp_path / "voc"), "--image-set", "x",
+                                 "--image", "first:3", "--columns", "2", "--out", str(sheet), "--threshold", "-10"])
+    assert r.exit_code == 0, r.output
+    assert r.output.count("detection(s) of") == 3 and "contact sheet of 3 images" in r.output
+    assert cv2.imread(str(sheet)).shape[0] == 2 * 320 + 4  # 3 pictures, 2 per row: two rows of 320 px
 
 
 def test_train_svm_refuses_fc_features_without_a_head(train_cache, tmp_path):

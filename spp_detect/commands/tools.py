@@ -31,17 +31,23 @@ def download_voc2007_cmd(out: Path) -> None:
 @not_required("voc_root")
 @voc_options(default_image_set="test")
 @dataset_options
-@click.option("--image", "image_id", required=True, help="Image id, e.g. 000001 (a COCO image: its file name's stem).")
+@click.option("--image", "image_ids", required=True, multiple=True,
+              help="Image id, e.g. 000001 (a COCO image: its file name's stem). Repeat it, or give 'first:N' for the "
+              "set's first N images, to get a contact sheet of several.")
+@click.option("--columns", type=click.IntRange(min=1), default=3, show_default=True, help="Pictures per row of a contact sheet.")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG (or JPEG) to write.")
 @click.option("--threshold", type=float, default=0.0, help="Draw detections scoring above this (SVM margin; 0 is the decision boundary).")
 @click.option("--top", type=click.IntRange(min=1), default=20, help="At most this many boxes, best first.")
 @click.option("--ground-truth/--no-ground-truth", default=True, help="Also draw the annotated boxes (dashed white).")
-def show_cmd(detections, voc_root, year, image_set, coco_json, image_paths, image_id, out, threshold, top, ground_truth) -> None:
-    """Draw one image's detections (class and score) and its ground truth into a picture.
+def show_cmd(detections, voc_root, year, image_set, coco_json, image_paths, image_ids, columns, out, threshold, top,
+             ground_truth) -> None:
+    """Draw an image's detections (class and score) and its ground truth into a picture;
+    several images make a contact sheet.
 
     \b
     Example:
       spp-detect show --detections runs/dets --voc-root VOCdevkit --image 000001 --out 000001.png
+      spp-detect show --detections runs/dets --voc-root VOCdevkit --image first:9 --out sheet.png
       spp-detect show --detections runs/dets-val --coco-json instances_val.json --images photos --image IMG_0042 --out 42.png
     """
     from spp_detect.show import show_detections
@@ -50,11 +56,26 @@ def show_cmd(detections, voc_root, year, image_set, coco_json, image_paths, imag
         data = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths)
         if not data.annotated:
             raise click.UsageError("show draws detections with their ground truth: --voc-root, or --coco-json with --images")
-        images = {im.image_id: im for im in data.images}
-        if image_id not in images:
-            raise click.BadParameter(f"{image_id} is not in the {data.name} image set", param_hint="--image")
-        drawn = show_detections(detections, images[image_id], out, data.name, threshold, top, ground_truth, data.classes)
-    click.echo(f"show: {drawn} detection(s) of {image_id} above {threshold:g} -> {out}")
+        chosen = select_images(data.images, image_ids)
+        drawn = show_detections(detections, chosen, out, data.name, threshold, top, ground_truth, data.classes, columns)
+    for image, count in zip(chosen, drawn):
+        click.echo(f"show: {count} detection(s) of {image.image_id} above {threshold:g}" + (f" -> {out}" if len(chosen) == 1 else ""))
+    if len(chosen) > 1:
+        click.echo(f"show: contact sheet of {len(chosen)} images -> {out}")
+
+
+def select_images(images, wanted: tuple[str, ...]) -> list:
+    """The images named by ``--image`` values, in order: ids, or ``first:N``."""
+    by_id = {im.image_id: im for im in images}
+    chosen = []
+    for value in wanted:
+        if value.startswith("first:") and value[6:].isdigit():
+            chosen += list(images)[: int(value[6:])]
+        elif value in by_id:
+            chosen.append(by_id[value])
+        else:
+            raise click.BadParameter(f"{value} is not in the image set (an id, or first:N)", param_hint="--image")
+    return chosen
 
 
 @click.command("info")
