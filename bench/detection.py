@@ -1,196 +1,339 @@
-"""Benchmark: the whole detector, shaped like the paper's Table 6 (SPP-net 4.3).
+"""Benchmark: the detector's accuracy, shaped like the paper's Table 6 (SPP-net 4.3).
 
-Trains on ``voc2007-mini`` trainval and tests on its test split, for three feature
-columns that share everything else (proposals, head recipe, SVM recipe, box regression):
+What it measures, and on what:
 
-* ``1-scale``: SPP at scale 688 (paper 4.1's 1-scale setting);
-* ``5-scale``: SPP at scales 480, 576, 688, 864, 1200;
-* ``rcnn-style``: R-CNN's crop-warp features of the same trunk (each window cropped with
-  16 px of context, warped to 224, run through the trunk alone), its map pooled whole
-  with the same pyramid (``extract --mode crop-warp``).
+* **SPP columns** ``1-scale`` (scale 688, paper 4.1) and ``5-scale`` (480 .. 1200): train on
+  all 900 training images on disk (``voc2007-mini`` trainval + ``voc2007-trainval-plus``
+  trainval, two caches given together as ``--cache A --cache B`` would be) and test on all
+  200 ``voc2007-mini`` test images, scoring **every** proposal window of every image
+  (default proposals: the paper's fast mode, best ranked first, at most 2,000 per image).
+* **A like-for-like pair** ``rcnn-style`` / ``1-scale-same-windows``: R-CNN's crop-warp
+  features cost one trunk pass per window (~15-19 ms here), too slow for every window, so
+  both columns use the same reduced setting: the first ``--pair-windows`` proposals of each
+  image (best first), the first ``--pair-train`` training and ``--pair-test`` test images,
+  the same head and SVM recipe. The setting is stated in the JSON (``pair_setting``).
+* Rows ``pool`` (SVMs on the pooled vector), ``ftfc6`` / ``ftfc7`` (SVMs on the fine-tuned
+  head's layers), ``ftfc7 bb`` (fc7 plus box regression), per column.
+* **Ablation** (``ablation`` in the JSON): recipe choices measured on a validation split
+  of the training images, never on test: train on ``voc2007-trainval-plus`` (700 images),
+  validate on ``voc2007-mini`` trainval (200 images), 1 scale, ``ftfc7`` row unless the
+  variant is an SVM one (``pool`` row). The chosen recipe (:data:`RECIPE`) is what the
+  columns above train with.
 
-Rows: ``pool`` (SVMs on the pooled vector), ``ftfc6`` and ``ftfc7`` (SVMs on the
-fine-tuned head's fc6 / fc7), ``ftfc7 bb`` (fc7 plus box regression).
+The SVM cost is ``train-svm``'s ``--C auto`` (0.001 x 5,011 / training images). Each stage
+folder lives under ``--work`` and is keyed, so a rerun reuses finished stages; stage times
+are recorded when a stage actually ran (``null`` when it was reused), and train-svm's peak
+resident memory is sampled from ``/proc`` while it runs.
 
-R-CNN-style features cost one trunk pass per window (~15 ms here), so every column is
-run on the same reduced setting: the top ``--windows`` proposals per image (selective
-search, the paper's fast mode; the top 200 cover ~45% of the test objects at IoU 0.5,
-all ~1,700 cover 96%), the first ``--images`` trainval and ``--test-images`` test images. The SVM
-cost ``C`` is the release's 0.001 scaled by 5,011 / (training images): the release's C
-balances hinge loss against the regulariser for VOC07's 5,011 trainval images, and the
-objective's loss term shrinks with the number of samples (C = 0.05 at 100 images).
-
-Defaults (100 trainval + 60 test images, 200 windows, fc 1024, 400 iterations) take about
-25 minutes on the 2-core CPU when it is otherwise idle, most of it the R-CNN-style column;
-``--full`` (200 + 200 images, 300 windows, 1,000 iterations) takes over an hour. Stage folders live under ``--work`` and are reused by a rerun (keyed).
-
-    python -m bench.detection [--images 100] [--test-images 60] [--windows 200] [--json bench/results/detection.json]
+    python -m bench.detection [--json bench/results/detection.json]      # the whole run
+    python -m bench.detection --columns 1-scale --no-pair --no-ablation   # one column
+    python -m bench.detection --smoke                                     # seconds, for CI
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
+import threading
 import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, write_json
+from bench.common import SHARED_DATA, SQUEEZENET_FILE, machine, write_json
 from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
-from spp_detect.cache import FeatureCache
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
-from spp_detect.head import load_head
 from spp_detect.stage_dir import read_manifest
-from spp_detect.window_features import window_features
 from spp_detect.windows import PAPER_SCALES
 from svm.train import SVMSettings, load_svm, run_train_svm
 
-COLUMNS = {"1-scale": ("spp", (688,)), "5-scale": ("spp", PAPER_SCALES), "rcnn-style": ("crop-warp", (224,))}
+#: column -> (extract mode, scales)
+COLUMNS = {"1-scale": ("spp", (688,)), "5-scale": ("spp", PAPER_SCALES)}
+PAIR_COLUMNS = {"rcnn-style": ("crop-warp", (224,)), "1-scale-same-windows": ("spp", (688,))}
+#: row -> (SVM feature layer, box regression)
 ROWS = {"pool": ("pool", False), "ftfc6": ("fc6", False), "ftfc7": ("fc7", False), "ftfc7 bb": ("fc7", True)}
-RELEASE_C, RELEASE_TRAIN_IMAGES = 1e-3, 5011  # spp_train.m -c 0.001, on VOC07 trainval
+#: (dataset folder under ../shared/data, image set)
+TRAIN_SETS = (("voc2007-mini", "trainval"), ("voc2007-trainval-plus", "trainval"))
+TEST_SET = ("voc2007-mini", "test")
+ABLATION_TRAIN, ABLATION_VAL = ("voc2007-trainval-plus", "trainval"), ("voc2007-mini", "trainval")
+BACKBONE = "squeezenet1_0"
 
 
-def _proposals(work: Path, split: str, images, windows: int) -> tuple[dict[str, np.ndarray], str]:
-    folder = work / f"proposals-{split}"
-    if not all((folder / f"{im.image_id}.npy").is_file() for im in images):  # reuse a finished folder as it is
-        run_proposals(images, folder, ProposalSettings(mode="fast"), {"year": "2007", "image_set": split}, workers=2)
-    boxes = load_proposals(folder, [im.image_id for im in images])
-    return {k: v[:windows] for k, v in boxes.items()}, f"{read_manifest(folder)['key']}-top{windows}"
+@dataclass(frozen=True)
+class Recipe:
+    """How the head is fine-tuned: its settings, and whether the mirrored training images
+    (``extract --flip`` caches) are given to ``finetune`` beside the plain ones (the
+    release does, FACTS 1.6; its SVMs train on the plain images only, as here)."""
+
+    finetune: FinetuneSettings
+    flip: bool = False
+
+
+#: The recipe the columns train with, chosen on the validation split (the ``ablation``
+#: section of ``bench/results/detection.json`` shows each choice's effect).
+RECIPE = Recipe(FinetuneSettings(fc_dim=1024, iterations=1500, base_lr=0.02, lr_steps=(1125,)), flip=True)
+_BASE = Recipe(RECIPE.finetune, flip=False)
+#: Ablation variants: name -> (recipe, SVM C factor over --C auto, row).
+ABLATION = {
+    "no flip, 1,500 iterations": (_BASE, 1.0, "ftfc7"),
+    "flipped images": (replace(_BASE, flip=True), 1.0, "ftfc7"),
+    "flipped images, 3,000 iterations": (replace(_BASE, flip=True, finetune=replace(_BASE.finetune, iterations=3000, lr_steps=(2250,))), 1.0, "ftfc7"),
+    "pool, C auto": (_BASE, 1.0, "pool"),
+    "pool, C auto x 4": (_BASE, 4.0, "pool"),
+}
+
+
+@contextmanager
+def peak_rss(record: dict[str, float]):
+    """Samples this process's resident memory (``/proc/self/status`` VmRSS) every 0.1 s
+    while the block runs; ``record["peak_mb"]`` is the largest value seen, in MB."""
+    stop = threading.Event()
+    peak = [0.0]
+
+    def sample() -> None:
+        while True:
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        peak[0] = max(peak[0], int(line.split()[1]) / 1024)
+            except OSError:
+                return
+            if stop.wait(0.1):
+                return
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield record
+    finally:
+        stop.set()
+        thread.join()
+        record["peak_mb"] = peak[0]
+
+
+class Bench:
+    """The stages of one benchmark run, every folder under ``work`` and keyed."""
+
+    def __init__(self, work: Path, device: torch.device, limit: int | None, workers: int) -> None:
+        self.work, self.device, self.limit, self.workers = work, device, limit, workers
+        self.times: dict[str, float | None] = {}
+
+    def images(self, dataset: str, image_set: str, limit: int | None = None):
+        limit = min(x for x in (limit, self.limit, 10**9) if x is not None)
+        return read_voc(SHARED_DATA / dataset, image_set, limit=limit)
+
+    def proposals(self, dataset: str, image_set: str, images, windows: int | None = None):
+        """Default proposals of ``images`` (computed once per dataset list, all images of
+        it), optionally cut to the first ``windows`` (best first)."""
+        folder = self.work / f"proposals-{dataset}-{image_set}"
+        t0 = time.perf_counter()
+        summary = run_proposals(images, folder, ProposalSettings(), {"dataset": dataset, "image_set": image_set},
+                                workers=self.workers)
+        if summary.computed:
+            self.times[f"proposals {dataset} {image_set}"] = time.perf_counter() - t0
+        boxes = load_proposals(folder, [im.image_id for im in images])
+        key = read_manifest(folder)["key"]
+        if windows is not None:
+            return {k: v[:windows] for k, v in boxes.items()}, f"{key}-first{windows}"
+        return boxes, key
+
+    def cache(self, column: str, mode: str, scales, dataset: str, image_set: str, limit: int | None = None,
+              windows: int | None = None, flip: bool = False) -> Path:
+        images = self.images(dataset, image_set, limit)
+        props, key = self.proposals(dataset, image_set, images, windows)
+        settings = ExtractSettings(backbone=BACKBONE, weights=str(SQUEEZENET_FILE), scales=tuple(scales), mode=mode, flip=flip)
+        name = (f"feat-{column}-{dataset}-{image_set}-{len(images)}" + (f"-w{windows}" if windows else "")
+                + ("-flip" if flip else ""))
+        folder = self.work / name
+        t0 = time.perf_counter()
+        summary = run_extract(images, props, folder, settings, proposals_key=key, image_set=image_set, device=self.device)
+        self.times[f"extract {name}"] = (time.perf_counter() - t0) / summary.done if summary.done else None
+        return folder
+
+    def head(self, caches: list[Path], recipe: Recipe, tag: str, flipped: list[Path] | None = None) -> Path:
+        """Fine-tune on ``caches`` (and on ``flipped``, their mirrored twins, if the recipe flips)."""
+        folder = self.work / f"head-{tag}-{_short(recipe.finetune)}{'-flip' if recipe.flip else ''}"
+        t0 = time.perf_counter()
+        summary = run_finetune(caches + (flipped if recipe.flip else []), folder, recipe.finetune, device=self.device)
+        self.times[f"finetune {folder.name}"] = None if summary.already_done else time.perf_counter() - t0
+        return folder
+
+    def row(self, caches: list[Path], head: Path | None, test_cache: Path, test_images, row: str, tag: str,
+            C_factor: float = 1.0) -> dict[str, object]:
+        """Train the SVMs of ``row`` on ``caches``, detect on ``test_cache``, evaluate."""
+        layer, bbox = ROWS[row]
+        C = SVMSettings().C  # "auto" once train-svm has it
+        if C_factor != 1.0 or C != "auto":
+            C = _auto_C(caches) * C_factor
+        svm_settings = SVMSettings(layer=layer, bbox=bbox, C=C)
+        head_tag = head.name if head is not None and layer != "pool" else "nohead"
+        svm_dir = self.work / f"svm-{tag}-{layer}{'-bb' if bbox else ''}-C{C_factor:g}-{head_tag}"
+        record: dict[str, object] = {}
+        t0 = time.perf_counter()
+        with peak_rss(record):
+            summary = run_train_svm(caches, svm_dir, svm_settings, head_folder=None if layer == "pool" else head,
+                                    device=self.device)
+        train_s = None if summary.already_done else time.perf_counter() - t0
+        model = load_svm(svm_dir, self.device)
+        det_dir = self.work / f"dets-{tag}-{row.replace(' ', '')}-C{C_factor:g}-{head_tag}-{test_cache.name}"
+        t0 = time.perf_counter()
+        det = run_detect(test_cache, det_dir, model, DetectSettings(bbox=bbox), model_key=read_manifest(svm_dir)["key"],
+                         device=self.device)
+        detect_s = (time.perf_counter() - t0) / det.done if det.done else None
+        per_class = load_detections(det_dir, VOC_CLASSES)
+        evaluation = evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, test_images)
+        return {
+            "map": evaluation.map,
+            "per_class_ap": dict(evaluation.ap),
+            "train_svm_seconds": train_s,
+            "train_svm_peak_mb": record["peak_mb"] if train_s is not None else None,
+            "detect_seconds_per_image": detect_s,
+            "svm_C": read_manifest(svm_dir).get("config", {}).get("resolved_C", C),
+        }
+
+
+def _auto_C(caches: list[Path]) -> float:
+    from spp_detect.cache import FeatureCache
+
+    images = sum(len(FeatureCache(c).image_ids) for c in caches)
+    return 1e-3 * 5011 / images  # train-svm --C auto (spp_train.m -c 0.001 on VOC07's 5,011 images)
+
+
+def _short(recipe: FinetuneSettings) -> str:
+    """A readable folder tag of the settings that differ from :data:`RECIPE`'s defaults."""
+    base = asdict(FinetuneSettings())
+    diff = {k: v for k, v in asdict(recipe).items() if base[k] != v}
+    return "-".join(f"{k}{'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(diff.items())) or "defaults"
+
+
+def _train_caches(bench: Bench, column: str, mode: str, scales, sets, recipe: Recipe, **kw) -> tuple[list[Path], list[Path]]:
+    """The plain training caches of ``sets`` and, if the recipe flips, their mirrored twins."""
+    plain = [bench.cache(column, mode, scales, *s, **kw) for s in sets]
+    flipped = [bench.cache(column, mode, scales, *s, flip=True, **kw) for s in sets] if recipe.flip else []
+    return plain, flipped
+
+
+def _column(bench: Bench, name: str, mode: str, scales, train_sets, test_set, recipe: Recipe, result: dict,
+            train_limit: int | None = None, test_limit: int | None = None, windows: int | None = None) -> None:
+    """One column of the table: train every row on ``train_sets``, test on ``test_set``."""
+    test_images = bench.images(*test_set, limit=test_limit)
+    train, flipped = _train_caches(bench, name, mode, scales, train_sets, recipe, limit=train_limit, windows=windows)
+    test = bench.cache(name, mode, scales, *test_set, limit=test_limit, windows=windows)
+    tag = name + (f"-{train_limit}-w{windows}" if windows else "")
+    head = bench.head(train, recipe, tag, flipped)
+    cells = result["columns"].setdefault(name, {})
+    for row in ROWS:
+        cells[row] = bench.row(train, head, test, test_images, row, tag)
+        print(f"{name:>22} {row:>9}: mAP {100 * cells[row]['map']:5.1f}", flush=True)
+    result["train_images"][name] = sum(len(bench.images(*s, limit=train_limit)) for s in train_sets)
+    result["test_images"][name] = len(test_images)
+    result["windows_per_image"][name] = windows if windows else "all (up to 2,000)"
+
+
+def run_columns(bench: Bench, columns: list[str], result: dict) -> None:
+    for column in columns:
+        mode, scales = COLUMNS[column]
+        _column(bench, column, mode, scales, TRAIN_SETS, TEST_SET, RECIPE, result)
+
+
+def run_pair(bench: Bench, args, result: dict) -> None:
+    for column, (mode, scales) in PAIR_COLUMNS.items():
+        _column(bench, column, mode, scales, TRAIN_SETS[:1], TEST_SET, RECIPE, result, train_limit=args.pair_train,
+                test_limit=args.pair_test, windows=args.pair_windows)
+    result["pair_setting"] = (
+        f"first {args.pair_windows} proposals (best first) of the first {args.pair_train} images of "
+        f"{'/'.join(TRAIN_SETS[0])} (training, with their mirrored twins if the recipe flips) and the first "
+        f"{result['test_images']['rcnn-style']} of {'/'.join(TEST_SET)} (test); same head recipe and SVM recipe"
+    )
+
+
+def run_ablation(bench: Bench, names: list[str], result: dict) -> None:
+    val_images = bench.images(*ABLATION_VAL)
+    val = bench.cache("1-scale", "spp", (688,), *ABLATION_VAL)
+    for name in names:
+        recipe, C_factor, row = ABLATION[name]
+        train, flipped = _train_caches(bench, "1-scale", "spp", (688,), (ABLATION_TRAIN,), recipe)
+        head = bench.head(train, recipe, "ablation", flipped) if row != "pool" else None
+        cell = bench.row(train, head, val, val_images, row, "ablation", C_factor=C_factor)
+        result["ablation"][name] = {"row": row, "finetune": asdict(recipe.finetune) if row != "pool" else None,
+                                    "flip": recipe.flip if row != "pool" else None, "C_factor": C_factor, **cell}
+        print(f"{'ablation':>22} {name:>34} ({row}): val mAP {100 * cell['map']:5.1f}", flush=True)
+    result["ablation_setting"] = (
+        f"train on {'/'.join(ABLATION_TRAIN)} ({len(bench.images(*ABLATION_TRAIN))} images), validate on "
+        f"{'/'.join(ABLATION_VAL)} ({len(val_images)} images), 1 scale, every window"
+    )
 
 
 def main() -> None:
+    global RECIPE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=100, help="trainval images (the first N)")
-    parser.add_argument("--test-images", type=int, default=60, help="test images (the first N)")
-    parser.add_argument("--windows", type=int, default=200, help="top selective-search windows per image, all columns")
-    parser.add_argument("--fc-dim", type=int, default=1024)
-    parser.add_argument("--iterations", type=int, default=400)
-    parser.add_argument("--columns", default=",".join(COLUMNS))
-    parser.add_argument("--full", action="store_true", help="200 + 200 images, 300 windows, 1,000 iterations")
+    parser.add_argument("--columns", default=",".join(COLUMNS), help="SPP columns to run (comma-separated, or empty)")
+    parser.add_argument("--pair", action=argparse.BooleanOptionalAction, default=True, help="the rcnn-style pair")
+    parser.add_argument("--pair-windows", type=int, default=100)
+    parser.add_argument("--pair-train", type=int, default=200)
+    parser.add_argument("--pair-test", type=int, default=100)
+    parser.add_argument("--ablation", default=",".join(ABLATION), help="ablation variants (comma-separated, or empty)")
+    parser.add_argument("--smoke", action="store_true", help="2 images per list, 1-scale column, pair on 10 windows, one variant: every code path in a minute")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers", type=int, default=2, help="proposal processes")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
+    parser.add_argument("--merge", type=Path, default=None,
+                        help="a JSON of an earlier run whose columns / ablation entries this run adds to")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    if args.full:
-        args.images, args.test_images, args.windows, args.iterations = 200, 200, 300, 1000
-    device = torch.device(args.device)
-    work = args.work
-    train_images = read_voc(VOC_ROOT, "trainval")[: args.images]
-    test_images = read_voc(VOC_ROOT, "test")[: args.test_images]
-    svm_c = RELEASE_C * RELEASE_TRAIN_IMAGES / len(train_images)
-    result: dict[str, object] = {
-        "machine": machine(), "device": str(device), "train_images": len(train_images), "test_images": len(test_images),
-        "windows_per_image": args.windows, "fc_dim": args.fc_dim, "finetune_iterations": args.iterations,
-        "svm_C": svm_c, "backbone": "squeezenet1_0", "map": {row: {} for row in ROWS}, "seconds": {},
-        "per_class_ap": {}, "per_image_seconds": {}, "training_seconds": {},
-    }
-    start_all = time.perf_counter()
-    t0 = time.perf_counter()
-    train_props, train_key = _proposals(work, "trainval", train_images, args.windows)
-    test_props, test_key = _proposals(work, "test", test_images, args.windows)
-    result["training_seconds"]["proposals_both_splits"] = time.perf_counter() - t0
-
-    for column in args.columns.split(","):
-        mode, scales = COLUMNS[column]
-        tag = column.replace("-", "")
-        settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=scales, mode=mode)
-        caches = {}
-        conv_seconds = {}
-        for split, images, props, key in (("trainval", train_images, train_props, train_key),
-                                          ("test", test_images, test_props, test_key)):
-            folder = work / f"feat-{tag}-{split}-{len(images)}-{args.windows}"
-            s = run_extract(images, props, folder, settings, proposals_key=key, image_set=split, device=device)
-            if s.done:
-                conv_seconds[split] = s.seconds / s.done
-            caches[split] = folder
-        if "test" not in conv_seconds:  # the caches existed: time the extract stage on a few test images
-            with tempfile.TemporaryDirectory() as tmp:
-                s = run_extract(test_images[:3], test_props, Path(tmp) / "feat", settings, proposals_key=test_key,
-                                image_set="test", device=device)
-            conv_seconds["test"] = s.seconds / s.done
-        times = result["training_seconds"].setdefault(column, {})
-        times["extract_s_per_image"] = conv_seconds.get("test", conv_seconds.get("trainval"))
-        t0 = time.perf_counter()
-        head_dir = work / f"head-{tag}-{args.images}-{args.windows}-{args.fc_dim}-{args.iterations}"
-        ft = FinetuneSettings(fc_dim=args.fc_dim, iterations=args.iterations, base_lr=0.02,
-                              lr_steps=(int(args.iterations * 0.75),))
-        run_finetune([caches["trainval"]], head_dir, ft, device=device)
-        times["finetune"] = time.perf_counter() - t0
-        for row, (layer, bbox) in ROWS.items():
-            svm_dir = work / f"svm-{tag}-{layer}-{args.images}-{args.windows}-{args.fc_dim}-{args.iterations}"
-            t0 = time.perf_counter()
-            svm_settings = SVMSettings(layer=layer, C=svm_c, bbox=layer == "fc7")
-            run_train_svm([caches["trainval"]], svm_dir, svm_settings, head_folder=None if layer == "pool" else head_dir,
-                          device=device)
-            if not bbox:
-                times[f"train_svm_{layer}"] = time.perf_counter() - t0
-            model = load_svm(svm_dir, device)
-            det_dir = work / f"dets-{tag}-{row.replace(' ', '')}-{len(test_images)}-{args.images}-{args.windows}-{args.fc_dim}-{args.iterations}"
-            summary = run_detect(caches["test"], det_dir, model, DetectSettings(bbox=bbox),
-                                 model_key=read_manifest(svm_dir)["key"], device=device)
-            per_class = load_detections(det_dir, VOC_CLASSES)
-            dets = {name: ClassDetections(*arrays) for name, arrays in per_class.items()}
-            evaluation = evaluate_voc(dets, test_images)
-            result["map"][row][column] = evaluation.map
-            result["per_class_ap"].setdefault(row, {})[column] = dict(evaluation.ap)
-            if summary.done:
-                result["seconds"].setdefault(column, {})[row] = {k: v / summary.done for k, v in summary.timings.items()}
-            print(f"{column:>10} {row:>9}: mAP {100 * evaluation.map:5.1f}", flush=True)
-        result["per_image_seconds"][column] = _per_image_split(FeatureCache(caches["test"]), load_head(head_dir), conv_seconds.get("test"), device)
-    best_row, best_col = max(((r, c) for r in result["map"] for c in result["map"][r]), key=lambda rc: result["map"][rc[0]][rc[1]])
-    result["best"] = {"row": best_row, "column": best_col, "per_class_ap": result["per_class_ap"][best_row][best_col]}
-    result["wall_seconds"] = time.perf_counter() - start_all
+    limit = None
+    if args.smoke:
+        limit, args.columns = 2, "1-scale"
+        args.pair_windows, args.pair_train, args.pair_test = 10, 2, 1
+        RECIPE = Recipe(replace(RECIPE.finetune, fc_dim=64, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
+        ABLATION.clear()
+        ABLATION["smoke recipe"] = (RECIPE, 1.0, "ftfc7")
+        args.ablation = "smoke recipe"
+        if args.work == parser.get_default("work"):
+            args.work = Path(tempfile.mkdtemp(prefix="bench-detection-smoke-"))
+    bench = Bench(args.work, torch.device(args.device), limit, args.workers)
+    result: dict = json.loads(args.merge.read_text()) if args.merge else {}
+    result.update({"machine": machine(), "device": args.device, "backbone": BACKBONE,
+                   "recipe": {"finetune": asdict(RECIPE.finetune), "flip": RECIPE.flip},
+                   "proposals": asdict(ProposalSettings()), "smoke": args.smoke})
+    for key in ("columns", "ablation", "train_images", "test_images", "windows_per_image", "stage_seconds"):
+        result.setdefault(key, {})
+    start = time.perf_counter()
+    if args.ablation:
+        run_ablation(bench, args.ablation.split(","), result)
+    if args.columns:
+        run_columns(bench, args.columns.split(","), result)
+    if args.pair:
+        run_pair(bench, args, result)
+    result["map"] = {row: {c: cells[row]["map"] for c, cells in result["columns"].items() if row in cells} for row in ROWS}
+    result["stage_seconds"].update(bench.times)
+    result["wall_seconds"] = result.get("wall_seconds", 0.0) + time.perf_counter() - start
     _print_table(result)
     write_json(args.json, result)
 
 
-def _per_image_split(cache: FeatureCache, head, conv_s: float | None, device, images: int = 10) -> dict[str, float]:
-    """Per-image seconds of the test path on the first ``images`` test images: map decode,
-    pooling every window, fc6 + fc7, scoring (20 linear SVMs), and conv (the extract stage's
-    time per image, cache write included)."""
-    decode = pool = fc = score = 0.0
-    ids = cache.image_ids[:images]
-    head = head.to(device)
-    for image_id in ids:
-        t0 = time.perf_counter()
-        image = cache.load(image_id)
-        t1 = time.perf_counter()
-        window_features(image, "pool", None, device=device)
-        t2 = time.perf_counter()
-        feats = window_features(image, "fc7", head, device=device)
-        t3 = time.perf_counter()
-        scores = feats @ torch.zeros((feats.shape[1], len(VOC_CLASSES)))  # 20 linear SVMs
-        torch.nonzero(scores > -1.5)
-        t4 = time.perf_counter()
-        decode, pool, fc, score = decode + t1 - t0, pool + t2 - t1, fc + max(0.0, (t3 - t2) - (t2 - t1)), score + t4 - t3
-    n = len(ids)
-    out = {"decode": decode / n, "pooling": pool / n, "fc": fc / n, "scoring": score / n}
-    if conv_s is not None:
-        out["conv"] = conv_s
-    out["total"] = sum(out.values())
-    return out
-
-
 def _print_table(result: dict) -> None:
-    columns = [c for c in COLUMNS if any(c in result["map"][r] for r in ROWS)]
-    print(f"\nmAP (VOC07 11-point, %) on {result['test_images']} test images, top {result['windows_per_image']} windows, "
-          f"trained on {result['train_images']} trainval images, SqueezeNet, fc {result['fc_dim']}")
-    print(f"{'':>10} " + " ".join(f"{c:>11}" for c in columns))
+    columns = list(result["columns"])
+    print("\nmAP (VOC07 11-point, %), SqueezeNet; columns: train / test images, windows per image")
+    for c in columns:
+        print(f"  {c}: {result['train_images'][c]} / {result['test_images'][c]}, {result['windows_per_image'][c]}")
+    print(f"{'':>10} " + " ".join(f"{c:>21}" for c in columns))
     for row in ROWS:
-        print(f"{row:>10} " + " ".join(f"{100 * result['map'][row].get(c, float('nan')):>11.1f}" for c in columns))
-    print("\nper-image seconds on the test path:")
-    for column, split in result["per_image_seconds"].items():
-        print(f"  {column:>10}: " + ", ".join(f"{k} {v:.3f}" for k, v in split.items()))
-    print(f"\ntraining-stage seconds: {result['training_seconds']}")
-    print(f"wall: {result['wall_seconds']:.0f} s")
+        print(f"{row:>10} " + " ".join(f"{100 * result['map'][row].get(c, float('nan')):>21.1f}" for c in columns))
+    if result["ablation"]:
+        print(f"\nablation ({result['ablation_setting']}):")
+        for name, cell in result["ablation"].items():
+            print(f"  {name:>34} ({cell['row']}): {100 * cell['map']:5.1f}")
+    print(f"\nwall: {result['wall_seconds']:.0f} s")
 
 
 if __name__ == "__main__":
