@@ -330,9 +330,14 @@ class CombineSettings:
     paper's plain union, 4.4); ``nms_threshold``: NMS IoU over the union (paper: 0.3);
     ``image_set``: name of the devkit files (None: the inputs' own)."""
 
-    scores: str = "calibrated"
-    nms_threshold: float = NMS_THRESHOLD
-    image_set: str | None = None
+    scores: str = field(default="calibrated", metadata={"help": (
+        "calibrated: each model's scores mapped per class to P(correct) by the logistic fit that `spp-detect "
+        "calibrate` stored for it on its training images, because SVM margins of different models are on "
+        "different scales. raw: the paper's plain union of SVM scores (4.4), right for models whose SVMs were"
+        " trained alike.")})
+    nms_threshold: float = field(default=NMS_THRESHOLD, metadata={"help": "NMS IoU over the union (paper: 0.3)."})
+    image_set: str | None = field(default=None, metadata={"help": (
+        "Name used for the devkit files [default: the inputs' own].")})
 
     def __post_init__(self) -> None:
         if self.scores not in SCORE_MODES:

@@ -120,12 +120,19 @@ class ExtractSettings:
     backbone: str = "squeezenet1_0"
     weights: str = "imagenet"
     input_norm: str = "auto"
-    scales: tuple[int, ...] = PAPER_SCALES
-    levels: tuple[int, ...] = PAPER_LEVELS
-    mode: str = "spp"
+    scales: tuple[int, ...] = field(default=PAPER_SCALES, metadata={"help": (
+        "Shorter-side scales (paper 4.1); '688' is the paper's 1-scale setting.")})
+    levels: tuple[int, ...] = field(default=PAPER_LEVELS, metadata={"help": (
+        "Pyramid levels, in feature order (paper: 1,2,3,6).")})
+    mode: str = field(default="spp", metadata={"help": (
+        "spp: the paper (conv maps once per scale, windows pooled from them). crop-warp: R-CNN's baseline, "
+        "every window cropped with 16 px context, warped to 224 and run through the trunk alone (its map "
+        "pooled whole with the same pyramid; --scales is ignored). Slow by design: for comparisons.")})
     crop_size: int = 224
     context_pad: int = 16
-    flip: bool = False
+    flip: bool = field(default=False, metadata={"help": (
+        "Cache the left-right mirror of every image (boxes mirrored, same ids): the release fine-tunes on "
+        "flipped images too. Give it to finetune beside the plain cache: --cache feat --cache feat-flip.")})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_norm", normalization_name(self.backbone, self.weights, self.input_norm))

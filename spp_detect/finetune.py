@@ -63,19 +63,26 @@ class FinetuneSettings:
     ``base_lr`` (0.01 rather than 1e-3, for randomly initialised fc6/fc7).
     """
 
-    fc_dim: int = 4096
-    iterations: int = 3000
-    base_lr: float = 0.01
-    lr_steps: tuple[int, ...] = (2000,)
-    batch_size: int = 128  # release: 128 windows per minibatch
-    fg_fraction: float = 0.25  # release: fg_fraction = 0.25
+    fc_dim: int = field(default=4096, metadata={"help": (
+        "Width of fc6 and fc7 (paper: 4096; 1024 is about 4x faster on a CPU).")})
+    iterations: int = field(default=3000, metadata={"help": "Minibatches of --batch-size windows (release: 3 x 30k)."})
+    base_lr: float = field(default=0.01, metadata={"help": (
+        "Base learning rate (release: 1e-3 from ImageNet-trained fc layers; fc6/fc7 are random here).")})
+    lr_steps: tuple[int, ...] = field(default=(2000,), metadata={"help": (
+        "Iterations at which the learning rate is divided by 10 (release: 30000,60000).")})
+    batch_size: int = field(default=128, metadata={"help": (  # release: 128 windows per minibatch
+        "Windows per minibatch (release: 128).")})
+    fg_fraction: float = field(default=0.25, metadata={"help": (  # release: fg_fraction = 0.25
+        "Share of foreground windows per minibatch (release: 0.25).")})
     fg_threshold: float = 0.5  # release: fg if max IoU >= 0.5
     bg_low: float = 0.1  # release: bg if max IoU in [0.1, 0.5)
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    random_scale: bool = True  # release: opts.random_scale = 1
-    round_iterations: int = 100
-    seed: int = 0
+    random_scale: bool = field(default=True, metadata={"help": (  # release: opts.random_scale = 1
+        "Pool each training window at a random scale (release: random_scale = 1).")})
+    round_iterations: int = field(default=100, metadata={"help": (
+        "Minibatches prepared at once; a checkpoint follows each round.")})
+    seed: int = field(default=0, metadata={"help": "Seed of the initial weights, window sampling and dropout."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))

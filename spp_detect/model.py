@@ -349,8 +349,9 @@ class PredictSettings:
     the decision boundary), at most ``top`` per image, best first. The json holds every
     detection, as ``detect``'s does."""
 
-    threshold: float = 0.0
-    top: int = 20
+    threshold: float = field(default=0.0, metadata={"help": (
+        "Draw detections scoring above this (SVM margin; 0 is the decision boundary). The json keeps all.")})
+    top: int = field(default=20, metadata={"help": "At most this many boxes drawn per image."})
 
 
 @dataclass

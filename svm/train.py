@@ -59,9 +59,12 @@ class SVMSettings:
     """Everything an SVM training run depends on (its manifest key hashes it).
     Defaults are the release's; each constant's source is where it is defined."""
 
-    layer: str = "fc7"
+    layer: str = field(default="fc7", metadata={"help": (
+        "Window features the SVMs read: the pooled SPP vector or a head layer (paper Table 6 rows).")})
     #: ``"auto"``: ``0.001 x 5011 / training images`` (:func:`svm.linear.auto_c`); or a float.
-    C: float | str = "auto"
+    C: float | str = field(default="auto", metadata={"help": (
+        "SVM cost: a positive number, or 'auto' = 0.001 x 5011 / training images, the release's 0.001 on "
+        "VOC07's 5,011 trainval images.")})
     pos_weight: float = POS_WEIGHT
     bias_mult: float = BIAS_MULT
     tol: float = LIBLINEAR_TOL
@@ -70,10 +73,12 @@ class SVMSettings:
     hard_threshold: float = HARD_THRESHOLD
     evict_threshold: float = EVICT_THRESHOLD
     retrain_limit: int = RETRAIN_LIMIT
-    include_difficult: bool = True
-    bbox: bool = False
-    bbox_lambda: float = SPP_LAMBDA
-    bbox_min_overlap: float = SPP_MIN_OVERLAP
+    include_difficult: bool = field(default=True, metadata={"help": (
+        "Difficult ground truths among the positives (the release keeps them).")})
+    bbox: bool = field(default=False, metadata={"help": "Also fit per-class box regressors on the pooled features."})
+    bbox_lambda: float = field(default=SPP_LAMBDA, metadata={"help": "Ridge penalty (SPP-net: 4000; R-CNN: 1000)."})
+    bbox_min_overlap: float = field(default=SPP_MIN_OVERLAP, metadata={"help": (
+        "Regress windows with IoU > this (SPP-net: 0.5; R-CNN: 0.6).")})
     seed: int = 0
 
     def __post_init__(self) -> None:

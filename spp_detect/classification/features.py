@@ -67,10 +67,15 @@ class FeatureSettings:
     backbone: str = "squeezenet1_0"
     weights: str = "imagenet"
     input_norm: str = "auto"
-    view: str = "full"
-    size: int = 224
-    levels: tuple[int, ...] = PAPER_LEVELS
-    pooling: str = "spp"
+    view: str = field(default="full", metadata={"help": (
+        "full: shorter side resized to --size, any aspect ratio; crop: then the centre --size square (paper "
+        "3.2).")})
+    size: int = field(default=224, metadata={"help": (
+        "Shorter side in pixels (paper: 224; best full size on VOC: 392).")})
+    levels: tuple[int, ...] = field(default=PAPER_LEVELS, metadata={"help": (
+        "Pyramid levels pooled over the whole conv map (6: the single pool5 level).")})
+    pooling: str = field(default="spp", metadata={"help": (
+        "spp: the pyramid --levels; plain: a plain net's fixed 3x3/2 pool5 (needs --view crop).")})
 
     def __post_init__(self) -> None:
         if self.view not in VIEWS:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ __all__ = ["ClassifierSettings", "LinearClassifier", "l2_normalize", "train_svms
 class ClassifierSettings:
     """``C``: the soft-margin parameter (paper 3.2: 1). ``max_iter``: liblinear's cap."""
 
-    C: float = 1.0
+    C: float = field(default=1.0, metadata={"help": "SVM soft margin (paper 3.2: 1)."})
     max_iter: int = 10000
 
 

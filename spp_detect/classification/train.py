@@ -62,18 +62,20 @@ class TrainSettings:
     backbone: str = "squeezenet1_0"
     weights: str = "imagenet"
     input_norm: str = "auto"
-    sizes: tuple[int, ...] = (224,)  # (224, 180): the paper's multi-size training
+    sizes: tuple[int, ...] = field(default=(224,), metadata={"help": (  # (224, 180): the paper's multi-size training
+        "Training input sizes, one per epoch in turn: 224 (single-size) or 224,180 (multi-size, paper 2.3).")})
     resize: int = 256  # shorter side before cropping (paper 3.1)
     levels: tuple[int, ...] = PAPER_LEVELS
-    hidden: int = 128
-    trainable_layers: int = 1
+    hidden: int = field(default=128, metadata={"help": "Width of the hidden fc layer of the head."})
+    trainable_layers: int = field(default=1, metadata={"help": (
+        "Last trunk layers trained with the head (SqueezeNet: 1 = fire9).")})
     dropout: float = 0.5
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 0.01
+    epochs: int = field(default=10, metadata={"help": "Training epochs."})
+    batch_size: int = field(default=32, metadata={"help": "Images per minibatch."})
+    lr: float = field(default=0.01, metadata={"help": "SGD learning rate (momentum 0.9, weight decay 5e-4)."})
     momentum: float = 0.9  # paper: Caffe/AlexNet settings
     weight_decay: float = 5e-4
-    seed: int = 0
+    seed: int = field(default=0, metadata={"help": "Seed of the head's init and of crops, flips, order and dropout."})
 
     def __post_init__(self) -> None:
         if not self.sizes or any(s < 32 for s in self.sizes):

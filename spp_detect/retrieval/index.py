@@ -20,7 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +65,8 @@ class IndexSettings:
     backbone: str = "squeezenet1_0"
     weights: str = "imagenet"
     input_norm: str = "auto"
-    levels: int = LEVELS
-    whiten_limit: int = 100
+    levels: int = field(default=LEVELS, metadata={"help": "R-MAC region levels L (paper: 3)."})
+    whiten_limit: int = field(default=100, metadata={"help": "Use the first N whitening images."})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_norm", normalization_name(self.backbone, self.weights, self.input_norm))
