@@ -93,14 +93,14 @@ def localize_all(index: RetrievalIndex, query: QueryDescriptor, images: np.ndarr
     return aml_localize_many([index.levels(int(i)) for i in images], query.mac, query.ratio)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _region_maxima(levels: np.ndarray, x0: int, y0: int, regions: np.ndarray) -> np.ndarray:
     """Per-channel max of ``levels uint8[C, H, W]`` over each half-open cell region
     ``regions int64[R, 4]`` given in the frame of a crop at ``(x0, y0)``: ``float32[R, C]``
     (the values of :func:`~spp_detect.retrieval.descriptors.region_macs` on the crop)."""
     channels = levels.shape[0]
     out = np.zeros((regions.shape[0], channels), dtype=np.float32)
-    for r in range(regions.shape[0]):
+    for r in numba.prange(regions.shape[0]):
         x1, y1, x2, y2 = x0 + regions[r, 0], y0 + regions[r, 1], x0 + regions[r, 2], y0 + regions[r, 3]
         for c in range(channels):
             best = 0
@@ -117,14 +117,17 @@ def _box_vectors(index: RetrievalIndex, maps: list, boxes: list[AMLResult], whit
     the box's R-MAC regions maxed by :func:`_region_maxima` (the crop is never copied)."""
     levels_setting = int(index.config.get("levels", 3))
     white = index.whitening if whiten else None
-    out = []
+    if not maps:
+        return np.zeros((0, index.macs.shape[1]), dtype=np.float32)
+    parts = []
     for levels, found in zip(maps, boxes):
         x1, y1, x2, y2 = (int(v) for v in found.box)
         regions = rmac_regions(y2 - y1, x2 - x1, levels_setting)
         array = levels.numpy() if isinstance(levels, torch.Tensor) else np.asarray(levels)
-        vectors = l2_normalize(_region_maxima(array, x1, y1, np.ascontiguousarray(regions, dtype=np.int64)))
-        out.append(l2_normalize(apply_or_normalize(vectors, white).sum(0)))
-    return np.stack(out) if out else np.zeros((0, index.macs.shape[1]), dtype=np.float32)
+        parts.append(_region_maxima(array, x1, y1, np.ascontiguousarray(regions, dtype=np.int64)))
+    starts = np.cumsum([0] + [len(p) for p in parts[:-1]])
+    vectors = apply_or_normalize(l2_normalize(np.concatenate(parts)), white)  # [sum R, D], one product for all
+    return l2_normalize(np.add.reduceat(vectors, starts, axis=0))
 
 
 @dataclass
