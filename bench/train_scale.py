@@ -25,7 +25,9 @@ JSON: ``train_svm_seconds[layer][n]``, ``train_svm_peak_mb[layer][n]``,
 Usage (the full run; caches at one scale, 688, SqueezeNet):
     python -m bench.train_scale --cache-1scale runs/feat1-mini-trainval --cache-1scale runs/feat1-plus-trainval \\
         --test-cache-1scale runs/feat1-mini-test --work runs/bench-train-scale --json bench/results/train_scale.json
-``--smoke``: sizes 3 and 6, 20 fine-tuning iterations (give it a small test cache too).
+``--smoke``: sizes 2 and 3, 20 fine-tuning iterations; without ``--cache-1scale`` it makes
+its own caches first (3 trainval and 2 test images of voc2007-mini, the first 150
+selective-search windows of each, one scale) under ``WORK``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import SHARED_DATA, machine, print_table, write_json
+from bench.common import SHARED_DATA, SQUEEZENET_FILE, machine, print_table, write_json
 
 LAYERS = ("pool", "fc7")
 #: A tighter stopping tolerance solved beside (cold) in the comparison: at liblinear's 0.1
@@ -171,6 +173,30 @@ def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path) -> fl
     return float(evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, images).map)
 
 
+def smoke_caches(folder: Path, voc_root: Path, windows: int = 150) -> tuple[list[Path], Path]:
+    """Tiny one-scale caches for ``--smoke``: 3 trainval and 2 test images of ``voc_root``,
+    the first ``windows`` selective-search boxes of each."""
+    import torch
+
+    from proposals.io import load_proposals
+    from proposals.run import ProposalSettings, run_proposals
+    from spp_detect.datasets import read_voc
+    from spp_detect.extract import ExtractSettings, run_extract
+
+    out = []
+    for split, count in (("trainval", 3), ("test", 2)):
+        images = read_voc(voc_root, split, limit=count)
+        props = folder / f"proposals-{split}"
+        run_proposals(images, props, ProposalSettings(), {"year": "2007", "image_set": split}, workers=1, progress=False)
+        boxes = {k: v[:windows] for k, v in load_proposals(props, [im.image_id for im in images]).items()}
+        settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(688,))
+        cache = folder / f"feat-{split}"
+        run_extract(images, boxes, cache, settings, proposals_key=f"bench-train-scale-smoke-{windows}", image_set=split,
+                    device=torch.device("cpu"))
+        out.append(cache)
+    return [out[0]], out[1]
+
+
 def fit_line(sizes: list[int], values: list[float]) -> tuple[float, float]:
     """Least-squares ``value = a + b * n``."""
     b, a = np.polyfit(np.asarray(sizes, dtype=np.float64), np.asarray(values, dtype=np.float64), 1)
@@ -190,16 +216,18 @@ def main() -> None:
     parser.add_argument("--finetune-iterations", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--no-compare", action="store_true", help="skip the LinearSVC comparison")
-    parser.add_argument("--smoke", action="store_true", help="sizes 3,6; 20 fine-tuning iterations")
+    parser.add_argument("--smoke", action="store_true", help="sizes 2,3; 20 fine-tuning iterations; own tiny caches")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     if args.child is not None:
         print(json.dumps(_child(json.loads(args.child))))
         return
+    if args.smoke:
+        args.sizes, args.finetune_iterations = "2,3", 20
+        if not args.cache_1scale:
+            args.cache_1scale, args.test_cache_1scale = smoke_caches(args.work.resolve() / "smoke-caches", args.voc_root)
     if not args.cache_1scale:
         parser.error("give --cache-1scale (the training caches at one scale)")
-    if args.smoke:
-        args.sizes, args.finetune_iterations = "3,6", 20
     sizes = sorted(int(s) for s in args.sizes.split(","))
     wall = time.perf_counter()
     caches = [c.resolve() for c in args.cache_1scale]
