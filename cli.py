@@ -1,14 +1,7 @@
-"""spp-detect command line: the entry point (``spp-detect = "cli:main"``).
-
-The click group, its shared options and the registration of the commands, which live in
-:mod:`spp_detect.commands` by group (``detection``, ``evaluation``, ``classification``,
-``retrieval``, ``tools``, ``predict``). A command parses its options, builds its stage's settings,
-calls one ``run_<stage>`` and prints the summary; the stages themselves are library code
-(README "How a stage works"). Heavy imports (torch, cv2, sklearn) happen inside the
-commands so that ``spp-detect --help`` is instant.
-
-To add a command group: write ``spp_detect/commands/<group>.py`` with ``COMMANDS = (...)``
-and add the module to :data:`COMMAND_MODULES`.
+"""spp-detect command line: the entry point (``spp-detect = "cli:main"``): the click group,
+its shared options, and the commands of :data:`COMMAND_MODULES` (``spp_detect/commands/<group>.py``,
+each with ``COMMANDS = (...)``; README "How a stage works"). Heavy imports (torch, cv2,
+sklearn) happen inside the commands so that ``spp-detect --help`` is instant.
 """
 
 from __future__ import annotations

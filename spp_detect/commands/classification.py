@@ -8,14 +8,8 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    backbone_options,
-    device_option,
-    force_option,
-    image_source_options,
-    parse_scales,
-    pick_device,
-    settings_from_params,
-    settings_option,
+    IN_DIR, OUT_DIR, OUT_FILE, POSITIVE_FLOAT, POSITIVE_INT, backbone_options, device_option, force_option,
+    image_source_options, out_option, parse_scales, pick_device, settings_from_params, settings_options,
     stage_errors,
 )
 
@@ -38,15 +32,9 @@ def _images(params: dict):
 @click.command("classify-features")
 @image_source_options(default_image_set="trainval")
 @backbone_options(FEATURE_SETTINGS)
-@settings_option(FEATURE_SETTINGS, "view", "--view", type=click.Choice(["full", "crop"]),
-                 help="full: shorter side resized to --size, any aspect ratio; crop: then the centre --size square (paper 3.2).")
-@settings_option(FEATURE_SETTINGS, "size", "--size", type=click.IntRange(min=32),
-                 help="Shorter side in pixels (paper: 224; best full size on VOC: 392).")
-@settings_option(FEATURE_SETTINGS, "levels", "--levels", callback=parse_scales,
-                 help="Pyramid levels pooled over the whole conv map (6: the single pool5 level).")
-@settings_option(FEATURE_SETTINGS, "pooling", "--pooling", type=click.Choice(["spp", "plain"]),
-                 help="spp: the pyramid --levels; plain: a plain net's fixed 3x3/2 pool5 (needs --view crop).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Features folder.")
+@settings_options(FEATURE_SETTINGS, view=click.Choice(["full", "crop"]), size=click.IntRange(min=32), levels=parse_scales,
+                  pooling=click.Choice(["spp", "plain"]))
+@out_option("Features folder.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, help="Images per batch (same-shape views run together).")
 @device_option
 @force_option
@@ -55,13 +43,10 @@ def classify_features_cmd(out, batch_size, device, force, **params) -> None:
     (or its centre crop) pooled by the spatial pyramid.
 
     \b
-    Examples (VOC2007; then `train-classifier`):
+    Examples (VOC2007, then `train-classifier`; Caltech101, paper 3.3; rerun to resume):
       spp-detect classify-features --voc-root VOCdevkit --image-set trainval --view full --size 392 \\
           --backbone squeezenet1_0 --weights squeezenet.pth --out runs/cls-trainval
-    Caltech101 (30 train / 50 test images per class, paper 3.3):
       spp-detect classify-features --image-folder 101_ObjectCategories --split train --out runs/c101-train
-    Output: manifest.json, images.json (ids, labels), one <n>.npy (float32 [C * bins]) per image.
-    Rerun to resume.
     """
     from tqdm import tqdm
 
@@ -79,13 +64,11 @@ def classify_features_cmd(out, batch_size, device, force, **params) -> None:
 
 
 @click.command("train-classifier")
-@click.option("--features", "features_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Training features (output of classify-features).")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="Classifier .npz to write.")
-@settings_option(CLASSIFIER_SETTINGS, "C", "--C", "C", type=click.FloatRange(min=0, min_open=True), help="SVM soft margin (paper 3.2: 1).")
-@click.option("--score", "score_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Also score these features (e.g. the test set's) ...")
-@click.option("--scores-out", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--features", "features_dir", type=IN_DIR, required=True, help="Training features (output of classify-features).")
+@out_option("Classifier .npz to write.", OUT_FILE)
+@settings_options(CLASSIFIER_SETTINGS, C=POSITIVE_FLOAT)
+@click.option("--score", "score_dir", type=IN_DIR, default=None, help="Also score these features (e.g. the test set's) ...")
+@click.option("--scores-out", type=OUT_DIR, default=None,
               help="... into devkit files <comp1>_cls_<set>_<class>.txt in this folder (for `evaluate --voc2007-cls`).")
 def train_classifier_cmd(features_dir: Path, out: Path, score_dir: Path | None, scores_out: Path | None, **params) -> None:
     """One linear SVM per class on L2-normalised whole-image features, C = 1, no
@@ -96,7 +79,6 @@ def train_classifier_cmd(features_dir: Path, out: Path, score_dir: Path | None, 
     Example:
       spp-detect train-classifier --features runs/cls-trainval --out runs/svm.npz \\
           --score runs/cls-test --scores-out runs/cls-scores
-      spp-detect evaluate --voc2007-cls --voc-root VOCdevkit --image-set test --scores runs/cls-scores
     """
     from spp_detect.classification.stages import run_train_classifier
     from spp_detect.classification.svm import ClassifierSettings
@@ -112,18 +94,9 @@ def train_classifier_cmd(features_dir: Path, out: Path, score_dir: Path | None, 
 @click.command("train-spp-classifier")
 @image_source_options(default_image_set="trainval")
 @backbone_options(TRAIN_SETTINGS)
-@settings_option(TRAIN_SETTINGS, "sizes", "--sizes", callback=parse_scales,
-                 help="Training input sizes, one per epoch in turn: 224 (single-size) or 224,180 (multi-size, paper 2.3).")
-@settings_option(TRAIN_SETTINGS, "epochs", "--epochs", type=click.IntRange(min=1), help="Training epochs.")
-@settings_option(TRAIN_SETTINGS, "batch_size", "--batch-size", type=click.IntRange(min=1), help="Images per minibatch.")
-@settings_option(TRAIN_SETTINGS, "lr", "--lr", type=click.FloatRange(min=0, min_open=True),
-                 help="SGD learning rate (momentum 0.9, weight decay 5e-4).")
-@settings_option(TRAIN_SETTINGS, "hidden", "--hidden", type=click.IntRange(min=1), help="Width of the hidden fc layer of the head.")
-@settings_option(TRAIN_SETTINGS, "trainable_layers", "--trainable-layers", type=click.IntRange(min=0),
-                 help="Last trunk layers trained with the head (SqueezeNet: 1 = fire9).")
-@settings_option(TRAIN_SETTINGS, "seed", "--train-seed", "train_seed", type=int,
-                 help="Seed of the head's init and of crops, flips, order and dropout.")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Training folder (checkpoint.pt, model.pt).")
+@settings_options(TRAIN_SETTINGS, sizes=parse_scales, epochs=POSITIVE_INT, batch_size=POSITIVE_INT, lr=POSITIVE_FLOAT,
+                  hidden=POSITIVE_INT, trainable_layers=click.IntRange(min=0), seed=("--train-seed", "train_seed", int))
+@out_option("Training folder (checkpoint.pt, model.pt).")
 @click.option("--score-set", default=None, help="Afterwards score this VOC image set (e.g. test) at both test views into OUT/scores-<view>-<set>/.")
 @device_option
 @force_option
@@ -132,16 +105,9 @@ def train_spp_classifier_cmd(out, score_set, device, force, **params) -> None:
     pyramid {1,2,3,6} over the whole map, a small fc head, multi-label loss.
 
     \b
-    Random 224 crops (and flips) of images resized to 256; --sizes 224,180 switches to
-    180 inputs (the same crops resized) every other epoch, one set of parameters.
-    A checkpoint is written after every epoch: rerun the same command to resume.
-    Tested on the crop (centre 224 of 256) and full (all of 256) views (paper Table 2).
-
-    \b
-    Example:
+    Example (a checkpoint after every epoch: rerun to resume; README "Image classification"):
       spp-detect train-spp-classifier --voc-root VOCdevkit --image-set trainval --sizes 224,180 \\
           --backbone squeezenet1_0 --weights squeezenet.pth --epochs 10 --out runs/spp-multi --score-set test
-      spp-detect evaluate --voc2007-cls --voc-root VOCdevkit --scores runs/spp-multi/scores-full-test
     """
     from tqdm import tqdm
 

@@ -6,164 +6,85 @@ from pathlib import Path
 
 import click
 
-from spp_detect.commands.retrieval import open_index_trunk
 from spp_detect.commands.options import (
-    dataset_options,
-    limit_option,
-    not_required,
-    open_dataset_or_usage_error,
-    stage_errors,
-    voc_options,
+    IN_DIR, IN_FILE, IN_PATH, OUT_DIR, OUT_FILE, dataset_options, open_dataset_or_usage_error, stage_errors,
 )
+from spp_detect.commands.retrieval import open_index_trunk
 
 
 @click.command("evaluate")
-@click.option(
-    "--voc2007",
-    "protocol",
-    flag_value="voc",
-    default=True,
-    show_default=False,
-    help="VOC devkit AP per class and mAP (Python re-implementation of VOCevaldet.m; the default).",
-)
-@click.option(
-    "--coco",
-    "protocol",
-    flag_value="coco",
-    show_default=False,
-    help="The 12 COCO numbers from pycocotools (VOC difficult objects as crowd/ignore regions).",
-)
-@click.option(
-    "--voc2007-cls",
-    "protocol",
-    flag_value="voc-cls",
-    show_default=False,
-    help="Image classification AP per class and mAP (VOCevalcls.m) of --scores.",
-)
-@click.option(
-    "--scores",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    help="With --voc2007-cls: folder of devkit files <comp>_cls_<image-set>_<class>.txt ('<image_id> <score>' lines).",
-)
-@click.option(
-    "--retrieval",
-    type=click.Choice(["paris6k"]),
-    default=None,
-    help="Retrieval mAP of an `spp-detect index` (Oxford/Paris compute_map protocol) instead of detection.",
-)
-@click.option(
-    "--index", "index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-    help="With --retrieval: the index folder (of the dataset's jpg/ folder).",
-)
-@click.option(
-    "--ground-truth", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-    help="With --retrieval: gnd JSON  [default: gnd_paris6k_subset.json beside the indexed jpg/ folder]",
-)
+@click.option("--voc2007", "protocol", flag_value="voc", default=True, show_default=False,
+              help="VOC devkit AP per class and mAP (Python re-implementation of VOCevaldet.m; the default).")
+@click.option("--coco", "protocol", flag_value="coco", show_default=False,
+              help="The 12 COCO numbers from pycocotools (VOC difficult objects as crowd/ignore regions).")
+@click.option("--voc2007-cls", "protocol", flag_value="voc-cls", show_default=False,
+              help="Image classification AP per class and mAP (VOCevalcls.m) of --scores.")
+@click.option("--scores", type=IN_DIR, default=None, help="With --voc2007-cls: folder of devkit files "
+              "<comp>_cls_<image-set>_<class>.txt ('<image_id> <score>' lines).")
+@click.option("--retrieval", type=click.Choice(["paris6k"]), default=None,
+              help="Retrieval mAP of an `spp-detect index` (Oxford/Paris compute_map protocol) instead of detection.")
+@click.option("--index", "index_dir", type=IN_DIR, default=None, help="With --retrieval: the index folder (of the dataset's jpg/ folder).")
+@click.option("--ground-truth", type=IN_FILE, default=None,
+              help="With --retrieval: gnd JSON  [default: gnd_paris6k_subset.json beside the indexed jpg/ folder]")
 @click.option("--rerank", type=click.IntRange(min=1), default=100, help="With --retrieval: AML re-ranks the top N.")
-@not_required("voc_root")
-@voc_options(default_image_set="test")
-@dataset_options
-@limit_option
-@click.option(
-    "--detections",
-    type=click.Path(exists=True, path_type=Path),
-    default=None,
-    help="Folder of devkit result files <comp>_det_<image-set>_<class>.txt (1-based "
-    "'<image_id> <score> <x1> <y1> <x2> <y2>' lines), or a COCO results json.",
-)
-@click.option(
-    "--metric",
-    type=click.Choice(["11point", "area"]),
-    default=None,
-    show_default=False,
-    help="VOC AP: 11point (VOC2007) or area (VOC2010+).  [default: 11point for --year < 2010, else area]",
-)
-@click.option(
-    "--rule",
-    type=click.Choice(["devkit", "py-faster-rcnn"]),
-    default="devkit",
-    help="VOC matching: the MATLAB devkit (IoU >= t, stable sort) or py-faster-rcnn's voc_eval.py "
-    "(IoU > t, unstable sort, numpy's 11 thresholds).",
-)
-@click.option(
-    "--iou-threshold",
-    type=click.FloatRange(0, 1, min_open=True),
-    default=0.5,
-    help="VOC match threshold (VOCopts.minoverlap).",
-)
+@dataset_options(default_image_set="test")
+@click.option("--detections", type=IN_PATH, default=None, help="Folder of devkit result files <comp>_det_<image-set>_<class>.txt "
+              "(1-based '<image_id> <score> <x1> <y1> <x2> <y2>' lines), or a COCO results json.")
+@click.option("--metric", type=click.Choice(["11point", "area"]), default=None, show_default=False,
+              help="VOC AP: 11point (VOC2007) or area (VOC2010+).  [default: 11point for --year < 2010, else area]")
+@click.option("--rule", type=click.Choice(["devkit", "py-faster-rcnn"]), default="devkit", help="VOC matching: the MATLAB "
+              "devkit (IoU >= t, stable sort) or py-faster-rcnn's voc_eval.py (IoU > t, unstable sort, numpy's 11 thresholds).")
+@click.option("--iou-threshold", type=click.FloatRange(0, 1, min_open=True), default=0.5, help="VOC match threshold (VOCopts.minoverlap).")
 @click.option("--comp-id", default=None, help="Devkit file prefix, e.g. comp4  [default: any single match]")
-@click.option(
-    "--json", "json_out", type=click.Path(dir_okay=False, path_type=Path), default=None, help="Write the results here."
-)
-@click.option(
-    "--plots",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Write pr_curves.png (one precision-recall curve per class) into this folder.",
-)
+@click.option("--json", "json_out", type=OUT_FILE, default=None, help="Write the results here.")
+@click.option("--plots", type=OUT_DIR, default=None, help="Write pr_curves.png (one precision-recall curve per class) into this folder.")
 @click.pass_context
-def evaluate_cmd(
-    ctx: click.Context,
-    protocol: str,
-    retrieval: str | None,
-    index_dir: Path | None,
-    ground_truth: Path | None,
-    rerank: int,
-    voc_root: Path | None,
-    year: str,
-    image_set: str,
-    coco_json: Path | None,
-    image_paths: tuple[Path, ...],
-    limit: int | None,
-    detections: Path | None,
-    metric: str | None,
-    rule: str,
-    iou_threshold: float,
-    comp_id: str | None,
-    json_out: Path | None,
-    plots: Path | None,
-    scores: Path | None = None,
-) -> None:
+def evaluate_cmd(ctx: click.Context, protocol: str, retrieval: str | None, index_dir: Path | None, ground_truth: Path | None,
+                 rerank: int, json_out: Path | None, plots: Path | None, **params) -> None:
     """Score detections against VOC ground truth: devkit AP (--voc2007) or COCO metrics (--coco).
 
     \b
-    spp-detect evaluate --voc2007 --voc-root R --image-set test --detections D \\
-        [--metric 11point|area] [--rule devkit|py-faster-rcnn] [--json OUT] [--plots DIR]
-    spp-detect evaluate --coco --voc-root R --image-set test --detections D [--json OUT]
-    spp-detect evaluate --coco --coco-json instances_val.json --images DIR --detections D   # pycocotools on the json
-    spp-detect evaluate --coco-json instances_val.json --images DIR --detections D          # devkit AP, the json's classes
-    spp-detect evaluate --voc2007-cls --voc-root R --image-set test --scores S [--json OUT]
-    spp-detect evaluate --retrieval paris6k --index runs/paris-index [--rerank 100] [--json OUT]
+    spp-detect evaluate --voc-root R --image-set test --detections D [--metric area] [--json OUT] [--plots DIR]
+    spp-detect evaluate --coco --coco-json instances_val.json --images DIR --detections D
+    spp-detect evaluate --voc2007-cls --voc-root R --image-set test --scores S
+    spp-detect evaluate --retrieval paris6k --index runs/paris-index [--rerank 100]
     """
-    from eval.report import coco_report, voc_cls_report, voc_report, write_report
+    from eval.report import write_report
 
     if retrieval is not None:
         report = retrieval_report(index_dir, ground_truth, rerank)
     else:
-        _check_protocol_options(ctx, protocol, voc_root or coco_json or (image_paths or None), detections, scores)
-        with stage_errors():
-            data = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit)
-            if not data.annotated or (protocol == "voc-cls" and data.kind != "voc"):
-                raise click.UsageError("evaluate needs ground truth: --voc-root, or --coco-json with --images "
-                                       "(--voc2007-cls: --voc-root)")
-            images, name, voc_year = data.images, data.name, data.year or ""
-            if detections is not None:
-                _check_classes(detections, data.classes)
-            if protocol == "voc":  # a COCO dataset: the --voc2007 (11-point) AP unless --metric says otherwise
-                report = voc_report(detections, images, year=voc_year, image_set=name, rule=rule,
-                                    metric=metric or (None if voc_year else "11point"),
-                                    iou_threshold=iou_threshold, comp_id=comp_id, classes=data.classes)
-            elif protocol == "coco":
-                report = coco_report(detections, images, year=voc_year, image_set=name, comp_id=comp_id,
-                                     classes=data.classes, coco_json=data.coco_json)
-            else:
-                report = voc_cls_report(scores, images, year=year, image_set=image_set, metric=metric, comp_id=comp_id)
+        report = ground_truth_report(ctx, protocol, **params)
     for line in report.lines:
         click.echo(line)
     with stage_errors():
         for path in write_report(report, json_out, plots):
             click.echo(f"wrote {path}")
+
+
+def ground_truth_report(ctx: click.Context, protocol: str, voc_root: Path | None, year: str, image_set: str,
+                        coco_json: Path | None, image_paths: tuple[Path, ...], limit: int | None, detections: Path | None,
+                        metric: str | None, rule: str, iou_threshold: float, comp_id: str | None, scores: Path | None):
+    """`evaluate --voc2007 / --coco / --voc2007-cls`: detections (or scores) against the dataset's ground truth."""
+    from eval.report import coco_report, voc_cls_report, voc_report
+
+    _check_protocol_options(ctx, protocol, voc_root or coco_json or (image_paths or None), detections, scores)
+    with stage_errors():
+        data = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit)
+        if not data.annotated or (protocol == "voc-cls" and data.kind != "voc"):
+            raise click.UsageError("evaluate needs ground truth: --voc-root, or --coco-json with --images "
+                                   "(--voc2007-cls: --voc-root)")
+        images, name, voc_year = data.images, data.name, data.year or ""
+        if detections is not None:
+            _check_classes(detections, data.classes)
+        if protocol == "voc":  # a COCO dataset: the --voc2007 (11-point) AP unless --metric says otherwise
+            return voc_report(detections, images, year=voc_year, image_set=name, rule=rule,
+                              metric=metric or (None if voc_year else "11point"),
+                              iou_threshold=iou_threshold, comp_id=comp_id, classes=data.classes)
+        if protocol == "coco":
+            return coco_report(detections, images, year=voc_year, image_set=name, comp_id=comp_id,
+                               classes=data.classes, coco_json=data.coco_json)
+        return voc_cls_report(scores, images, year=year, image_set=image_set, metric=metric, comp_id=comp_id)
 
 
 def _check_classes(detections: Path, classes) -> None:

@@ -7,16 +7,8 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    backbone_options,
-    bar,
-    device_option,
-    force_option,
-    limit_option,
-    parse_bbox,
-    pick_device,
-    settings_from_params,
-    settings_option,
-    stage_errors,
+    IN_DIR, IN_FILE, OUT_FILE, POSITIVE_INT, backbone_options, bar, device_option, force_option, limit_option,
+    out_option, parse_bbox, pick_device, settings_from_params, settings_options, stage_errors,
 )
 
 
@@ -36,14 +28,12 @@ INDEX_SETTINGS = "spp_detect.retrieval.index:IndexSettings"
 
 
 @click.command("index")
-@click.argument("images_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Index folder.")
+@click.argument("images_dir", type=IN_DIR)
+@out_option("Index folder.")
 @backbone_options(INDEX_SETTINGS)
-@click.option("--whiten-images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              envvar="SPP_DETECT_WHITEN_IMAGES", help="Folder of images of ANOTHER dataset to learn PCA-whitening on "
-              "(e.g. VOC2007 JPEGImages; env SPP_DETECT_WHITEN_IMAGES).")
-@settings_option(INDEX_SETTINGS, "whiten_limit", "--whiten-limit", type=click.IntRange(min=2), help="Use the first N whitening images.")
-@settings_option(INDEX_SETTINGS, "levels", "--levels", type=click.IntRange(min=1), help="R-MAC region levels L (paper: 3).")
+@click.option("--whiten-images", type=IN_DIR, required=True, envvar="SPP_DETECT_WHITEN_IMAGES", help="Folder of images "
+              "of ANOTHER dataset to learn PCA-whitening on (e.g. VOC2007 JPEGImages; env SPP_DETECT_WHITEN_IMAGES).")
+@settings_options(INDEX_SETTINGS, whiten_limit=click.IntRange(min=2), levels=POSITIVE_INT)
 @limit_option
 @device_option
 @force_option
@@ -51,15 +41,8 @@ def index_cmd(images_dir: Path, out: Path, whiten_images: Path, limit: int | Non
     """Describe a folder of images for retrieval: MAC, R-MAC region vectors, quantised maps.
 
     \b
-    Each image runs once through the trunk at full resolution; its file holds the MAC,
-    the L2-normalised MACs of the R-MAC regions (L levels, 40% overlap) and the map
-    quantised to 0..8 for AML re-ranking. PCA-whitening is learned on --whiten-images,
-    which must not be the searched set. Rerun to resume.
-
-    \b
-    Example:
+    Example (--whiten-images must not be the searched set; rerun to resume):
       spp-detect index ../shared/data/paris6k-subset/jpg --out runs/paris-index \\
-          --weights ../shared/data/weights/squeezenet1_0-imagenet-deepcompression.pth \\
           --whiten-images ../shared/data/voc2007-mini/VOC2007/JPEGImages
     """
     from spp_detect.retrieval.index import IndexSettings, list_images, run_index
@@ -76,35 +59,24 @@ def index_cmd(images_dir: Path, out: Path, whiten_images: Path, limit: int | Non
 
 
 @click.command("search")
-@click.option("--index", "index_dir", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True,
-              help="Folder made by `spp-detect index`.")
-@click.option("--query", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
-              help="Query image.")
-@click.option("--bbox", callback=parse_bbox, default=None,
-              help="x1,y1,x2,y2: crop the query to this box first (0-based pixels).")
+@click.option("--index", "index_dir", type=IN_DIR, required=True, help="Folder made by `spp-detect index`.")
+@click.option("--query", type=IN_FILE, required=True, help="Query image.")
+@click.option("--bbox", callback=parse_bbox, default=None, help="x1,y1,x2,y2: crop the query to this box first (0-based pixels).")
 @click.option("--method", type=click.Choice(["rmac", "mac"]), default="rmac", help="First-search descriptor.")
 @click.option("--whiten/--no-whiten", default=True, help="Use the index's PCA-whitening.")
 @click.option("--rerank", type=click.IntRange(min=0), default=100, help="AML re-ranks the top N (0: off).")
 @click.option("--qe", type=click.IntRange(min=0), default=0, help="Average query expansion with the top N (paper: 5).")
 @click.option("--top", type=click.IntRange(min=1), default=10, help="Results to print (and draw).")
-@click.option("--show", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write a PNG: the query and the top results with their localised boxes.")
+@click.option("--show", type=OUT_FILE, default=None, help="Write a PNG: the query and the top results with their localised boxes.")
 @device_option
-def search_cmd(
-    index_dir: Path, query: Path, bbox: tuple[float, ...] | None, method: str, whiten: bool, rerank: int, qe: int,
-    top: int, show: Path | None, device: str,
-) -> None:
+def search_cmd(index_dir: Path, query: Path, bbox: tuple[float, ...] | None, method: str, whiten: bool, rerank: int, qe: int,
+               top: int, show: Path | None, device: str) -> None:
     """Find the images of an index that show the query object.
 
     \b
-    R-MAC (or MAC) ranks the whole index; AML then localises the query in the top
-    --rerank images and re-scores each by the R-MAC of its box; --qe averages the
-    query with its best localised results and scores them again.
-
-    \b
-    Example:
-      spp-detect search --index runs/paris-index \\
-          --query ../shared/data/paris6k-subset/jpg/paris_louvre_000136.jpg \\
+    R-MAC (or MAC) ranks the whole index; AML localises the query in the top --rerank
+    images and re-scores them; --qe averages the query with its best results. Example:
+      spp-detect search --index runs/paris-index --query paris_louvre_000136.jpg \\
           --bbox 14,76,989,564 --qe 5 --show louvre.png
     """
     from spp_detect.image_trunk import load_image_rgb

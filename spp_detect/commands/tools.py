@@ -7,16 +7,12 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    dataset_options,
-    not_required,
-    open_dataset_or_usage_error,
-    stage_errors,
-    voc_options,
+    IN_DIR, IN_PATH, OUT_FILE, dataset_options, open_dataset_or_usage_error, out_option, stage_errors,
 )
 
 
 @click.command("download-voc2007")
-@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Folder to unpack into.")
+@out_option("Folder to unpack into.")
 def download_voc2007_cmd(out: Path) -> None:
     """Download PASCAL VOC2007 (trainval + test, ~900 MB) from the official site."""
     from spp_detect.datasets.download import download_voc2007
@@ -26,16 +22,13 @@ def download_voc2007_cmd(out: Path) -> None:
 
 
 @click.command("show")
-@click.option("--detections", type=click.Path(exists=True, path_type=Path), required=True,
-              help="A detect folder, a folder of devkit result files, or a COCO results json.")
-@not_required("voc_root")
-@voc_options(default_image_set="test")
-@dataset_options
+@click.option("--detections", type=IN_PATH, required=True, help="A detect folder, a folder of devkit result files, or a COCO results json.")
+@dataset_options(default_image_set="test", limit=False)
 @click.option("--image", "image_ids", required=True, multiple=True,
               help="Image id, e.g. 000001 (a COCO image: its file name's stem). Repeat it, or give 'first:N' for the "
               "set's first N images, to get a contact sheet of several.")
 @click.option("--columns", type=click.IntRange(min=1), default=3, show_default=True, help="Pictures per row of a contact sheet.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), required=True, help="PNG (or JPEG) to write.")
+@out_option("PNG (or JPEG) to write.", OUT_FILE)
 @click.option("--threshold", type=float, default=0.0, help="Draw detections scoring above this (SVM margin; 0 is the decision boundary).")
 @click.option("--top", type=click.IntRange(min=1), default=20, help="At most this many boxes, best first.")
 @click.option("--ground-truth/--no-ground-truth", default=True, help="Also draw the annotated boxes (dashed white).")
@@ -48,7 +41,6 @@ def show_cmd(detections, voc_root, year, image_set, coco_json, image_paths, imag
     Example:
       spp-detect show --detections runs/dets --voc-root VOCdevkit --image 000001 --out 000001.png
       spp-detect show --detections runs/dets --voc-root VOCdevkit --image first:9 --out sheet.png
-      spp-detect show --detections runs/dets-val --coco-json instances_val.json --images photos --image IMG_0042 --out 42.png
     """
     from spp_detect.show import show_detections
 
@@ -79,22 +71,16 @@ def select_images(images, wanted: tuple[str, ...]) -> list:
 
 
 @click.command("info")
-@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--voc-root",
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    default=None,
-    envvar="SPP_DETECT_VOC_ROOT",
-    help="With a proposals folder: also report recall of the VOC ground truth.",
-)
+@click.argument("folder", type=IN_DIR)
+@click.option("--voc-root", type=IN_DIR, default=None, envvar="SPP_DETECT_VOC_ROOT",
+              help="With a proposals folder: also report recall of the VOC ground truth.")
 @click.option("--year", default="2007", show_default=True, help="VOC year (folder VOC<year>).")
 @click.option("--image-set", default=None, help="Image list for recall [default: the folder's own].")
 def info_cmd(folder: Path, voc_root: Path | None, year: str, image_set: str | None) -> None:
     """Summarise a stage folder: its settings, how far it got, and its numbers.
 
     \b
-    proposals: boxes per image; with --voc-root, recall of non-difficult ground
-               truth at IoU 0.5 / 0.7 for the first 100 ... 2000 boxes.
+    proposals: boxes per image; with --voc-root, recall at IoU 0.5 / 0.7 of the first 100 ... 2000 boxes.
     extract:   windows per image, scale shares, feature size, cache MB per image.
     """
     from spp_detect.stage_info import describe_folder
