@@ -47,6 +47,7 @@ def classify_features_cmd(out, batch_size, device, force, **params) -> None:
       spp-detect classify-features --voc-root VOCdevkit --image-set trainval --view full --size 392 \\
           --backbone squeezenet1_0 --weights squeezenet.pth --out runs/cls-trainval
       spp-detect classify-features --image-folder 101_ObjectCategories --split train --out runs/c101-train
+    Output: manifest.json, images.json (ids, labels), one <n>.npy (float32 [C * bins]) per image.
     """
     from tqdm import tqdm
 
