@@ -93,21 +93,20 @@ def localize_all(index: RetrievalIndex, query: QueryDescriptor, images: np.ndarr
     return aml_localize_many([index.levels(int(i)) for i in images], query.mac, query.ratio)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def _region_maxima(levels: np.ndarray, x0: int, y0: int, regions: np.ndarray) -> np.ndarray:
     """Per-channel max of ``levels uint8[C, H, W]`` over each half-open cell region
     ``regions int64[R, 4]`` given in the frame of a crop at ``(x0, y0)``: ``float32[R, C]``
     (the values of :func:`~spp_detect.retrieval.descriptors.region_macs` on the crop)."""
     channels = levels.shape[0]
     out = np.zeros((regions.shape[0], channels), dtype=np.float32)
-    for r in numba.prange(regions.shape[0]):
+    for r in range(regions.shape[0]):
         x1, y1, x2, y2 = x0 + regions[r, 0], y0 + regions[r, 1], x0 + regions[r, 2], y0 + regions[r, 3]
         for c in range(channels):
-            best = 0
+            best = np.uint8(0)
             for y in range(y1, y2):
                 for x in range(x1, x2):
-                    if levels[c, y, x] > best:
-                        best = levels[c, y, x]
+                    best = max(best, levels[c, y, x])  # branch-free: vectorised along the row
             out[r, c] = best
     return out
 
