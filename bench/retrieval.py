@@ -24,13 +24,15 @@ Usage: ``python -m bench.retrieval [--json bench/results/retrieval.json]``
 from __future__ import annotations
 
 import argparse
+import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import SHARED_DATA, machine, print_table, write_json
+from bench.common import SHARED_DATA, machine, print_table, smoke_args, write_json
 from eval.retrieval import load_paris_ground_truth, mean_average_precision
 from spp_detect.backbones import build_trunk, resolve_normalization
 from spp_detect.image_trunk import load_image_rgb, prepare_trunk
@@ -43,6 +45,22 @@ WEIGHTS = {
     "mobilenet_v2": SHARED_DATA / "weights" / "mobilenet_v2-imagenet1001-coral.pth",
 }
 METHODS = ("mac", "rmac", "rmac+aml", "rmac+aml+qe")
+GROUND_TRUTH = "gnd_paris6k_subset.json"
+
+
+def ground_truth_subset(queries: int, out: Path) -> tuple[Path, list[Path]]:
+    """The ground truth of the first ``queries`` queries alone, written to ``out``, and the
+    database images it names (each query's image, its ok and junk images), for ``--smoke``."""
+    data = json.loads((PARIS / GROUND_TRUTH).read_text())
+    gnd = data["gnd"][:queries]
+    keep = sorted({i for g in gnd for i in g["ok"] + g["junk"]} | {data["imlist"].index(q) for q in data["qimlist"][:queries]})
+    where = {old: new for new, old in enumerate(keep)}
+    subset = {
+        "imlist": [data["imlist"][i] for i in keep], "qimlist": data["qimlist"][:queries], "qnames": data["qnames"][:queries],
+        "gnd": [{**g, "ok": [where[i] for i in g["ok"]], "junk": [where[i] for i in g["junk"]]} for g in gnd],
+    }
+    out.write_text(json.dumps(subset))
+    return out, [PARIS / "jpg" / f"{name}.jpg" for name in subset["imlist"]]
 
 
 def run_backbone(backbone: str, args: argparse.Namespace, timing: bool) -> dict[str, object]:
@@ -51,12 +69,16 @@ def run_backbone(backbone: str, args: argparse.Namespace, timing: bool) -> dict[
     start = time.perf_counter()
     settings = IndexSettings(backbone=backbone, weights=str(WEIGHTS[backbone]), whiten_limit=args.whiten_limit)
     whiten = list_images(SHARED_DATA / "voc2007-mini" / "VOC2007" / "JPEGImages")
-    summary = run_index(list_images(PARIS / "jpg"), folder, settings, whiten, device=torch.device("cpu"))
+    database = list_images(PARIS / "jpg")
+    gnd_file = PARIS / GROUND_TRUTH
+    if args.queries is not None:
+        gnd_file, database = ground_truth_subset(args.queries, args.cache / "gnd_subset.json")
+    summary = run_index(database, folder, settings, whiten, device=torch.device("cpu"))
     out["index_seconds"] = time.perf_counter() - start
     out["indexed_now"] = summary.done
     index = load_index(folder)
     out["bytes_per_image"] = index.bytes_per_image()
-    queries = load_paris_ground_truth(PARIS / "gnd_paris6k_subset.json", index.names)
+    queries = load_paris_ground_truth(gnd_file, index.names)
     trunk = prepare_trunk(build_trunk(backbone, settings.weights), torch.device("cpu"))
     norm = resolve_normalization(backbone, settings.weights)
     rankings: dict[tuple[str, bool], list[np.ndarray]] = {}
@@ -108,8 +130,14 @@ def main() -> None:
     parser.add_argument("--whiten-limit", type=int, default=100, help="VOC2007 images to learn whitening on")
     parser.add_argument("--timing-queries", type=int, default=2, help="queries timed for AML over all images")
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-retrieval"), help="index folders (reused)")
+    parser.add_argument("--queries", type=int, default=None,
+                        help="only the first N queries, on a database of the images their ground truth names")
     parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    args = smoke_args(parser, backbones="squeezenet1_0", queries=1, whiten_limit=20, rerank=10, timing_queries=1)
+    if args.smoke and args.cache == parser.get_default("cache"):
+        args.cache = Path(tempfile.mkdtemp(prefix="bench-retrieval-smoke-"))
+    if args.queries is not None:
+        args.cache.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(2)
     wall = time.perf_counter()
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
