@@ -11,7 +11,8 @@ What it measures, and on what:
   features cost one trunk pass per window (~15-19 ms here), too slow for every window, so
   both columns use the same reduced setting: the first ``--pair-windows`` proposals of each
   image (best first), the first ``--pair-train`` training and ``--pair-test`` test images,
-  the same head and SVM recipe. The setting is stated in the JSON (``pair_setting``).
+  the same head recipe (:data:`PAIR_RECIPE`) and SVM recipe. The setting is stated in the
+  JSON (``pair_setting``).
 * Rows ``pool`` (SVMs on the pooled vector), ``ftfc6`` / ``ftfc7`` (SVMs on the fine-tuned
   head's layers), ``ftfc7 bb`` (fc7 plus box regression), per column.
 * **Ablation** (``ablation`` in the JSON): recipe choices measured on a validation split
@@ -23,10 +24,11 @@ What it measures, and on what:
 The SVM cost is ``train-svm``'s ``--C auto`` (0.001 x 5,011 / training images). Each stage
 folder lives under ``--work`` and is keyed, so a rerun reuses finished stages; stage times
 are recorded when a stage actually ran (``null`` when it was reused), and train-svm's peak
-resident memory is sampled from ``/proc`` while it runs.
+resident memory is sampled from ``/proc`` while it runs. ``--merge`` adds this run's
+cells to an earlier JSON, so the table can be filled in several runs.
 
     python -m bench.detection [--json bench/results/detection.json]      # the whole run
-    python -m bench.detection --columns 1-scale --no-pair --no-ablation   # one column
+    python -m bench.detection --columns 1-scale --no-pair --ablation ""   # one column
     python -m bench.detection --smoke                                     # seconds, for CI
 """
 
@@ -61,6 +63,9 @@ COLUMNS = {"1-scale": ("spp", (688,)), "5-scale": ("spp", PAPER_SCALES)}
 PAIR_COLUMNS = {"rcnn-style": ("crop-warp", (224,)), "1-scale-same-windows": ("spp", (688,))}
 #: row -> (SVM feature layer, box regression)
 ROWS = {"pool": ("pool", False), "ftfc6": ("fc6", False), "ftfc7": ("fc7", False), "ftfc7 bb": ("fc7", True)}
+#: The order rows are trained in: the fc rows first (fast SVMs on 1,024-d features; ftfc7 and
+#: ftfc7 bb share their SVMs), the pool row (25,600-d SVMs) last.
+ROW_ORDER = ("ftfc7 bb", "ftfc7", "ftfc6", "pool")
 #: (dataset folder under ../shared/data, image set)
 TRAIN_SETS = (("voc2007-mini", "trainval"), ("voc2007-trainval-plus", "trainval"))
 TEST_SET = ("voc2007-mini", "test")
@@ -175,12 +180,14 @@ class Bench:
             C_factor: float = 1.0) -> dict[str, object]:
         """Train the SVMs of ``row`` on ``caches``, detect on ``test_cache``, evaluate."""
         layer, bbox = ROWS[row]
-        C = SVMSettings().C  # "auto" once train-svm has it
-        if C_factor != 1.0 or C != "auto":
+        C = SVMSettings().C  # "auto"
+        if C_factor != 1.0:
             C = _auto_C(caches) * C_factor
-        svm_settings = SVMSettings(layer=layer, bbox=bbox, C=C)
+        # fc7 SVMs are trained once, with box regressors: rows ftfc7 and ftfc7 bb differ only in
+        # whether detect applies them (the SVMs do not depend on it)
+        svm_settings = SVMSettings(layer=layer, bbox=layer == "fc7", C=C)
         head_tag = head.name if head is not None and layer != "pool" else "nohead"
-        svm_dir = self.work / f"svm-{tag}-{layer}{'-bb' if bbox else ''}-C{C_factor:g}-{head_tag}"
+        svm_dir = self.work / f"svm-{tag}-{layer}{'-bb' if svm_settings.bbox else ''}-C{C_factor:g}-{head_tag}"
         record: dict[str, object] = {}
         t0 = time.perf_counter()
         with peak_rss(record):
@@ -198,6 +205,7 @@ class Bench:
         return {
             "map": evaluation.map,
             "per_class_ap": dict(evaluation.ap),
+            "svm_folder": svm_dir.name,
             "train_svm_seconds": train_s,
             "train_svm_peak_mb": record["peak_mb"] if train_s is not None else None,
             "detect_seconds_per_image": detect_s,
@@ -227,7 +235,8 @@ def _train_caches(bench: Bench, column: str, mode: str, scales, sets, recipe: Re
 
 
 def _column(bench: Bench, name: str, mode: str, scales, train_sets, test_set, recipe: Recipe, result: dict,
-            train_limit: int | None = None, test_limit: int | None = None, windows: int | None = None) -> None:
+            train_limit: int | None = None, test_limit: int | None = None, windows: int | None = None,
+            rows=tuple(ROWS)) -> None:
     """One column of the table: train every row on ``train_sets``, test on ``test_set``."""
     test_images = bench.images(*test_set, limit=test_limit)
     train, flipped = _train_caches(bench, name, mode, scales, train_sets, recipe, limit=train_limit, windows=windows)
@@ -235,7 +244,7 @@ def _column(bench: Bench, name: str, mode: str, scales, train_sets, test_set, re
     tag = name + (f"-{train_limit}-w{windows}" if windows else "")
     head = bench.head(train, recipe, tag, flipped)
     cells = result["columns"].setdefault(name, {})
-    for row in ROWS:
+    for row in (r for r in ROW_ORDER if r in rows):
         cells[row] = bench.row(train, head, test, test_images, row, tag)
         print(f"{name:>22} {row:>9}: mAP {100 * cells[row]['map']:5.1f}", flush=True)
     result["train_images"][name] = sum(len(bench.images(*s, limit=train_limit)) for s in train_sets)
@@ -243,10 +252,10 @@ def _column(bench: Bench, name: str, mode: str, scales, train_sets, test_set, re
     result["windows_per_image"][name] = windows if windows else "all (up to 2,000)"
 
 
-def run_columns(bench: Bench, columns: list[str], result: dict) -> None:
+def run_columns(bench: Bench, columns: list[str], result: dict, rows=tuple(ROWS)) -> None:
     for column in columns:
         mode, scales = COLUMNS[column]
-        _column(bench, column, mode, scales, TRAIN_SETS, TEST_SET, RECIPE, result)
+        _column(bench, column, mode, scales, TRAIN_SETS, TEST_SET, RECIPE, result, rows=rows)
 
 
 def run_pair(bench: Bench, args, result: dict) -> None:
@@ -282,6 +291,7 @@ def main() -> None:
     global RECIPE, PAIR_RECIPE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--columns", default=",".join(COLUMNS), help="SPP columns to run (comma-separated, or empty)")
+    parser.add_argument("--rows", default=",".join(ROWS), help="rows of the SPP columns to run (comma-separated)")
     parser.add_argument("--pair", action=argparse.BooleanOptionalAction, default=True, help="the rcnn-style pair")
     parser.add_argument("--pair-windows", type=int, default=100)
     parser.add_argument("--pair-train", type=int, default=100)
@@ -318,7 +328,7 @@ def main() -> None:
     if args.ablation:
         run_ablation(bench, args.ablation.split(","), result)
     if args.columns:
-        run_columns(bench, args.columns.split(","), result)
+        run_columns(bench, args.columns.split(","), result, tuple(args.rows.split(",")))
     if args.pair:
         run_pair(bench, args, result)
     result["map"] = {row: {c: cells[row]["map"] for c, cells in result["columns"].items() if row in cells} for row in ROWS}
