@@ -132,9 +132,17 @@ def peak_rss(record: dict[str, float]):
 class Bench:
     """The stages of one benchmark run, every folder under ``work`` and keyed."""
 
-    def __init__(self, work: Path, device: torch.device, limit: int | None, workers: int) -> None:
+    def __init__(self, work: Path, device: torch.device, limit: int | None, workers: int,
+                 json_path: Path | None = None) -> None:
         self.work, self.device, self.limit, self.workers = work, device, limit, workers
+        self.json_path = json_path
         self.times: dict[str, float | None] = {}
+
+    def checkpoint(self, result: dict) -> None:
+        """Write the JSON so far (a long run keeps what it measured if it is stopped)."""
+        result["map"] = {row: {c: cells[row]["map"] for c, cells in result["columns"].items() if row in cells} for row in ROWS}
+        result["stage_seconds"].update(self.times)
+        write_json(self.json_path, result)
 
     def images(self, dataset: str, image_set: str, limit: int | None = None):
         limit = min(x for x in (limit, self.limit, 10**9) if x is not None)
@@ -247,6 +255,7 @@ def _column(bench: Bench, name: str, mode: str, scales, train_sets, test_set, re
     for row in (r for r in ROW_ORDER if r in rows):
         cells[row] = bench.row(train, head, test, test_images, row, tag)
         print(f"{name:>22} {row:>9}: mAP {100 * cells[row]['map']:5.1f}", flush=True)
+        bench.checkpoint(result)
     result["train_images"][name] = sum(len(bench.images(*s, limit=train_limit)) for s in train_sets)
     result["test_images"][name] = len(test_images)
     result["windows_per_image"][name] = windows if windows else "all (up to 2,000)"
@@ -281,6 +290,7 @@ def run_ablation(bench: Bench, names: list[str], result: dict) -> None:
         result["ablation"][name] = {"row": row, "finetune": asdict(recipe.finetune) if row != "pool" else None,
                                     "flip": recipe.flip if row != "pool" else None, "C_factor": C_factor, **cell}
         print(f"{'ablation':>22} {name:>34} ({row}): val mAP {100 * cell['map']:5.1f}", flush=True)
+        bench.checkpoint(result)
     result["ablation_setting"] = (
         f"train on {'/'.join(ABLATION_TRAIN)} ({len(bench.images(*ABLATION_TRAIN))} images), validate on "
         f"{'/'.join(ABLATION_VAL)} ({len(val_images)} images), 1 scale, every window"
@@ -316,7 +326,7 @@ def main() -> None:
         args.ablation = "smoke recipe"
         if args.work == parser.get_default("work"):
             args.work = Path(tempfile.mkdtemp(prefix="bench-detection-smoke-"))
-    bench = Bench(args.work, torch.device(args.device), limit, args.workers)
+    bench = Bench(args.work, torch.device(args.device), limit, args.workers, args.json)
     result: dict = json.loads(args.merge.read_text()) if args.merge else {}
     result.update({"machine": machine(), "device": args.device, "backbone": BACKBONE,
                    "recipe": {"finetune": asdict(RECIPE.finetune), "flip": RECIPE.flip},
