@@ -53,5 +53,5 @@ $spp detect --cache "$out/features-test" --svm "$out/svm" --bbox --out "$out/det
 echo
 echo "== VOC2007 test mAP ($train trainval -> $test test images, scales $scales, SqueezeNet, $row + box regression) =="
 $spp evaluate --voc-root "$voc" --image-set test --limit "$test" --detections "$out/detections" --plots "$out"
-$spp show --detections "$out/detections" --voc-root "$voc" --image first:9 --threshold 0 --top 4 --out "$out/detections.png"
-echo "Detections on the first 9 test images (score > 0, at most 4 each; ground truth dashed): $out/detections.png"
+$spp show --detections "$out/detections" --voc-root "$voc" --image first:9 --threshold -0.7 --top 3 --out "$out/detections.png"
+echo "Detections on the first 9 test images (SVM score > -0.7, the best 3 each; ground truth dashed): $out/detections.png"
