@@ -229,7 +229,7 @@ def _auto_C(caches: list[Path]) -> float:
 
 
 def _short(recipe: FinetuneSettings) -> str:
-    """A readable folder tag of the settings that differ from :data:`RECIPE`'s defaults."""
+    """A readable folder tag of the settings that differ from :class:`FinetuneSettings`' defaults."""
     base = asdict(FinetuneSettings())
     diff = {k: v for k, v in asdict(recipe).items() if base[k] != v}
     return "-".join(f"{k}{'x'.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in sorted(diff.items())) or "defaults"
@@ -341,11 +341,9 @@ def main() -> None:
         run_columns(bench, args.columns.split(","), result, tuple(args.rows.split(",")))
     if args.pair:
         run_pair(bench, args, result)
-    result["map"] = {row: {c: cells[row]["map"] for c, cells in result["columns"].items() if row in cells} for row in ROWS}
-    result["stage_seconds"].update(bench.times)
     result["wall_seconds"] = result.get("wall_seconds", 0.0) + time.perf_counter() - start
+    bench.checkpoint(result)  # the table, the stage times and the JSON
     _print_table(result)
-    write_json(args.json, result)
 
 
 def _print_table(result: dict) -> None:
