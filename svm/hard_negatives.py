@@ -50,10 +50,12 @@ class NegativeCache:
     def __len__(self) -> int:
         return int(self.keys.numel())
 
-    def offer(self, keys: Tensor, features: Tensor, scores: Tensor | None, threshold: float = HARD_THRESHOLD) -> int:
-        """Add the candidates (``keys Tensor[K]``, ``features Tensor[K, D]``) whose score
-        (``Tensor[K]``) is ``> threshold`` and whose key is not cached yet; all new keys
-        when ``scores`` is None (the first image). Returns how many were added."""
+    def offer(self, keys: Tensor, rows: Tensor, features: Tensor, scores: Tensor | None,
+              threshold: float = HARD_THRESHOLD) -> int:
+        """Add the candidates (``keys Tensor[K]``; candidate ``i``'s feature is row
+        ``rows[i]`` of ``features Tensor[N, D]``) whose score (``Tensor[K]``) is
+        ``> threshold`` and whose key is not cached yet; all new keys when ``scores`` is None
+        (the first image). Only the added rows are gathered. Returns how many were added."""
         keep = ~torch.isin(keys, self.keys)
         if scores is not None:
             keep &= scores > threshold
@@ -62,7 +64,7 @@ class NegativeCache:
         self.keys = torch.cat([self.keys, keys[keep]])
         added = int(keep.sum())
         self.alphas = torch.cat([self.alphas, torch.zeros(added, dtype=torch.float64)])
-        self._chunks.append(features[keep].to(self._chunks[0].dtype))
+        self._chunks.append(features[rows[keep]].to(self._chunks[0].dtype))
         self.num_added += added
         return added
 

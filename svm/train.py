@@ -282,7 +282,7 @@ def run_train_svm(
         scores = feats @ weights + bias  # [N, C]
         for c in active:
             cand = torch.nonzero(is_first & (overlaps[:, c] < settings.negative_iou)).flatten()
-            negatives[c].offer(keys[cand], feats[cand], scores[cand, c] if trained[c] else None, settings.hard_threshold)
+            negatives[c].offer(keys[cand], cand, feats, scores[cand, c] if trained[c] else None, settings.hard_threshold)
             if (not trained[c] or negatives[c].needs_retraining() or last) and len(negatives[c]):
                 retrain(c, last)
     for c in active:

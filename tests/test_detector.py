@@ -190,7 +190,7 @@ def test_svm_separates_two_classes_of_real_features(train_cache):
 def test_mining_adds_and_evicts_by_the_release_thresholds():
     cache = NegativeCache(dim=1, retrain_limit=3)
     feats = torch.arange(6, dtype=torch.float32)[:, None]
-    assert cache.offer(torch.arange(6), feats, None) == 6  # first image: every negative
+    assert cache.offer(torch.arange(6), torch.arange(6), feats, None) == 6  # first image: every negative
     assert cache.needs_retraining()  # 6 > 3 added
     # scores in cache order: -1.2 stays (not < -1.2), -1.2001 goes
     evicted = cache.retrained(torch.tensor([-1.2, -1.2001, -5.0, 0.3, -1.0, -1.19999]))
@@ -198,9 +198,10 @@ def test_mining_adds_and_evicts_by_the_release_thresholds():
     # later images: only score > -1.0001 and not cached yet
     keys = torch.tensor([3, 10, 11, 12, 13])
     scores = torch.tensor([5.0, -1.0001, -1.00009, 0.0, -2.0])
-    assert cache.offer(keys, torch.zeros(5, 1), scores) == 2  # 11 and 12; 3 is cached, 10 is not > -1.0001
+    rows = torch.tensor([4, 0, 1, 2, 3])  # candidate i's feature is row rows[i]
+    assert cache.offer(keys, rows, 10 + torch.arange(5.0)[:, None], scores) == 2  # 11, 12; 3 is cached, 10 not > -1.0001
     assert cache.keys.tolist() == [0, 3, 4, 5, 11, 12] and not cache.needs_retraining()
-    assert cache.features.shape == (6, 1) and cache.features[:4, 0].tolist() == [0.0, 3.0, 4.0, 5.0]
+    assert cache.features[:, 0].tolist() == [0.0, 3.0, 4.0, 5.0, 11.0, 12.0]
 
 
 # --------------------------------------------------------------------------- box regression
