@@ -19,12 +19,15 @@ train-svm gathers the samples in a :class:`BoxSampleStore`: float16 features spi
 file per class on disk (the samples grow with the training set: ~38 per image, 51 kB each
 at 25,600-d, i.e. ~32 GB for VOC07+12), windows and targets (8 numbers a sample) in memory;
 :meth:`BoxSampleStore.fit` solves each class from its file in row blocks, so memory holds
-one ``min(n, D + 1)``-square system at a time, never the samples.
+one ``min(n, D + 1)``-square float32 system at a time, never the samples: at most
+25,601^2 x 4 bytes = 2.6 GB for pooled SqueezeNet features, whatever the training-set size
+(the dual kernel of the largest class before that: 1.1 GB for ~17,000 samples).
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,11 +195,15 @@ class BoxSampleStore:
             self._targets[c].append(targets[rows].to(torch.float32))
             self.counts[c] += int(rows.sum())
 
-    def features(self, c: int) -> np.ndarray:
-        """``np.ndarray[n_c, dim]`` float16, memory-mapped from class ``c``'s file."""
-        if self.counts[c] == 0:
+    def read(self, c: int, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of class ``c``'s samples: ``np.ndarray[k, dim]`` float16,
+        read from its file (not mapped: only this block is in memory)."""
+        stop = min(stop, self.counts[c])
+        if stop <= start:
             return np.zeros((0, self.dim), dtype=np.float16)
-        return np.memmap(self._path(c), dtype=np.float16, mode="r", shape=(self.counts[c], self.dim))
+        row = 2 * self.dim
+        return np.fromfile(self._path(c), dtype=np.float16, count=(stop - start) * self.dim,
+                           offset=start * row).reshape(stop - start, self.dim)
 
     def fit(self, feature_scale: float, lam: float = SPP_LAMBDA, block: int = 1024) -> BoxRegressor:
         """The regressors of :func:`fit_box_regressor` on the stored samples (float16
@@ -212,7 +219,8 @@ class BoxSampleStore:
             windows, targets = torch.cat(self._windows[c]), torch.cat(self._targets[c])
             deltas = encode_boxes(windows.to(torch.float64), targets.to(torch.float64))
             mu, whitened, unwhiten[c] = _whitened_targets(deltas)
-            weights[c] = _ridge_blocks(self.features(c), feature_scale, whitened, lam, block).float()
+            weights[c] = _ridge_blocks(lambda a, b, c=c: self.read(c, a, b), self.counts[c], self.dim, feature_scale,
+                                       whitened, lam, block).float()
             mean[c] = mu.float()
             trained[c] = True
         return BoxRegressor(weights, mean, unwhiten, trained, float(feature_scale))
@@ -221,35 +229,37 @@ class BoxSampleStore:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def _ridge_blocks(features: np.ndarray, scale: float, y: Tensor, lam: float, block: int) -> Tensor:
-    """:func:`fit_ridge` of ``x = [scale * features, 1]`` (``features np.ndarray[n, d]``,
-    e.g. a float16 memmap) onto ``y Tensor[n, k]``, reading ``x`` in ``block``-row blocks:
-    the primal ``(x'x + lam I) W = x'y`` when ``d + 1 <= n``, else the dual
-    ``W = x' (x x' + lam I)^-1 y``. Products in float32 blocks, sums and solves in float64:
-    memory is the ``min(n, d + 1)``-square system plus two blocks."""
-    n, d = features.shape
+def _ridge_blocks(read: Callable[[int, int], np.ndarray], n: int, d: int, scale: float, y: Tensor, lam: float,
+                  block: int) -> Tensor:
+    """:func:`fit_ridge` of ``x = [scale * features, 1]`` onto ``y Tensor[n, k]``, the ``n``
+    feature rows (``d`` wide) read in ``block``-row blocks by ``read(start, stop) ->
+    np.ndarray[b, d]`` (float16 or float32): the primal ``(x'x + lam I) W = x'y`` when
+    ``d + 1 <= n``, else the dual ``W = x' (x x' + lam I)^-1 y``. The square system is
+    float32 (products, sums and Cholesky; ``lam`` = 4,000 on features of norm 20 keeps it
+    well conditioned), the right-hand sides and the result float64: memory is the
+    ``min(n, d + 1)``-square float32 system plus two blocks."""
     y = y.to(torch.float64)
 
     def rows(start: int) -> Tensor:  # [b, d + 1] float32
-        part = torch.from_numpy(np.asarray(features[start:start + block], dtype=np.float32)) * scale
+        part = torch.from_numpy(np.asarray(read(start, start + block), dtype=np.float32)) * scale
         return torch.cat([part, torch.ones((len(part), 1))], dim=1)
 
     starts = range(0, n, block)
     if d + 1 <= n:
-        gram = torch.zeros((d + 1, d + 1), dtype=torch.float64)
+        gram = torch.zeros((d + 1, d + 1), dtype=torch.float32)
         xty = torch.zeros((d + 1, y.shape[1]), dtype=torch.float64)
         for s in starts:
             x = rows(s)
-            gram += (x.T @ x).double()
+            gram.addmm_(x.T, x)
             xty += x.double().T @ y[s:s + block]
         return _solve_in_place(gram, lam, xty)
-    kernel = torch.empty((n, n), dtype=torch.float64)
+    kernel = torch.empty((n, n), dtype=torch.float32)
     for s in starts:
         xs = rows(s)
         for t in starts:
             if t < s:
                 continue
-            part = (xs @ rows(t).T).double() if t != s else (xs @ xs.T).double()
+            part = xs @ rows(t).T if t != s else xs @ xs.T
             kernel[s:s + block, t:t + block] = part
             kernel[t:t + block, s:s + block] = part.T
     dual = _solve_in_place(kernel, lam, y)  # [n, k]
@@ -261,10 +271,12 @@ def _ridge_blocks(features: np.ndarray, scale: float, y: Tensor, lam: float, blo
 
 
 def _solve_in_place(system: Tensor, lam: float, rhs: Tensor) -> Tensor:
-    """``(system + lam I)^-1 rhs`` by Cholesky, factorising ``system`` (``Tensor[m, m]``
-    float64, symmetric) in its own memory (LAPACK through SciPy, no second m x m copy)."""
+    """``(system + lam I)^-1 rhs`` (float64 ``Tensor[m, k]``) by Cholesky, factorising
+    ``system`` (``Tensor[m, m]``, symmetric, float32 or float64) in its own memory (LAPACK
+    through SciPy, no second m x m copy)."""
     from scipy.linalg import cho_factor, cho_solve
 
     system.diagonal().add_(lam)
     factor = cho_factor(system.numpy(), lower=True, overwrite_a=True, check_finite=False)
-    return torch.from_numpy(cho_solve(factor, rhs.numpy(), check_finite=False))
+    solved = cho_solve(factor, rhs.numpy().astype(system.numpy().dtype), check_finite=False)
+    return torch.from_numpy(solved).to(torch.float64)

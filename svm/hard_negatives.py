@@ -27,46 +27,34 @@ RETRAIN_LIMIT: int = 2000  # spp_train.m, retrain_limit
 
 
 class NegativeCache:
-    """The cached negatives of one class: ``keys Tensor[Q]`` int64 (unique window ids),
-    ``features Tensor[Q, D]`` (float16 by default: half the memory of float32, and what
-    the :mod:`svm.dcd` solver reads) and ``alphas Tensor[Q]`` float64 (each negative's dual
-    variable in the last solve, 0 for new ones: the solver's warm start), in insertion
-    order, plus the count added since the last retraining."""
+    """The cached negatives of one class: ``keys Tensor[Q]`` int64 (unique window ids; the
+    features are rows of the shared :class:`svm.feature_store.HalfStore`) and ``alphas
+    Tensor[Q]`` float64 (each negative's dual variable in the last solve, 0 for new ones:
+    the solver's warm start), in insertion order, plus the count added since the last
+    retraining."""
 
-    def __init__(self, dim: int, retrain_limit: int = RETRAIN_LIMIT, dtype: torch.dtype = torch.float16) -> None:
+    def __init__(self, retrain_limit: int = RETRAIN_LIMIT) -> None:
         self.retrain_limit = retrain_limit
         self.keys = torch.zeros(0, dtype=torch.int64)
         self.alphas = torch.zeros(0, dtype=torch.float64)
-        self._chunks: list[Tensor] = [torch.zeros((0, dim), dtype=dtype)]
         self.num_added = 0
-
-    @property
-    def features(self) -> Tensor:
-        """``Tensor[Q, D]`` cached negative features."""
-        if len(self._chunks) > 1:
-            self._chunks = [torch.cat(self._chunks)]
-        return self._chunks[0]
 
     def __len__(self) -> int:
         return int(self.keys.numel())
 
-    def offer(self, keys: Tensor, rows: Tensor, features: Tensor, scores: Tensor | None,
-              threshold: float = HARD_THRESHOLD) -> int:
-        """Add the candidates (``keys Tensor[K]``; candidate ``i``'s feature is row
-        ``rows[i]`` of ``features Tensor[N, D]``) whose score (``Tensor[K]``) is
+    def offer(self, keys: Tensor, scores: Tensor | None, threshold: float = HARD_THRESHOLD) -> Tensor:
+        """Add the candidates (``keys Tensor[K]``) whose score (``Tensor[K]``) is
         ``> threshold`` and whose key is not cached yet; all new keys when ``scores`` is None
-        (the first image). Only the added rows are gathered. Returns how many were added."""
+        (the first image). Returns ``Tensor[K]`` bool: which candidates were added."""
         keep = ~torch.isin(keys, self.keys)
         if scores is not None:
             keep &= scores > threshold
-        if not bool(keep.any()):
-            return 0
-        self.keys = torch.cat([self.keys, keys[keep]])
         added = int(keep.sum())
-        self.alphas = torch.cat([self.alphas, torch.zeros(added, dtype=torch.float64)])
-        self._chunks.append(features[rows[keep]].to(self._chunks[0].dtype))
-        self.num_added += added
-        return added
+        if added:
+            self.keys = torch.cat([self.keys, keys[keep]])
+            self.alphas = torch.cat([self.alphas, torch.zeros(added, dtype=torch.float64)])
+            self.num_added += added
+        return keep
 
     def needs_retraining(self) -> bool:
         """More than ``retrain_limit`` negatives were added since the last retraining."""
@@ -79,6 +67,5 @@ class NegativeCache:
         evicted = int((~keep).sum())
         self.keys = self.keys[keep]
         self.alphas = self.alphas[keep]
-        self._chunks = [self.features[keep]]
         self.num_added = 0
         return evicted

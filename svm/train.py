@@ -9,11 +9,12 @@ mean norm of 20, and the negatives are mined in one pass (:mod:`svm.hard_negativ
 Every class is trained after the first image, then whenever it has gathered more than
 2,000 new negatives, and after the last image.
 
-Memory is bounded by the mining caches: negatives and positives are kept in float16, the
-solver (:mod:`svm.dcd`, default) reads them as they are and keeps each class's dual
-variables for a warm start at its next retraining; box-regression samples go to a
-float16 scratch file per class (:class:`svm.bbox_reg.BoxSampleStore`, deleted at the
-end); nothing else is kept per image. ``C = "auto"`` (the default) is the release's
+Memory is bounded by the mining caches: positives and cached negatives are float16 rows of
+one store shared by the classes (:class:`svm.feature_store.HalfStore`: a window hard for
+several classes is kept once), which the solver (:mod:`svm.dcd`, default) reads in place,
+keeping each class's dual variables for a warm start at its next retraining; box-regression
+samples go to a float16 scratch file per class (:class:`svm.bbox_reg.BoxSampleStore`,
+deleted at the end); nothing else is kept per image. ``C = "auto"`` (the default) is the release's
 0.001 rescaled to the number of training images (:func:`svm.linear.auto_c`).
 
 Outputs in the stage folder: ``svm.npz`` (``weights [D, C]``, ``bias [C]``,
@@ -30,6 +31,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -41,9 +43,10 @@ from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, se
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, distinct_windows, mean_feature_norm, open_caches, window_features
 from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, BoxSampleStore
-from svm.dcd import solve_dcd
+from svm.dcd import half_scores, solve_dcd
+from svm.feature_store import HalfStore
 from svm.hard_negatives import EVICT_THRESHOLD, HARD_THRESHOLD, NEGATIVE_IOU, RETRAIN_LIMIT, NegativeCache
-from svm.linear import BIAS_MULT, LIBLINEAR_TOL, POS_WEIGHT, SOLVERS, SVM_C, auto_c, linear_scores, svm_objective, train_linear_svm
+from svm.linear import BIAS_MULT, POS_WEIGHT, SOLVERS, SVM_C, SVM_TOL, auto_c, train_linear_svm
 
 __all__ = ["SVMSettings", "SVMModel", "SVMSummary", "run_train_svm", "load_svm"]
 
@@ -67,8 +70,12 @@ class SVMSettings:
         "VOC07's 5,011 trainval images.")})
     pos_weight: float = POS_WEIGHT
     bias_mult: float = BIAS_MULT
-    tol: float = LIBLINEAR_TOL
-    solver: str = "dcd"
+    tol: float = field(default=SVM_TOL, metadata={"help": (
+        "Solver stopping tolerance (liblinear's projected-gradient rule). 0.01 by default; 0.1 is the release's "
+        "(liblinear's default), which stops far from the optimum.")})
+    solver: str = field(default="dcd", metadata={"help": (
+        "dcd: liblinear's dual coordinate descent compiled here, reading the float16 caches in place, warm-started "
+        "at every retraining; liblinear: scikit-learn's LinearSVC (the same problem, for comparison).")})
     negative_iou: float = NEGATIVE_IOU
     hard_threshold: float = HARD_THRESHOLD
     evict_threshold: float = EVICT_THRESHOLD
@@ -145,6 +152,8 @@ class SVMSummary:
     bbox_samples: int = 0
     untrained: list[str] = field(default_factory=list)
     objective: dict[str, float] = field(default_factory=dict)
+    #: cached negatives over all classes, each window counted once (the store's rows)
+    distinct_negatives: int = 0
     already_done: bool = False
 
     def describe(self, out: Path | str) -> str:
@@ -152,7 +161,8 @@ class SVMSummary:
         if self.already_done:
             return f"train-svm: {out} already holds trained SVMs (use --force to retrain)"
         return (f"train-svm: {len(self.positives)} classes on {self.images} images (C = {self.C:.4g}) in {self.seconds:.0f} s; "
-                f"{sum(self.positives.values())} positives, {sum(self.negatives.values())} cached hard negatives"
+                f"{sum(self.positives.values())} positives, {sum(self.negatives.values())} cached hard negatives "
+                f"({self.distinct_negatives} distinct windows)"
                 + (f", box regression on {self.bbox_samples} windows" if self.bbox_samples else "") + f" -> {out}")
 
 
@@ -231,45 +241,57 @@ def run_train_svm(
             if len(rows):
                 pooled = window_features(image, "pool", None, rows, device=device).cpu()
                 bbox_store.add(pooled, image.boxes[rows], image.gt_boxes[which[rows]], image.gt_labels[which[rows]])
-    pos = [torch.cat(p) if p else torch.zeros(0, dtype=torch.float16) for p in positives]
-    pos_alphas = [torch.zeros(len(p), dtype=torch.float64) for p in pos]  # dual variables (dcd warm start)
-    active = [c for c in range(num_classes) if len(pos[c])]
+    pos_counts = [sum(len(p) for p in positives[c]) for c in range(num_classes)]
+    active = [c for c in range(num_classes) if pos_counts[c]]
     if not active:
         raise ValueError("the training caches hold no ground-truth windows: nothing to train")
-    summary.untrained = [classes[c] for c in range(num_classes) if not len(pos[c])]
+    summary.untrained = [classes[c] for c in range(num_classes) if not pos_counts[c]]
     if summary.untrained:
         log.warning("no positives for %s: those classes get no detector", ", ".join(summary.untrained))
 
+    # every feature row the SVMs train on, once: positives (negative keys), then mined windows
+    dim = positives[active[0]][0].shape[1]
+    negatives = [NegativeCache(settings.retrain_limit) for _ in range(num_classes)]
+    pos_keys = np.split(np.arange(sum(pos_counts), dtype=np.int64) - sum(pos_counts), np.cumsum(pos_counts)[:-1])
+    store = HalfStore(dim, live=lambda: np.concatenate(pos_keys + [n.keys.numpy() for n in negatives]))
+    for c in active:
+        store.add(pos_keys[c], torch.cat(positives[c]))
+    del positives
+    pos_alphas = [np.zeros(n) for n in pos_counts]  # dual variables (dcd warm start)
+
     # pass 2: hard-negative mining, one epoch
-    dim = pos[active[0]].shape[1]
     weights = torch.zeros((dim, num_classes))
     bias = torch.full((num_classes,), UNTRAINED_BIAS)
-    negatives = [NegativeCache(dim, settings.retrain_limit) for _ in range(num_classes)]
     retrains = [0] * num_classes
     trained = [False] * num_classes
     objective: dict[int, float] = {}
 
     def retrain(c: int, last: bool) -> None:
-        neg = negatives[c].features
+        rows = store.rows(np.concatenate([pos_keys[c], negatives[c].keys.numpy()]))
+        npos = pos_counts[c]
+        labels = np.concatenate([np.ones(npos), -np.ones(len(rows) - npos)])
         if settings.solver == "dcd":
-            examples = torch.cat([pos[c], neg]).numpy()  # [P + Q, D] float16
-            labels = torch.cat([torch.ones(len(pos[c])), -torch.ones(len(neg))]).numpy()
-            warm = torch.cat([pos_alphas[c], negatives[c].alphas]).numpy()
-            w64, b, alpha, _ = solve_dcd(examples, labels, svm_c * settings.pos_weight, svm_c, settings.bias_mult,
-                                         settings.tol, alpha=warm, seed=settings.seed)
-            w = torch.from_numpy(w64).float()
-            pos_alphas[c], negatives[c].alphas = torch.from_numpy(alpha[: len(pos[c])]), torch.from_numpy(alpha[len(pos[c]):])
+            warm = np.concatenate([pos_alphas[c], negatives[c].alphas.numpy()])
+            w64, b, alpha, _ = solve_dcd(store.data, labels, svm_c * settings.pos_weight, svm_c, settings.bias_mult,
+                                         settings.tol, alpha=warm, rows=rows, seed=settings.seed)
+            pos_alphas[c], negatives[c].alphas = alpha[:npos], torch.from_numpy(alpha[npos:])
         else:
-            w, b = train_linear_svm(pos[c], neg, svm_c, settings.pos_weight, settings.bias_mult, tol=settings.tol,
-                                    solver="liblinear")
-        weights[:, c], bias[c] = w, b
+            examples = torch.from_numpy(store.data[rows])
+            w, b = train_linear_svm(examples[:npos], examples[npos:], svm_c, settings.pos_weight, settings.bias_mult,
+                                    tol=settings.tol, solver="liblinear")
+            w64 = w.double().numpy()
+        weights[:, c], bias[c] = torch.from_numpy(w64).float(), b
         trained[c] = True
         retrains[c] += 1
+        scores = half_scores(store.data, w64, b, rows)  # [P + Q] float64
         if last:  # the final problem, before eviction (the release evicts after every retraining)
-            objective[c] = svm_objective(w, b, pos[c], neg, svm_c, settings.pos_weight, settings.bias_mult)
+            hinge = np.maximum(0.0, 1.0 - labels * scores)
+            objective[c] = float(svm_c * (settings.pos_weight * hinge[:npos].sum() + hinge[npos:].sum())
+                                 + 0.5 * w64 @ w64 + 0.5 * (b / settings.bias_mult) ** 2)
             if final_problem is not None:
-                final_problem(c, pos[c], neg, w, b)
-        negatives[c].retrained(linear_scores(neg, w, b), settings.evict_threshold)
+                examples = torch.from_numpy(store.data[rows])
+                final_problem(c, examples[:npos], examples[npos:], weights[:, c].clone(), float(b))
+        negatives[c].retrained(torch.from_numpy(scores[npos:]), settings.evict_threshold)
 
     for number, image in enumerate(_lazy(caches, pairs, "mining", progress)):
         last = number == len(pairs) - 1
@@ -280,18 +302,23 @@ def run_train_svm(
         is_first[first] = True  # one window per distinct (scale, cells): the release's dedup
         keys = (number << WINDOW_BITS) + torch.arange(len(image), dtype=torch.int64)
         scores = feats @ weights + bias  # [N, C]
+        added = torch.zeros(len(image), dtype=torch.bool)
         for c in active:
             cand = torch.nonzero(is_first & (overlaps[:, c] < settings.negative_iou)).flatten()
-            negatives[c].offer(keys[cand], cand, feats, scores[cand, c] if trained[c] else None, settings.hard_threshold)
+            added[cand[negatives[c].offer(keys[cand], scores[cand, c] if trained[c] else None, settings.hard_threshold)]] = True
+        store.add(keys[added], feats[added])  # a window hard for several classes is stored once
+        for c in active:
             if (not trained[c] or negatives[c].needs_retraining() or last) and len(negatives[c]):
                 retrain(c, last)
     for c in active:
         if not trained[c]:
             raise ValueError(f"no negative windows for class {classes[c]}")
-    summary.positives = {classes[c]: len(pos[c]) for c in range(num_classes)}
+    summary.positives = {classes[c]: pos_counts[c] for c in range(num_classes)}
     summary.negatives = {classes[c]: len(negatives[c]) for c in range(num_classes)}
     summary.retrains = {classes[c]: retrains[c] for c in range(num_classes)}
     summary.objective = {classes[c]: value for c, value in sorted(objective.items())}
+    store.compact()
+    summary.distinct_negatives = len(store) - sum(pos_counts)
 
     if bbox_store is not None:
         regressor = bbox_store.fit(pool_scale, settings.bbox_lambda)
@@ -310,6 +337,7 @@ def run_train_svm(
         "objective": summary.objective,
         "positives": summary.positives,
         "negatives": summary.negatives,
+        "distinct_negatives": summary.distinct_negatives,
         "retrains": summary.retrains,
         "bbox_samples": summary.bbox_samples,
         "untrained_classes": summary.untrained,

@@ -26,6 +26,8 @@ from spp_detect.labels import class_overlaps
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.window_features import PoolBuffer, distinct_windows, open_caches, window_features, window_scores
 from svm.bbox_reg import fit_box_regressor, fit_ridge
+from svm.dcd import half_scores, solve_dcd
+from svm.feature_store import HalfStore
 from svm.hard_negatives import NegativeCache
 from svm.linear import train_linear_svm
 from tests.conftest import SQUEEZENET_FILE
@@ -188,9 +190,8 @@ def test_svm_separates_two_classes_of_real_features(train_cache):
 
 
 def test_mining_adds_and_evicts_by_the_release_thresholds():
-    cache = NegativeCache(dim=1, retrain_limit=3)
-    feats = torch.arange(6, dtype=torch.float32)[:, None]
-    assert cache.offer(torch.arange(6), torch.arange(6), feats, None) == 6  # first image: every negative
+    cache = NegativeCache(retrain_limit=3)
+    assert cache.offer(torch.arange(6), None).all()  # first image: every negative
     assert cache.needs_retraining()  # 6 > 3 added
     # scores in cache order: -1.2 stays (not < -1.2), -1.2001 goes
     evicted = cache.retrained(torch.tensor([-1.2, -1.2001, -5.0, 0.3, -1.0, -1.19999]))
@@ -198,10 +199,42 @@ def test_mining_adds_and_evicts_by_the_release_thresholds():
     # later images: only score > -1.0001 and not cached yet
     keys = torch.tensor([3, 10, 11, 12, 13])
     scores = torch.tensor([5.0, -1.0001, -1.00009, 0.0, -2.0])
-    rows = torch.tensor([4, 0, 1, 2, 3])  # candidate i's feature is row rows[i]
-    assert cache.offer(keys, rows, 10 + torch.arange(5.0)[:, None], scores) == 2  # 11, 12; 3 is cached, 10 not > -1.0001
+    added = cache.offer(keys, scores)  # 11 and 12; 3 is cached, 10 is not > -1.0001
+    assert added.tolist() == [False, False, True, True, False]
     assert cache.keys.tolist() == [0, 3, 4, 5, 11, 12] and not cache.needs_retraining()
-    assert cache.features[:, 0].tolist() == [0.0, 3.0, 4.0, 5.0, 11.0, 12.0]
+    assert cache.alphas.tolist() == [0.0] * 6
+
+
+def test_feature_store_shares_rows_and_compacts_in_place():
+    live: set[int] = set()
+    store = HalfStore(3, live=lambda: np.fromiter(live, np.int64, len(live)))
+    store.add(np.array([-2, -1]), torch.tensor([[1.0, 2, 3], [4, 5, 6]]))  # positives
+    store.add(torch.tensor([10, 11, 12, 13]), 10 * torch.arange(12.0).reshape(4, 3))
+    live.update([-2, -1, 11, 13])
+    assert store.rows(np.array([13, -2, 11])).tolist() == [5, 0, 3]
+    assert store.compact() == 2 and store.keys.tolist() == [-2, -1, 11, 13]
+    assert store.data[:, 0].tolist() == [1.0, 4.0, 30.0, 90.0]  # rows moved down, values kept
+    assert store.rows(np.array([13])).tolist() == [3]
+    with pytest.raises(KeyError):
+        store.rows(np.array([12]))
+    with pytest.raises(ValueError, match="increase"):
+        store.add(np.array([5]), torch.zeros(1, 3))
+    store.add(np.array([20]), torch.full((1, 3), 0.1))
+    assert store.data[-1].tolist() == [np.float16(0.1)] * 3
+
+
+def test_dcd_reads_float16_rows_in_place_exactly():
+    every_half = np.arange(65536, dtype=np.uint16).view(np.float16)
+    every_half = every_half[np.isfinite(every_half)][:, None]
+    assert np.array_equal(half_scores(every_half, np.ones(1), 0.0), every_half[:, 0].astype(np.float64))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 7)).astype(np.float16)
+    y = np.where(x[:, 0] + 0.3 * rng.normal(size=60) > 0, 1.0, -1.0)
+    rows = np.array([5, 3, 50, 7, 9, 11, 40, 41, 42, 0, 1, 2])
+    w, b, _, _ = solve_dcd(x, y[rows], 0.2, 0.1, 10.0, 1e-6, rows=rows)
+    w_ref, b_ref, _, _ = solve_dcd(np.ascontiguousarray(x[rows]), y[rows], 0.2, 0.1, 10.0, 1e-6)
+    assert np.allclose(w, w_ref, atol=1e-9) and abs(b - b_ref) < 1e-9
+    assert np.allclose(half_scores(x, w, b, rows), x[rows].astype(np.float64) @ w + b, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- box regression

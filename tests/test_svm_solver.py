@@ -117,3 +117,17 @@ def test_box_sample_store_fits_as_the_in_memory_regressor(train_cache, tmp_path)
     assert torch.allclose(got.unwhiten, reference.unwhiten) and torch.allclose(got.mean, reference.mean)
     store.close()
     assert not (tmp_path / "samples").exists()
+
+
+@pytest.mark.parametrize("n", [40, 4])  # 40 rows: the primal system (d + 1 <= n); 4: the dual
+def test_ridge_blocks_match_the_float64_ridge(n):
+    from svm.bbox_reg import _ridge_blocks, fit_ridge
+
+    rng = np.random.default_rng(n)
+    feats = rng.random((n, 6)).astype(np.float16)  # non-negative, as pooled features
+    y = torch.from_numpy(rng.normal(size=(n, 4)))
+    scale, lam = 3.0, 2.0
+    x = torch.cat([torch.from_numpy(feats.astype(np.float64)) * scale, torch.ones((n, 1), dtype=torch.float64)], dim=1)
+    reference = fit_ridge(x, y, lam)
+    got = _ridge_blocks(lambda a, b: feats[a:b], n, 6, scale, y, lam, block=3)  # several blocks
+    assert got.dtype == torch.float64 and torch.allclose(got, reference, rtol=1e-4, atol=1e-5)

@@ -164,7 +164,8 @@ def finetune_cmd(caches, out, stop_after, device, force, **params) -> None:
 @settings_options(SVM_SETTINGS, layer=("--features", click.Choice(["pool", "fc6", "fc7"])))
 @out_option("Model folder (svm.npz, svm.json, bbox.npz).")
 @settings_options(SVM_SETTINGS, bbox="--bbox/--no-bbox", bbox_lambda=POSITIVE_FLOAT, bbox_min_overlap=click.FloatRange(0, 1),
-                  include_difficult="--include-difficult/--exclude-difficult", C=())
+                  include_difficult="--include-difficult/--exclude-difficult", C=(), tol=POSITIVE_FLOAT,
+                  solver=click.Choice(["dcd", "liblinear"]))
 @device_option
 @force_option
 def train_svm_cmd(caches, head_folder, out, device, force, **params) -> None:
