@@ -218,6 +218,7 @@ class Bench:
             "train_svm_peak_mb": record["peak_mb"] if train_s is not None else None,
             "detect_seconds_per_image": detect_s,
             "svm_C": read_manifest(svm_dir).get("config", {}).get("resolved_C", C),
+            "svm_tol": read_manifest(svm_dir).get("config", {}).get("tol"),
         }
 
 

@@ -94,3 +94,16 @@ def test_real_paris_maps_match_the_reference():
             regions = rmac_regions(y2 - y1, x2 - x1, 3)
             expected = region_macs(lv[:, y1:y2, x1:x2].float(), regions)
             assert np.array_equal(_region_maxima(lv.numpy(), x1, y1, regions), expected)
+
+
+def test_simd_tenth_root_is_pow_to_two_ulp():
+    from spp_detect.retrieval.aml import _POW10, _root10
+
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 9, size=(4000, 300))  # sums of level ** 10 over up to 300 cells
+    totals = np.concatenate([_POW10.numpy()[levels].sum(axis=1), _POW10.numpy(), [0.0, 1.0, 2.0**53 - 1]])
+    out = np.empty_like(totals)
+    _root10(totals, np.empty(len(totals), dtype=np.int64), out)
+    expected = np.where(totals > 0, totals**0.1, 0.0)
+    assert out[totals == 0].tolist() == [0.0] * int((totals == 0).sum())
+    assert np.all(np.abs(out - expected) <= 2 * np.spacing(expected))  # within two ulp of pow

@@ -19,12 +19,13 @@ cosine similarity with the query's MAC (L2-normalised, not whitened):
 All three steps are compiled with numba (:func:`_localize`: the integral image, every
 candidate's score and the refinement in one call, no Python per box), and
 :func:`aml_localize_many` runs many images in parallel threads. Scores are cosines of
-float64 generalised maxima (four integral-image lookups per channel, 10th root, dot and
-norm in float64); the integral of the quantised levels' 10th powers is exact (integers
-below 2^53), so it does not depend on the summation order.
+float64 generalised maxima (four integral-image lookups per channel, then the 10th roots of
+all channels in SIMD lanes by Newton's method, :func:`_root10`, within 2 ulp of ``pow``;
+dot and norm in float64, summed in SIMD order); the integral of the quantised levels' 10th
+powers is exact (integers below 2^53), so it does not depend on the summation order.
 
-Departures from the release, each documented where it happens: the 10th root is exact
-(``aml.c`` rounds it to an integer through its ``pow_10`` table); the quantisation cap
+Departures from the release, each documented where it happens: the 10th root is exact to
+2 ulp (``aml.c`` rounds it to an integer through its ``pow_10`` table); the quantisation cap
 ``128`` is a constant for MatConvNet's VGG16 and is rescaled here to the backbone's
 activation range (:func:`quantize_levels`, ``cap``).
 
@@ -156,39 +157,88 @@ def _integral(levels: np.ndarray, pow_table: np.ndarray) -> np.ndarray:
     return table
 
 
-@numba.njit(cache=True, inline="always")
-def _box_cosine(table, w1, query, inv_alpha, x1, y1, x2, y2) -> float:
-    """Cosine of the box's generalised-max vector with the unit ``query``; 0 for a zero vector."""
-    a, b, c, d = y2 * w1 + x2, y1 * w1 + x2, y2 * w1 + x1, y1 * w1 + x1
+assert ALPHA == 10, "the compiled AML takes 10th roots (_root10)"
+#: float64 exponent bias in place (``1023 << 52``): ``bits(t) / 10`` around it is ``t ** 0.1``
+#: to within ~7% (the classic bit-level first guess of a root).
+_EXPONENT_BIAS = np.int64(1023) << np.int64(52)
+
+
+@numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
+def _root10(totals, guess_bits, out):
+    """``out = totals ** 0.1`` for ``totals`` float64 ``[C]`` >= 0 (0 stays 0), in SIMD
+    lanes: a first guess from the exponent bits, then five Newton steps on ``y^10 = t``
+    (relative error 7% -> 2e-2 -> 2e-3 -> 2e-5 -> 2e-9 -> rounding; measured within 2 ulp of
+    ``pow``, ~4x faster). ``guess_bits`` is int64 scratch ``[C]``."""
+    bits = totals.view(np.int64)
+    for i in range(totals.shape[0]):
+        guess_bits[i] = np.int64(np.float64(bits[i] - _EXPONENT_BIAS) * 0.1) + _EXPONENT_BIAS
+    guess = guess_bits.view(np.float64)
+    for i in range(totals.shape[0]):
+        t = totals[i]
+        y = guess[i]
+        y2 = y * y
+        y4 = y2 * y2
+        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
+        y2 = y * y
+        y4 = y2 * y2
+        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
+        y2 = y * y
+        y4 = y2 * y2
+        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
+        y2 = y * y
+        y4 = y2 * y2
+        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
+        y2 = y * y
+        y4 = y2 * y2
+        out[i] = 0.9 * y + 0.1 * t / (y4 * y4 * y)
+    for i in range(totals.shape[0]):
+        if totals[i] <= 0.0:
+            out[i] = 0.0
+
+
+@numba.njit(cache=True, fastmath=True)
+def _cosine(values, query):
+    """Cosine of ``values`` (float64 ``[C]``, finite) with the unit ``query``; 0 for a zero vector."""
     dot = 0.0
     norm = 0.0
-    for ch in range(table.shape[1]):
-        total = table[a, ch] - table[b, ch] - table[c, ch] + table[d, ch]
-        if total > 0.0:
-            value = total**inv_alpha
-            dot += value * query[ch]
-            norm += value * value
+    for ch in range(values.shape[0]):
+        dot += values[ch] * query[ch]
+        norm += values[ch] * values[ch]
     return dot / math.sqrt(norm) if norm > 0.0 else 0.0
 
 
+@numba.njit(cache=True, inline="always")
+def _box_cosine(table, w1, query, scratch, guess_bits, values, x1, y1, x2, y2) -> float:
+    """Cosine of the box's generalised-max vector with the unit ``query``; 0 for a zero
+    vector. ``scratch``, ``values`` (float64) and ``guess_bits`` (int64) are ``[C]`` scratch."""
+    a, b, c, d = y2 * w1 + x2, y1 * w1 + x2, y2 * w1 + x1, y1 * w1 + x1
+    ta, tb, tc, td = table[a], table[b], table[c], table[d]
+    for ch in range(table.shape[1]):
+        scratch[ch] = ta[ch] - tb[ch] - tc[ch] + td[ch]  # integers below 2^53: exact in any order
+    _root10(scratch, guess_bits, values)
+    return _cosine(values, query)
+
+
 @numba.njit(cache=True)
-def _localize(levels, pow_table, query, candidates, inv_alpha, refine_step, refine_iterations):
+def _localize(levels, pow_table, query, candidates, refine_step, refine_iterations):
     """One image: integral, coarse search (first maximum), then aml.c's ``box_refine``.
     Returns ``(box int64[4] (x1, y1, x2, y2), score, evaluated)``."""
     _, height, width = levels.shape
     table = _integral(levels, pow_table)
     w1 = width + 1
+    channels = table.shape[1]
+    scratch, values, guess_bits = np.empty(channels), np.empty(channels), np.empty(channels, dtype=np.int64)
     best = np.array([0, 0, width, height], dtype=np.int64)
     evaluated = candidates.shape[0]
     if evaluated:
         best_score = -np.inf
         for k in range(evaluated):
-            value = _box_cosine(table, w1, query, inv_alpha, candidates[k, 0], candidates[k, 1], candidates[k, 2], candidates[k, 3])
+            value = _box_cosine(table, w1, query, scratch, guess_bits, values, candidates[k, 0], candidates[k, 1], candidates[k, 2], candidates[k, 3])
             if value > best_score:  # strict: the first maximum, as aml.c
                 best_score = value
                 best[:] = candidates[k]
     else:
-        best_score = _box_cosine(table, w1, query, inv_alpha, 0, 0, width, height)
+        best_score = _box_cosine(table, w1, query, scratch, guess_bits, values, 0, 0, width, height)
         evaluated = 1
     trial = np.empty(4, dtype=np.int64)
     for move in range(refine_step, 0, -1):
@@ -206,7 +256,7 @@ def _localize(levels, pow_table, query, candidates, inv_alpha, refine_step, refi
                     trial[side] += delta
                     if trial[lo] < 0 or trial[hi] > limit or trial[hi] - trial[lo] < 2:
                         continue
-                    value = _box_cosine(table, w1, query, inv_alpha, trial[0], trial[1], trial[2], trial[3])
+                    value = _box_cosine(table, w1, query, scratch, guess_bits, values, trial[0], trial[1], trial[2], trial[3])
                     evaluated += 1
                     if value > best_score:
                         best[:] = trial
@@ -218,14 +268,14 @@ def _localize(levels, pow_table, query, candidates, inv_alpha, refine_step, refi
 
 
 @numba.njit(cache=True, parallel=True)
-def _localize_many(levels_list, pow_table, query, candidates_list, inv_alpha, refine_step, refine_iterations):
+def _localize_many(levels_list, pow_table, query, candidates_list, refine_step, refine_iterations):
     count = len(levels_list)
     boxes = np.zeros((count, 4), dtype=np.int64)
     scores = np.zeros(count, dtype=np.float64)
     evaluated = np.zeros(count, dtype=np.int64)
     for k in numba.prange(count):
         i = np.int64(k)  # typed-list indices are signed
-        box, score, n = _localize(levels_list[i], pow_table, query, candidates_list[i], inv_alpha, refine_step,
+        box, score, n = _localize(levels_list[i], pow_table, query, candidates_list[i], refine_step,
                                   refine_iterations)
         boxes[i] = box
         scores[i] = score
@@ -260,8 +310,8 @@ def aml_localize_many(
         if shape not in grids:
             grids[shape] = np.ascontiguousarray(coarse_boxes(*shape, query_ratio, step, ratio_tolerance).numpy())
         candidates.append(grids[shape])
-    boxes, scores, evaluated = _localize_many(maps, _POW10.numpy(), _unit_query(query_mac), candidates, 1.0 / ALPHA,
-                                              refine_step, refine_iterations)
+    boxes, scores, evaluated = _localize_many(maps, _POW10.numpy(), _unit_query(query_mac), candidates, refine_step,
+                                              refine_iterations)
     return [AMLResult(boxes[i].copy(), float(scores[i]), int(evaluated[i])) for i in range(len(maps))]
 
 
