@@ -45,7 +45,7 @@ DCD_MAX_ITER: int = 1000
 _HALF_TO_FLOAT = np.float32(2.0**112)
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _widen_row(half, bits, row):
     """``row[:] = half`` widened: ``half`` uint16 bits of float16 ``[D]``; ``bits`` is
     ``row`` (float32 ``[D]``) viewed as uint32. Exact for every finite half."""
@@ -56,7 +56,7 @@ def _widen_row(half, bits, row):
         row[j] *= _HALF_TO_FLOAT
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _dot(w, row):
     """``w . row`` in float64; reassociated (SIMD) sums: the same value to rounding."""
     total = 0.0
@@ -65,14 +65,14 @@ def _dot(w, row):
     return total
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _axpy(coef, row, w):
     """``w += coef * row`` in float64."""
     for j in range(row.shape[0]):
         w[j] += coef * row[j]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _dcd(half, rows, y, alpha, c_pos, c_neg, bias_mult, tol, max_iter, seed):
     n = rows.shape[0]
     dim = half.shape[1]
@@ -147,7 +147,7 @@ def _dcd(half, rows, y, alpha, c_pos, c_neg, bias_mult, tol, max_iter, seed):
     return w, w_bias, sweeps
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, nogil=True)
 def _scores(half, rows, w, b):
     out = np.empty(rows.shape[0], dtype=np.float64)
     row = np.empty(half.shape[1], dtype=np.float32)

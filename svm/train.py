@@ -28,6 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,23 +294,23 @@ def run_train_svm(
                 final_problem(c, examples[:npos], examples[npos:], weights[:, c].clone(), float(b))
         negatives[c].retrained(torch.from_numpy(scores[npos:]), settings.evict_threshold)
 
-    for number, image in enumerate(_lazy(caches, pairs, "mining", progress)):
-        last = number == len(pairs) - 1
-        feats = window_features(image, settings.layer, head, device=device).cpu() * scale  # [N, D]
-        overlaps = class_overlaps(image.boxes, image.gt_boxes, image.gt_labels, num_classes)  # [N, C]
-        first, inverse = distinct_windows(image)
-        is_first = torch.zeros(len(image), dtype=torch.bool)
-        is_first[first] = True  # one window per distinct (scale, cells): the release's dedup
-        keys = (number << WINDOW_BITS) + torch.arange(len(image), dtype=torch.int64)
-        scores = feats @ weights + bias  # [N, C]
-        added = torch.zeros(len(image), dtype=torch.bool)
-        for c in active:
-            cand = torch.nonzero(is_first & (overlaps[:, c] < settings.negative_iou)).flatten()
-            added[cand[negatives[c].offer(keys[cand], scores[cand, c] if trained[c] else None, settings.hard_threshold)]] = True
-        store.add(keys[added], feats[added])  # a window hard for several classes is stored once
-        for c in active:
-            if (not trained[c] or negatives[c].needs_retraining() or last) and len(negatives[c]):
-                retrain(c, last)
+    # the solver releases the GIL: the classes due at an image are retrained on all cores at once
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as solvers:
+        for number, image in enumerate(_lazy(caches, pairs, "mining", progress)):
+            last = number == len(pairs) - 1
+            # only one window per distinct (scale, cells) is a candidate: the release's dedup
+            first = distinct_windows(image)[0].sort().values  # [U] window indices, ascending
+            feats = window_features(image, settings.layer, head, first, device=device).cpu() * scale  # [U, D]
+            overlaps = class_overlaps(image.boxes[first], image.gt_boxes, image.gt_labels, num_classes)  # [U, C]
+            keys = (number << WINDOW_BITS) + first  # the window's own index: keys are unique and increasing
+            scores = feats @ weights + bias  # [U, C]
+            added = torch.zeros(len(first), dtype=torch.bool)
+            for c in active:
+                cand = torch.nonzero(overlaps[:, c] < settings.negative_iou).flatten()
+                added[cand[negatives[c].offer(keys[cand], scores[cand, c] if trained[c] else None, settings.hard_threshold)]] = True
+            store.add(keys[added], feats[added])  # a window hard for several classes is stored once
+            due = [c for c in active if (not trained[c] or negatives[c].needs_retraining() or last) and len(negatives[c])]
+            list(solvers.map(lambda c: retrain(c, last), due))  # classes are independent: solved in parallel
     for c in active:
         if not trained[c]:
             raise ValueError(f"no negative windows for class {classes[c]}")
