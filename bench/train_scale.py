@@ -41,6 +41,7 @@ import resource
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -225,6 +226,8 @@ def main() -> None:
         return
     if args.smoke:
         args.sizes, args.finetune_iterations = "2,3", 20
+        if args.work == parser.get_default("work"):  # never reuse a full run's records
+            args.work = Path(tempfile.mkdtemp(prefix="bench-train-scale-smoke-"))
         if not args.cache_1scale:
             args.cache_1scale, args.test_cache_1scale = smoke_caches(args.work.resolve() / "smoke-caches", args.voc_root)
     if not args.cache_1scale:
