@@ -163,6 +163,14 @@ assert ALPHA == 10, "the compiled AML takes 10th roots (_root10)"
 _EXPONENT_BIAS = np.int64(1023) << np.int64(52)
 
 
+@numba.njit(cache=True, fastmath={"contract"}, error_model="numpy", inline="always")
+def _newton10(y, t):
+    """One Newton step on ``y^10 = t``: ``0.9 y + 0.1 t / y^9``."""
+    y2 = y * y
+    y4 = y2 * y2
+    return 0.9 * y + 0.1 * t / (y4 * y4 * y)
+
+
 @numba.njit(cache=True, fastmath={"contract"}, error_model="numpy")
 def _root10(totals, guess_bits, out):
     """``out = totals ** 0.1`` for ``totals`` float64 ``[C]`` >= 0 (0 stays 0), in SIMD
@@ -175,22 +183,7 @@ def _root10(totals, guess_bits, out):
     guess = guess_bits.view(np.float64)
     for i in range(totals.shape[0]):
         t = totals[i]
-        y = guess[i]
-        y2 = y * y
-        y4 = y2 * y2
-        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
-        y2 = y * y
-        y4 = y2 * y2
-        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
-        y2 = y * y
-        y4 = y2 * y2
-        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
-        y2 = y * y
-        y4 = y2 * y2
-        y = 0.9 * y + 0.1 * t / (y4 * y4 * y)
-        y2 = y * y
-        y4 = y2 * y2
-        out[i] = 0.9 * y + 0.1 * t / (y4 * y4 * y)
+        out[i] = _newton10(_newton10(_newton10(_newton10(_newton10(guess[i], t), t), t), t), t)
     for i in range(totals.shape[0]):
         if totals[i] <= 0.0:
             out[i] = 0.0
