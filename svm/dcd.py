@@ -66,6 +66,15 @@ def _dot(w, row):
 
 
 @numba.njit(cache=True, fastmath=True, nogil=True)
+def _sqnorm(row):
+    """``|row|^2`` in float64 (each element widened before squaring), without a copy."""
+    total = 0.0
+    for j in range(row.shape[0]):
+        total += np.float64(row[j]) * row[j]
+    return total
+
+
+@numba.njit(cache=True, fastmath=True, nogil=True)
 def _axpy(coef, row, w):
     """``w += coef * row`` in float64."""
     for j in range(row.shape[0]):
@@ -84,7 +93,7 @@ def _dcd(half, rows, y, alpha, c_pos, c_neg, bias_mult, tol, max_iter, seed):
     upper = np.empty(n, dtype=np.float64)
     for i in range(n):
         _widen_row(half[rows[i]], bits, row)
-        qd[i] = _dot(row.astype(np.float64), row) + bias_mult * bias_mult  # Q_ii (liblinear: diag 0 for L1 loss)
+        qd[i] = _sqnorm(row) + bias_mult * bias_mult  # Q_ii (liblinear: diag 0 for L1 loss)
         upper[i] = c_pos if y[i] > 0 else c_neg
         alpha[i] = min(max(alpha[i], 0.0), upper[i])
         if alpha[i] != 0.0:

@@ -63,7 +63,6 @@ class HalfStore:
         self._keys = np.empty(0, dtype=np.int64)
         self._live = live
         self._next_check = 4096
-        self.compactions = 0
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -119,7 +118,6 @@ class HalfStore:
         if dropped:
             _move_rows_down(self._data.view(np.uint16), keep)
             self._keys = self._keys[keep]
-            self.compactions += 1
             used = len(self._keys) * self._data.shape[1] * self._data.itemsize
             start = -(-used // mmap.PAGESIZE) * mmap.PAGESIZE
             if start < len(self._map):
