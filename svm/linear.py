@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["SVM_C", "RELEASE_IMAGES", "POS_WEIGHT", "BIAS_MULT", "LIBLINEAR_TOL", "SVM_TOL", "SOLVERS", "auto_c", "train_linear_svm",
-           "linear_scores", "svm_objective"]
+           "linear_scores", "svm_objective", "objective_from_scores"]
 
 SVM_C: float = 1e-3  # liblinear -c 0.001 (spp_train.m)
 POS_WEIGHT: float = 2.0  # liblinear -w1 2 (spp_train.m, pos_loss_weight)
@@ -125,9 +125,21 @@ def svm_objective(
     w: Tensor, b: float, positives: Tensor, negatives: Tensor, C: float = SVM_C, pos_weight: float = POS_WEIGHT,
     bias_mult: float = BIAS_MULT,
 ) -> float:
-    """The release's logged objective: ``C w1 sum hinge(pos) + C sum hinge(neg) + |w|^2 / 2
-    + (b / B)^2 / 2`` (``spp_train.m``), in float64 sums; features of any float dtype."""
-    pos_loss = torch.clamp(1 - linear_scores(positives, w, b).double(), min=0).sum()
-    neg_loss = torch.clamp(1 + linear_scores(negatives, w, b).double(), min=0).sum()
-    w64 = w.double()
-    return float(C * pos_weight * pos_loss + C * neg_loss + 0.5 * w64.dot(w64) + 0.5 * (b / bias_mult) ** 2)
+    """The release's logged objective (:func:`objective_from_scores`) of ``score = w . x + b``
+    on ``positives`` and ``negatives`` (features of any float dtype)."""
+    scores = torch.cat([linear_scores(positives, w, b), linear_scores(negatives, w, b)]).double().numpy()
+    labels = np.concatenate([np.ones(len(positives)), -np.ones(len(negatives))])
+    return objective_from_scores(scores, labels, w.double().numpy(), b, C, pos_weight, bias_mult)
+
+
+def objective_from_scores(
+    scores: np.ndarray, labels: np.ndarray, w: np.ndarray, b: float, C: float = SVM_C, pos_weight: float = POS_WEIGHT,
+    bias_mult: float = BIAS_MULT,
+) -> float:
+    """The release's logged objective ``C w1 sum hinge(pos) + C sum hinge(neg) + |w|^2 / 2
+    + (b / B)^2 / 2`` (``spp_train.m``) from the examples' scores (``np.ndarray[N]``) and
+    labels (+1 / -1), in float64 sums."""
+    hinge = np.maximum(0.0, 1.0 - labels * np.asarray(scores, dtype=np.float64))
+    w = np.asarray(w, dtype=np.float64)
+    return float(C * (pos_weight * hinge[labels > 0].sum() + hinge[labels < 0].sum()) + 0.5 * w @ w
+                 + 0.5 * (b / bias_mult) ** 2)

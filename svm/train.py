@@ -47,7 +47,7 @@ from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, BoxSampleSto
 from svm.dcd import half_scores, solve_dcd
 from svm.feature_store import HalfStore
 from svm.hard_negatives import EVICT_THRESHOLD, HARD_THRESHOLD, NEGATIVE_IOU, RETRAIN_LIMIT, NegativeCache
-from svm.linear import BIAS_MULT, POS_WEIGHT, SOLVERS, SVM_C, SVM_TOL, auto_c, train_linear_svm
+from svm.linear import BIAS_MULT, POS_WEIGHT, SOLVERS, SVM_C, SVM_TOL, auto_c, objective_from_scores, train_linear_svm
 
 __all__ = ["SVMSettings", "SVMModel", "SVMSummary", "run_train_svm", "load_svm"]
 
@@ -286,9 +286,7 @@ def run_train_svm(
         retrains[c] += 1
         scores = half_scores(store.data, w64, b, rows)  # [P + Q] float64
         if last:  # the final problem, before eviction (the release evicts after every retraining)
-            hinge = np.maximum(0.0, 1.0 - labels * scores)
-            objective[c] = float(svm_c * (settings.pos_weight * hinge[:npos].sum() + hinge[npos:].sum())
-                                 + 0.5 * w64 @ w64 + 0.5 * (b / settings.bias_mult) ** 2)
+            objective[c] = objective_from_scores(scores, labels, w64, b, svm_c, settings.pos_weight, settings.bias_mult)
             if final_problem is not None:
                 examples = torch.from_numpy(store.data[rows])
                 final_problem(c, examples[:npos], examples[npos:], weights[:, c].clone(), float(b))
