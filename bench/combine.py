@@ -1,119 +1,108 @@
 """Benchmark: model combination (SPP-net 4.4) of a SqueezeNet and a MobileNetV2 detector.
 
-Both detectors are trained by the same stages on ``voc2007-mini`` trainval and tested on
-its test split, in the detection benchmark's setting (the first ``--images`` images of
-each split, the top ``--windows`` selective-search windows, 1 scale, fc7 SVMs with box
-regression; stage folders under ``--work``). Then: each model alone, the paper's plain
-union of SVM scores + NMS 0.3, and the union of scores calibrated per model and class on
-the training images. Calibration and combination are the ``calibrate`` and ``combine``
-stages the CLI runs (:func:`spp_detect.combine.run_calibrate`, :func:`run_combine`), each
-calibration in its model's ``<svm>/calibration``, where ``spp-detect combine`` looks: the
-command line gives the same files (tests/test_bench_smoke.py checks it).
+Both detectors are trained in the detection benchmark's setting, by its stages
+(:class:`bench.detection.Bench`, folders under ``--work``: SqueezeNet's are those of
+``bench.detection``'s 1-scale column, reused when that has run): all 900 training images
+(``voc2007-mini`` trainval + ``voc2007-trainval-plus`` trainval), all 200 ``voc2007-mini``
+test images, **every** proposal window, one scale (688), SVMs with ``--C auto``, in one row
+of Table 6 (``--row``; default ``pool``, the best 1-scale row of
+``bench/results/detection.json`` at 900 images). Then: each model alone, the paper's plain
+union of SVM scores + NMS 0.3 (``union``), and the union of scores calibrated per model and
+class on the training images (``calibrated``). Calibration and combination are the
+``calibrate`` and ``combine`` stages the CLI runs (:func:`spp_detect.combine.run_calibrate`,
+:func:`run_combine`), each calibration in its model's ``<svm>/calibration``, where
+``spp-detect combine`` looks: the command line gives the same files
+(tests/test_bench_smoke.py checks it).
 
-    python -m bench.combine [--images 100] [--test-images 60] [--windows 200] [--json bench/results/combine.json]
-    python -m bench.combine --smoke        # 3 + 2 images, a tiny head: seconds, for CI
+    python -m bench.combine [--row pool] [--json bench/results/combine.json]
+    python -m bench.combine --smoke        # 2 images per list: seconds, for CI
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from bench.common import SHARED_DATA, SQUEEZENET_FILE, VOC_ROOT, machine, smoke_args, write_json
+import bench.detection as detection
+from bench.common import machine, smoke_args, write_json
 from eval.results import ClassDetections
 from eval.voc import evaluate_voc
-from proposals.io import load_proposals
-from proposals.run import ProposalSettings, run_proposals
 from spp_detect.combine import CalibrateSettings, CombineSettings, run_calibrate, run_combine
-from spp_detect.datasets.voc import VOC_CLASSES, read_voc
-from spp_detect.detect import DetectSettings, load_detections, run_detect
-from spp_detect.extract import ExtractSettings, run_extract
-from spp_detect.finetune import FinetuneSettings, run_finetune
+from spp_detect.datasets.voc import VOC_CLASSES
+from spp_detect.detect import DetectSettings, load_detections
 from spp_detect.stage_dir import read_manifest
-from svm.train import SVMSettings, load_svm, run_train_svm
+from svm.train import load_svm
 
-MOBILENET_FILE = SHARED_DATA / "weights" / "mobilenet_v2-imagenet1001-coral.pth"
-MODELS = {"squeezenet1_0": SQUEEZENET_FILE, "mobilenet_v2": MOBILENET_FILE}
-#: the row both detectors are run in: fc7 SVMs with box regression (paper Table 6, "ftfc7 bb")
-DETECT = DetectSettings(bbox=True)
-
-
-def _proposals(work: Path, split: str, images, windows: int) -> tuple[dict, str]:
-    """Selective search (default settings) of ``images``, cut to the best ``windows``, and a key for them."""
-    folder = work / f"proposals-{split}"
-    run_proposals(images, folder, ProposalSettings(), {"year": "2007", "image_set": split}, workers=2, progress=False)
-    boxes = load_proposals(folder, [im.image_id for im in images])
-    return {k: v[:windows] for k, v in boxes.items()}, f"{read_manifest(folder)['key']}-first{windows}"
+#: backbone -> the column name its folders carry (SqueezeNet's is bench.detection's own)
+MODELS = {"squeezenet1_0": "1-scale", "mobilenet_v2": "1-scale-mobilenet_v2"}
+SCALES = (688,)  # paper 4.1's single scale
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--images", type=int, default=100)
-    parser.add_argument("--test-images", type=int, default=60)
-    parser.add_argument("--windows", type=int, default=200)
-    parser.add_argument("--fc-dim", type=int, default=1024)
-    parser.add_argument("--iterations", type=int, default=400)
-    parser.add_argument("--scales", default="688")
+    parser.add_argument("--row", default="pool", choices=list(detection.ROWS),
+                        help="the Table 6 row both detectors are trained in [default: pool]")
+    parser.add_argument("--limit", type=int, default=None, help="first N images of each list [default: all]")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--json", type=Path, default=None)
-    args = smoke_args(parser, images=3, test_images=2, windows=30, fc_dim=32, iterations=20, scales="240")
+    args = smoke_args(parser, limit=2)
+    if args.smoke:  # a head of a few iterations, for rows that fine-tune
+        detection.RECIPE = detection.Recipe(replace(
+            detection.RECIPE.finetune, fc_dim=32, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
     device = torch.device(args.device)
-    scales = tuple(int(s) for s in args.scales.split(","))
-    work = args.work
+    bench = detection.Bench(args.work, device, args.limit, workers=2)
+    layer, bbox = detection.ROWS[args.row]
     start = time.perf_counter()
-    train_images = read_voc(VOC_ROOT, "trainval")[: args.images]
-    test_images = read_voc(VOC_ROOT, "test")[: args.test_images]
-    train_props, train_key = _proposals(work, "trainval", train_images, args.windows)
-    test_props, test_key = _proposals(work, "test", test_images, args.windows)
-    tag = "1scale" if scales == (688,) else "x".join(map(str, scales))
-    detections, folders = {}, []
-    for backbone, weights in MODELS.items():
-        name = tag if backbone == "squeezenet1_0" else f"{tag}-{backbone}"
-        settings = ExtractSettings(backbone=backbone, weights=str(weights), scales=scales)
-        caches = {}
-        for split, images, props, key in (("trainval", train_images, train_props, train_key),
-                                          ("test", test_images, test_props, test_key)):
-            caches[split] = work / f"feat-{name}-{split}-{len(images)}-{args.windows}"
-            run_extract(images, props, caches[split], settings, proposals_key=key, image_set=split, device=device)
-        suffix = f"{args.images}-{args.windows}-{args.fc_dim}-{args.iterations}"
-        head = work / f"head-{name}-{suffix}"
-        run_finetune([caches["trainval"]], head, FinetuneSettings(fc_dim=args.fc_dim, iterations=args.iterations,
-                     base_lr=0.02, lr_steps=(int(args.iterations * 0.75),)), device=device)
-        svm = work / f"svm-{name}-fc7-{suffix}"
-        run_train_svm([caches["trainval"]], svm, SVMSettings(layer="fc7", bbox=True), head_folder=head, device=device)
+    test_images = bench.images(*detection.TEST_SET)
+    train_images = sum(len(bench.images(*s)) for s in detection.TRAIN_SETS)
+    cells, folders = {}, []
+    for backbone, column in MODELS.items():
+        # the row's training caches (and their mirrored twins if the row fine-tunes a head)
+        recipe = detection.RECIPE if layer != "pool" else replace(detection.RECIPE, flip=False)
+        train, flipped = detection._train_caches(bench, column, "spp", SCALES, detection.TRAIN_SETS, recipe,
+                                                 backbone=backbone)
+        test = bench.cache(column, "spp", SCALES, *detection.TEST_SET, backbone=backbone)
+        head = bench.head(train, recipe, column, flipped) if layer != "pool" else None
+        cells[backbone] = cell = bench.row(train, head, test, test_images, args.row, column)
+        svm = args.work / cell["svm_folder"]
         model, model_key = load_svm(svm, device), read_manifest(svm)["key"]
-        dets = work / f"dets-{name}-ftfc7bb-{len(test_images)}-{suffix}"
-        run_detect(caches["test"], dets, model, DETECT, model_key=model_key, model_folder=svm, device=device)
-        run_calibrate([caches["trainval"]], model, svm / "calibration", CalibrateSettings(detect=DETECT),
-                      model_key=model_key, device=device)
-        detections[backbone], folders = load_detections(dets, VOC_CLASSES), [*folders, dets]
+        t0 = time.perf_counter()
+        calibration = run_calibrate(train, model, svm / "calibration", CalibrateSettings(detect=DetectSettings(bbox=bbox)),
+                                    model_key=model_key, device=device)
+        cell["calibrate_seconds"] = None if calibration.already_done else time.perf_counter() - t0
+        folders.append(args.work / cell["detections_folder"])
+        print(f"{backbone:>14} {args.row}: mAP {100 * cell['map']:5.1f}", flush=True)
+    tag = f"{args.row.replace(' ', '')}-{train_images}-{len(test_images)}"
     for scores in ("raw", "calibrated"):
-        run_combine(folders, work / f"combined-{scores}-{tag}-{len(test_images)}", CombineSettings(scores=scores))
+        run_combine(folders, args.work / f"combined-{scores}-{tag}", CombineSettings(scores=scores))
 
     def score(folder: Path) -> tuple[float, dict[str, float]]:
         arrays = load_detections(folder, VOC_CLASSES)
         result = evaluate_voc({n: ClassDetections(*a) for n, a in arrays.items()}, test_images)
         return result.map, dict(result.ap)
 
-    maps, per_class = {}, {}
-    for backbone, folder in zip(MODELS, folders):
-        maps[backbone], per_class[backbone] = score(folder)
+    maps = {backbone: cell["map"] for backbone, cell in cells.items()}
+    per_class = {backbone: cell["per_class_ap"] for backbone, cell in cells.items()}
     for key, scores in (("union", "raw"), ("calibrated", "calibrated")):
-        maps[key], per_class[key] = score(work / f"combined-{scores}-{tag}-{len(test_images)}")
+        maps[key], per_class[key] = score(args.work / f"combined-{scores}-{tag}")
     names = list(MODELS)
     better = {k: sum(per_class[k][c] > max(per_class[n][c] for n in names) for c in VOC_CLASSES) for k in ("union", "calibrated")}
     result = {
-        "machine": machine(), "train_images": len(train_images), "test_images": len(test_images),
-        "windows_per_image": args.windows, "scales": list(scales), "row": "ftfc7 bb", "svm_C": "auto",
-        "map": maps, "per_class_ap": per_class, "smoke": args.smoke,
+        "machine": machine(), "train_images": train_images, "test_images": len(test_images),
+        "windows_per_image": "all (up to 2,000)", "scales": list(SCALES), "row": args.row, "svm_C": "auto",
+        "map": maps, "per_class_ap": per_class, "smoke": args.smoke, "models": cells,
+        "combined_inputs": [folder.name for folder in folders],  # in the order given to combine
         "classes_better_than_both": better["calibrated"], "classes_better_than_both_union": better["union"],
+        "calibrated_minus_better_single": maps["calibrated"] - max(maps[n] for n in names),
         "wall_seconds": time.perf_counter() - start,
     }
-    print(f"\nmAP (%), ftfc7 bb, scales {list(scales)}, {len(train_images)} trainval -> {len(test_images)} test images")
+    print(f"\nmAP (%), {args.row}, scales {list(SCALES)}, {train_images} training -> {len(test_images)} test images, "
+          "every window")
     for k, v in maps.items():
         print(f"  {k:>14}: {100 * v:5.1f}")
     print(f"\n{'class':<12}" + "".join(f"{k[:11]:>12}" for k in per_class))

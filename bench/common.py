@@ -18,6 +18,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("SPP_DETECT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 VOC_ROOT = SHARED_DATA / "voc2007-mini"
 SQUEEZENET_FILE = SHARED_DATA / "weights" / "squeezenet1_0-imagenet-deepcompression.pth"
+MOBILENET_FILE = SHARED_DATA / "weights" / "mobilenet_v2-imagenet1001-coral.pth"
+#: backbone name (spp_detect.backbones) -> its ImageNet-pretrained trunk on disk
+WEIGHTS = {"squeezenet1_0": SQUEEZENET_FILE, "mobilenet_v2": MOBILENET_FILE}
 
 
 def best_time(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import SHARED_DATA, SQUEEZENET_FILE, machine, write_json
+from bench.common import SHARED_DATA, WEIGHTS, machine, write_json
 from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from proposals.io import load_proposals
@@ -164,10 +164,13 @@ class Bench:
         return boxes, key
 
     def cache(self, column: str, mode: str, scales, dataset: str, image_set: str, limit: int | None = None,
-              windows: int | None = None, flip: bool = False) -> Path:
+              windows: int | None = None, flip: bool = False, backbone: str = BACKBONE) -> Path:
+        """The extract cache of ``dataset``/``image_set`` for ``column`` (a column of another
+        ``backbone`` than :data:`BACKBONE` must have a name of its own)."""
         images = self.images(dataset, image_set, limit)
         props, key = self.proposals(dataset, image_set, images, windows)
-        settings = ExtractSettings(backbone=BACKBONE, weights=str(SQUEEZENET_FILE), scales=tuple(scales), mode=mode, flip=flip)
+        settings = ExtractSettings(backbone=backbone, weights=str(WEIGHTS[backbone]), scales=tuple(scales), mode=mode,
+                                   flip=flip)
         name = (f"feat-{column}-{dataset}-{image_set}-{len(images)}" + (f"-w{windows}" if windows else "")
                 + ("-flip" if flip else ""))
         folder = self.work / name
@@ -206,7 +209,7 @@ class Bench:
         det_dir = self.work / f"dets-{tag}-{row.replace(' ', '')}-C{C_factor:g}-{head_tag}-{test_cache.name}"
         t0 = time.perf_counter()
         det = run_detect(test_cache, det_dir, model, DetectSettings(bbox=bbox), model_key=read_manifest(svm_dir)["key"],
-                         device=self.device)
+                         model_folder=svm_dir, device=self.device)
         detect_s = (time.perf_counter() - t0) / det.done if det.done else None
         per_class = load_detections(det_dir, VOC_CLASSES)
         evaluation = evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, test_images)
@@ -214,6 +217,7 @@ class Bench:
             "map": evaluation.map,
             "per_class_ap": dict(evaluation.ap),
             "svm_folder": svm_dir.name,
+            "detections_folder": det_dir.name,
             "train_svm_seconds": train_s,
             "train_svm_peak_mb": record["peak_mb"] if train_s is not None else None,
             "detect_seconds_per_image": detect_s,

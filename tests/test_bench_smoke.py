@@ -57,15 +57,19 @@ def test_bench_smoke_runs_and_writes_its_json(name, tmp_path_factory):
 
 
 def test_bench_combine_gives_the_files_of_the_command_line(tmp_path_factory, tmp_path):
-    work = _smoke("combine", tmp_path_factory) / "work"
-    dets = sorted(work.glob("dets-*"))
+    folder = _smoke("combine", tmp_path_factory)
+    result = json.loads((folder / "result.json").read_text())
+    work, row = folder / "work", result["row"]
+    dets = [work / name for name in result["combined_inputs"]]  # in the bench's order
     caches = {read_manifest(p)["key"]: p for p in work.glob("feat-*")}
-    assert len(dets) == 2
+    assert len(dets) == 2 and sorted(dets) == sorted(work.glob("dets-*"))
     for folder in dets:  # calibrate as the CLI does, into a fresh folder: the same files as the bench's
         svm = Path(json.loads((folder / "model.json").read_text())["svm"])
-        (cache,) = [caches[key] for key in read_manifest(svm)["config"]["caches"]]
+        train = [caches[key] for key in read_manifest(svm)["config"]["caches"]]
+        assert len(train) == 2  # the two training lists, given together
         out = tmp_path / f"calib-{folder.name}"
-        _cli(tmp_path, "calibrate", "--cache", str(cache), "--svm", str(svm), "--bbox", "--out", str(out))
+        _cli(tmp_path, "calibrate", *[x for c in train for x in ("--cache", str(c))], "--svm", str(svm),
+             *(["--bbox"] if row == "ftfc7 bb" else []), "--out", str(out))
         for name in ("calibration.npz", "calibration.json"):
             assert filecmp.cmp(out / name, svm / "calibration" / name, shallow=False), name
     for scores in ("raw", "calibrated"):
