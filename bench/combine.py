@@ -29,11 +29,9 @@ import torch
 
 import bench.detection as detection
 from bench.common import machine, smoke_args, write_json
-from eval.results import ClassDetections
-from eval.voc import evaluate_voc
 from spp_detect.combine import CalibrateSettings, CombineSettings, run_calibrate, run_combine
 from spp_detect.datasets.voc import VOC_CLASSES
-from spp_detect.detect import DetectSettings, load_detections
+from spp_detect.detect import DetectSettings
 from spp_detect.stage_dir import read_manifest
 from svm.train import load_svm
 
@@ -81,15 +79,11 @@ def main() -> None:
     for scores in ("raw", "calibrated"):
         run_combine(folders, args.work / f"combined-{scores}-{tag}", CombineSettings(scores=scores))
 
-    def score(folder: Path) -> tuple[float, dict[str, float]]:
-        arrays = load_detections(folder, VOC_CLASSES)
-        result = evaluate_voc({n: ClassDetections(*a) for n, a in arrays.items()}, test_images)
-        return result.map, dict(result.ap)
-
     maps = {backbone: cell["map"] for backbone, cell in cells.items()}
     per_class = {backbone: cell["per_class_ap"] for backbone, cell in cells.items()}
     for key, scores in (("union", "raw"), ("calibrated", "calibrated")):
-        maps[key], per_class[key] = score(args.work / f"combined-{scores}-{tag}")
+        evaluation = detection.evaluate_folder(args.work / f"combined-{scores}-{tag}", test_images)
+        maps[key], per_class[key] = evaluation.map, dict(evaluation.ap)
     names = list(MODELS)
     better = {k: sum(per_class[k][c] > max(per_class[n][c] for n in names) for c in VOC_CLASSES) for k in ("union", "calibrated")}
     result = {

@@ -216,8 +216,7 @@ class Bench:
         det = run_detect(test_cache, det_dir, model, DetectSettings(bbox=bbox), model_key=read_manifest(svm_dir)["key"],
                          model_folder=svm_dir, device=self.device)
         detect_s = (time.perf_counter() - t0) / det.done if det.done else None
-        per_class = load_detections(det_dir, VOC_CLASSES)
-        evaluation = evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, test_images)
+        evaluation = evaluate_folder(det_dir, test_images)
         return {
             "map": evaluation.map,
             "per_class_ap": dict(evaluation.ap),
@@ -229,6 +228,12 @@ class Bench:
             "svm_C": read_manifest(svm_dir).get("config", {}).get("resolved_C", C),
             "svm_tol": read_manifest(svm_dir).get("config", {}).get("tol"),
         }
+
+
+def evaluate_folder(folder: Path, images):
+    """VOC07 AP of a detections folder (detect or combine) on ``images``."""
+    per_class = load_detections(folder, VOC_CLASSES)
+    return evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, images)
 
 
 def _auto_C(caches: list[Path]) -> float:
