@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import zipfile
 import zlib
-import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +51,7 @@ __all__ = [
     "decode_map",
     "write_cached_image",
     "cached_file_problem",
+    "record_image_paths",
 ]
 
 #: Bumped whenever the per-image file layout changes (it is part of the manifest key).
@@ -110,6 +110,20 @@ def write_cached_image(
         arrays[f"map_{k}"] = encode_map(fmap)
     write_npz(path, arrays)  # atomic, and the same bytes for the same arrays
     return Path(path).stat().st_size
+
+
+def record_image_paths(folder: Path, images) -> None:
+    """Add ``image id -> absolute image file`` of ``images`` (objects with ``image_id`` and
+    ``path``) to ``<folder>/images.json``, atomically. Not part of the cache's key: it tells
+    a stage that needs the pixels again (conv fine-tuning) where they are."""
+    import json
+
+    from spp_detect.stage_dir import atomic_write
+
+    path = Path(folder) / "images.json"
+    known = json.loads(path.read_text()) if path.is_file() else {}
+    known.update({im.image_id: str(Path(im.path).resolve()) for im in images})
+    atomic_write(path, lambda p: p.write_text(json.dumps(known, indent=0, sort_keys=True)))
 
 
 def cached_file_problem(path: Path, key: str) -> str | None:
@@ -265,6 +279,8 @@ class FeatureCache:
         self.levels: tuple[int, ...] = tuple(config["levels"])
         self.backbone: str = config["backbone"]
         self.mode: str = config.get("mode", "spp")
+        #: the trunk weights' identity (``imagenet``, ``none`` or ``sha256:<digest>`` of the file)
+        self.weights: str = config.get("weights", "imagenet")
         spec = get_backbone(self.backbone)
         self.stride, self.offset = spec.stride, spec.offset
         self.channels: int = spec.channels

@@ -38,7 +38,7 @@ from torchvision.ops import batched_nms
 
 from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
-from spp_detect.head import SPPHead
+from spp_detect.head import SPPHead, check_head_reads
 from spp_detect.stage_dir import atomic_write, open_stage, settings_config, write_npz
 from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
 
@@ -240,6 +240,8 @@ def run_detect(
             f"the model's classes differ from those of {cache_folder}: missing {missing}, extra {extra}"
             + ("" if missing or extra else " (same names, another order)")
         )
+    if getattr(model, "head", None) is not None:
+        check_head_reads(model.head, cache_folder, cache.weights)
     model = prepare_scorer(model, settings)
     config = {**settings_config(settings), "cache": cache.key, "model": model_key}
     stage = open_stage(out, "detect", config, force=force, shard=shard)

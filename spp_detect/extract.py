@@ -34,7 +34,7 @@ from spp_detect.backbones import (
     resolve_normalization,
 )
 from spp_detect.boxes import mirror_boxes
-from spp_detect.cache import FORMAT_VERSION, cached_file_problem, write_cached_image
+from spp_detect.cache import FORMAT_VERSION, cached_file_problem, record_image_paths, write_cached_image
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.images import ImageReadError
@@ -228,6 +228,8 @@ def run_extract(
     config = {**settings_config(settings), "proposals": proposals_key, "image_set": image_set,
               "format": FORMAT_VERSION, "classes": list(classes)}
     stage = open_stage(out, "extract", config, force=force, shard=shard)
+    if shard[0] == 1:  # one writer; every shard is given the whole list
+        record_image_paths(out, images)
     spec = get_backbone(settings.backbone)
     todo, skipped, redone = stage.todo(images, lambda im: Path(out) / f"{im.image_id}.npz",
                                        lambda path: cached_file_problem(path, stage.key))

@@ -22,9 +22,15 @@ weights, the momentum buffers and the iteration, so a resumed run continues to e
 the state an uninterrupted one reaches.
 
 What differs from the release, on purpose: fc6/fc7 start from random init (no
-SPP-trained fc layers exist for the backbones on disk); no flipped images (cached maps
-are of the unflipped image); no model selection on the test set (the release picked its
-snapshot on VOC07 test, SPP_net#28): the last iterate is used.
+SPP-trained fc layers exist for the backbones on disk; ``init_head`` starts from another
+finetune folder's head); no model selection on the test set (the release picked its
+snapshot on VOC07 test, SPP_net#28): the last iterate is used. Flipped images are given as
+``extract --flip`` caches beside the plain ones, as the release's ``flip_finetune``.
+
+Beyond the paper, ``train_from`` names the first trunk layer to train: the trunk then runs
+forward and backward through SPP on image-centric minibatches (Fast R-CNN's training,
+:mod:`spp_detect.conv_finetune`), and the fine-tuned trunk is written beside the head
+(``trunk.pth``; ``extract --head`` computes caches with it).
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from spp_detect.cache import FeatureCache
-from spp_detect.head import DROPOUT, SPPHead, save_head
+from spp_detect.conv_finetune import FC_ONLY
+from spp_detect.head import DROPOUT, SPPHead, load_head, save_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir, settings_config
 from spp_detect.tensor_io import load_tensors, save_tensors
@@ -83,11 +90,23 @@ class FinetuneSettings:
     round_iterations: int = field(default=100, metadata={"help": (
         "Minibatches prepared at once; a checkpoint follows each round.")})
     seed: int = field(default=0, metadata={"help": "Seed of the initial weights, window sampling and dropout."})
+    train_from: str = field(default=FC_ONLY, metadata={"help": (
+        "First layer trained: 'fc6' (the paper: fc layers only, on cached features) or a trunk layer "
+        "(SqueezeNet: conv1, fire2 .. fire9; any backbone: its layer index), trained through SPP on "
+        "minibatches of --images-per-batch images (Fast R-CNN; e.g. fire5). Needs the images the caches record.")})
+    images_per_batch: int = field(default=2, metadata={"help": (  # Fast R-CNN 2.3: N = 2 images, R = 128
+        "Images per minibatch when training the trunk; --batch-size windows are split over them (Fast R-CNN: 2).")})
+    train_scales: tuple[int, ...] = field(default=(), metadata={"help": (
+        "Shorter-side scales an image is trained at when training the trunk, one drawn per image "
+        "(default: the caches' scales).")})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
-        if self.iterations < 1 or self.batch_size < 2 or self.round_iterations < 1:
-            raise ValueError("iterations, batch_size and round_iterations must be positive")
+        object.__setattr__(self, "train_scales", tuple(int(s) for s in self.train_scales))
+        if self.iterations < 1 or self.batch_size < 2 or self.round_iterations < 1 or self.images_per_batch < 1:
+            raise ValueError("iterations, batch_size, round_iterations and images_per_batch must be positive")
+        if self.batch_size % self.images_per_batch:
+            raise ValueError(f"batch_size {self.batch_size} must split evenly over {self.images_per_batch} images")
         if not 0 < self.fg_fraction < 1:
             raise ValueError(f"fg_fraction must be in (0, 1), got {self.fg_fraction}")
 
@@ -209,9 +228,12 @@ def _dropout_masks(settings: FinetuneSettings, iteration: int, device: torch.dev
     return keep[:, rank::world_size].float() / (1.0 - DROPOUT)
 
 
-def _optimizer(head: SPPHead, settings: FinetuneSettings) -> torch.optim.SGD:
-    weights = [p for n, p in head.named_parameters() if n.endswith("weight")]
-    biases = [p for n, p in head.named_parameters() if n.endswith("bias")]
+def _optimizer(module: nn.Module, settings: FinetuneSettings) -> torch.optim.SGD:
+    """SGD over ``module``'s trainable parameters: weights with weight decay, biases at twice
+    the learning rate without it (Caffe's ``blobs_lr 1 / 2``, ``weight_decay 1 / 0``)."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    weights = [p for n, p in named if not n.endswith("bias")]
+    biases = [p for n, p in named if n.endswith("bias")]
     return torch.optim.SGD(
         [
             {"params": weights, "lr_mult": 1.0, "weight_decay": settings.weight_decay},
@@ -222,8 +244,8 @@ def _optimizer(head: SPPHead, settings: FinetuneSettings) -> torch.optim.SGD:
     )
 
 
-def _save_checkpoint(out: Path, head: SPPHead, optimizer: torch.optim.SGD, iteration: int) -> None:
-    tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in head.state_dict().items()}
+def _save_checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.SGD, iteration: int) -> None:
+    tensors: dict[str, Tensor] = {f"model.{k}": v for k, v in module.state_dict().items()}
     for group_index, group in enumerate(optimizer.param_groups):
         for param_index, param in enumerate(group["params"]):
             buf = optimizer.state.get(param, {}).get("momentum_buffer")
@@ -233,16 +255,126 @@ def _save_checkpoint(out: Path, head: SPPHead, optimizer: torch.optim.SGD, itera
     save_tensors(out / CHECKPOINT, tensors)
 
 
-def _load_checkpoint(out: Path, head: SPPHead, optimizer: torch.optim.SGD) -> int:
+def _load_checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.SGD) -> int:
     tensors = load_tensors(out / CHECKPOINT)
-    head.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-    device = next(head.parameters()).device
+    module.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
+    device = next(module.parameters()).device
     for group_index, group in enumerate(optimizer.param_groups):
         for param_index, param in enumerate(group["params"]):
             buf = tensors.get(f"momentum.{group_index}.{param_index}")
             if buf is not None:
                 optimizer.state[param]["momentum_buffer"] = buf.to(device)
     return int(tensors["iteration"])
+
+
+def _set_lr(optimizer: torch.optim.SGD, settings: FinetuneSettings, iteration: int) -> float:
+    lr = settings.lr_at(iteration)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["lr_mult"]
+    return lr
+
+
+def trunk_weights_for(caches: Sequence[FeatureCache], weights: str | Path | None) -> str:
+    """The weights the caches' trunk was built from, as :func:`spp_detect.backbones.build_model`
+    takes them: ``imagenet`` / ``none`` as recorded, else ``weights``, a file that must be the
+    one the caches record (by SHA-256).
+
+    Raises:
+        ValueError: a weights file is needed and not given, or is another file.
+    """
+    from spp_detect.stage_dir import weights_identity
+
+    recorded = caches[0].weights
+    if recorded in ("imagenet", "none"):
+        return recorded
+    if weights is None:
+        raise ValueError(f"{caches[0].folder} was extracted with the weights file of {recorded}: training the trunk "
+                         "starts from that file, give it (--weights FILE)")
+    if weights_identity(str(weights)) != recorded:
+        raise ValueError(f"{weights} is not the weights file {caches[0].folder} was extracted with ({recorded})")
+    return str(weights)
+
+
+class _FcTraining:
+    """The paper's fine-tuning: fc6-fc8 on windows pooled from the cached maps, a round of
+    minibatches prepared at once (:func:`_round_batches`)."""
+
+    def __init__(self, caches, settings: FinetuneSettings, head: SPPHead, device, rank: int, world_size: int) -> None:
+        self.caches, self.settings, self.device, self.rank, self.world_size = caches, settings, device, rank, world_size
+        self.module: nn.Module = head
+        self.windows = collect_training_windows(caches, settings.fg_threshold, settings.bg_low)
+
+    def start_round(self, round_index: int, count: int) -> None:
+        self.feats, self.labels = _round_batches(self.caches, self.windows, self.settings, round_index, count,
+                                                 self.device, self.rank, self.world_size)
+        self.local = len(self.labels) // count  # this process's rows of each minibatch
+        self.first = round_index * self.settings.round_iterations
+
+    def step(self, model: nn.Module, iteration: int) -> tuple[Tensor, Tensor, float]:
+        """``(logits, labels, loss multiplier)`` of this process's rows of minibatch ``iteration``."""
+        i = iteration - self.first
+        rows = slice(i * self.local, (i + 1) * self.local)
+        masks = _dropout_masks(self.settings, iteration, self.device, self.rank, self.world_size)
+        logits = model(self.feats[rows].float(), dropout_masks=masks)
+        # mean over the whole minibatch: DDP averages over processes, so scale by world_size
+        return logits, self.labels[rows], self.world_size / self.settings.batch_size
+
+
+class _ConvTraining:
+    """Fast R-CNN's training through SPP (:mod:`spp_detect.conv_finetune`): each minibatch
+    ``images_per_batch`` images, their trunk forward and backward, windows pooled from
+    their maps; process ``rank`` runs the minibatch's images ``rank::world_size``."""
+
+    def __init__(self, caches, settings: FinetuneSettings, head: SPPHead, weights: str, device, rank: int,
+                 world_size: int) -> None:
+        from spp_detect.backbones import NORMALIZATIONS
+        from spp_detect.conv_finetune import build_conv_detector, cache_image_paths
+
+        if settings.images_per_batch < world_size:
+            raise ValueError(f"{settings.images_per_batch} images per minibatch cannot be split over {world_size} processes")
+        self.caches, self.settings, self.device, self.rank, self.world_size = caches, settings, device, rank, world_size
+        self.paths = [cache_image_paths(c) for c in caches]
+        self.windows = collect_training_windows(caches, settings.fg_threshold, settings.bg_low)
+        missing = [im for c, im in self.windows.pairs if im not in self.paths[c]]
+        if missing:
+            raise ValueError(f"the caches record no image file for {len(missing)} image(s), e.g. {missing[:3]}: rerun extract")
+        self.norm = NORMALIZATIONS[caches[0].manifest["config"]["input_norm"]]
+        self.scales = settings.train_scales or caches[0].scales
+        self.detector, self.model = build_conv_detector(caches[0].backbone, weights, settings.train_from, head,
+                                                        caches[0].levels, device)
+        self.module: nn.Module = self.detector
+        num = len(self.windows.pairs)
+        split = lambda image, values: np.split(values[np.argsort(image, kind="stable")],  # noqa: E731
+                                               np.cumsum(np.bincount(image, minlength=num))[:-1])
+        self.fg = split(self.windows.fg_image, self.windows.fg_window)
+        self.fg_label = split(self.windows.fg_image, self.windows.fg_label)
+        self.bg = split(self.windows.bg_image, self.windows.bg_window)
+
+    def start_round(self, round_index: int, count: int) -> None:
+        pass
+
+    def step(self, model: nn.Module, iteration: int) -> tuple[Tensor, Tensor, float]:
+        from spp_detect.conv_finetune import dropout_masks, image_minibatch, load_training_pixels, scaled_input
+
+        s = self.settings
+        batch = image_minibatch(self.fg, self.bg, self.fg_label, iteration, s.seed, s.images_per_batch,
+                                s.batch_size // s.images_per_batch, s.fg_fraction, self.scales)
+        total = sum(len(b.window) for b in batch)
+        masks = dropout_masks(s.seed, iteration, total, s.fc_dim, self.device)
+        starts = np.cumsum([0] + [len(b.window) for b in batch])
+        inputs, boxes, factors, rows, labels = [], [], [], [], []
+        for j in range(self.rank, len(batch), self.world_size):
+            b = batch[j]
+            cache_index, image_id = self.windows.pairs[b.pair]
+            cache = self.caches[cache_index]
+            cached = cache.load(image_id, with_maps=False)
+            pixels = load_training_pixels(cache, self.paths[cache_index][image_id], cached.width, cached.height)
+            x, factor = scaled_input(pixels, b.scale, self.norm, self.device)
+            inputs.append(x), factors.append(factor), boxes.append(cached.boxes[torch.from_numpy(b.window)])
+            rows.append(torch.arange(starts[j], starts[j + 1])), labels.append(torch.from_numpy(b.label))
+        mine = torch.cat(rows).to(self.device)
+        logits = model(inputs, boxes, factors, masks[:, mine])
+        return logits, torch.cat(labels).to(self.device), self.world_size / total
 
 
 def run_finetune(
@@ -256,36 +388,47 @@ def run_finetune(
     progress: Callable[[int, int], object] | None = None,
     rank: int = 0,
     world_size: int = 1,
+    weights: str | Path | None = None,
+    init_head: Path | str | None = None,
 ) -> FinetuneSummary:
-    """Fine-tune fc6-fc8 on the windows of ``cache_folders``; write ``<out>/head.npz``.
+    """Fine-tune fc6-fc8 (and, with ``settings.train_from``, the trunk from that layer) on
+    the windows of ``cache_folders``; write ``<out>/head.npz`` (and ``trunk.pth``).
 
     Data-parallel when ``world_size > 1`` (the caller has joined the process group, e.g.
     :func:`spp_detect.distributed.init_process_group` under torchrun): every process draws
-    the round's minibatches alike, pools and runs its rows ``rank::world_size`` of each,
-    and DistributedDataParallel averages the gradients. Each process's loss is its share
-    of the sum over the whole minibatch divided by ``batch_size`` (times ``world_size``,
-    which the averaging undoes), and the dropout masks are drawn per minibatch
-    (:func:`_dropout_masks`), so N processes compute what one does at the same
-    ``batch_size``, up to floating-point order. Only rank 0 writes the checkpoint, log and
-    head; all ranks resume from the same checkpoint (a folder all of them can read).
+    the minibatches alike and runs its share (fc-only: rows ``rank::world_size`` of each;
+    trunk training: images ``rank::world_size``), and DistributedDataParallel averages the
+    gradients. Each process's loss is its share of the sum over the whole minibatch divided
+    by the minibatch's windows (times ``world_size``, which the averaging undoes), and the
+    dropout masks are drawn per minibatch, so N processes compute what one does, up to
+    floating-point order. Only rank 0 writes the checkpoint, log and head; all ranks resume
+    from the same checkpoint (a folder all of them can read).
 
     Args:
         cache_folders: one or more extract caches (e.g. VOC07 trainval and VOC12 trainval).
         out: the stage folder (manifest, ``checkpoint.npz`` while running, then ``head.npz``,
-            ``head.json`` and ``train_log.json``).
+            ``head.json``, ``train_log.json``; with a trained trunk ``trunk.pth`` and ``trunk.json``).
         settings: :class:`FinetuneSettings`.
-        device: where the head trains and windows are pooled.
+        device: where the head (and trunk) train and windows are pooled.
         force: start over even if ``out`` holds another run.
         stop_after: stop (with a checkpoint) once this many iterations are done in total,
             rounded up to a whole round; a later call resumes. For tests and time-boxed runs.
         progress: ``progress(total, start)`` returns a tqdm-like bar (``update``,
             ``set_postfix``, ``close``), or None for no bar (rank 0 only).
         rank, world_size: this process's place in the data-parallel group.
+        weights: the weights file the caches were extracted with, when trunk training starts
+            from a file (checked by SHA-256); not needed for ``imagenet``.
+        init_head: a finetune folder whose fc6-fc8 (and input scale) the head starts from
+            instead of random init (e.g. the fc-only head, before training the trunk with it);
+            keyed by its manifest key.
 
     Raises:
         SettingsChanged: ``out`` holds a run with other settings and ``force`` is false.
-        ValueError: caches that cannot be mixed, or no fg/bg windows.
+        ValueError: caches that cannot be mixed, no fg/bg windows, a head to start from of
+            another shape, a trunk that cannot be trained from ``train_from``.
     """
+    from spp_detect.stage_dir import read_manifest
+
     out = Path(out)
     device = torch.device(device)
     parallel = world_size > 1
@@ -296,7 +439,10 @@ def run_finetune(
             raise ValueError(f"world_size {world_size} given, but no process group: call init_process_group first")
     barrier = (lambda: dist.barrier()) if parallel else (lambda: None)
     caches = open_caches(cache_folders)
-    config = {**settings_config(settings), "caches": [c.key for c in caches]}
+    conv = settings.train_from != FC_ONLY
+    trunk_weights = trunk_weights_for(caches, weights) if conv else None
+    config = {**settings_config(settings), "caches": [c.key for c in caches],
+              "init_head": read_manifest(Path(init_head))["key"] if init_head is not None else None}
     if rank == 0:  # the only process that may delete (force) before the others look
         open_stage_dir(out, "finetune", config, force=force)
     barrier()
@@ -308,65 +454,73 @@ def run_finetune(
         return summary
 
     torch.manual_seed(settings.seed)  # initial weights
-    scale = TARGET_NORM / mean_feature_norm(caches, "pool", seed=settings.seed, device=device)
     # fc8: background + the classes the caches' data carries (open_caches checked they agree)
-    head = SPPHead(caches[0].feature_dim, settings.fc_dim, len(caches[0].classes) + 1, input_scale=scale).to(device)
-    optimizer = _optimizer(head, settings)
+    if init_head is not None:
+        head = load_head(init_head)
+        shape = (caches[0].feature_dim, settings.fc_dim, len(caches[0].classes) + 1)
+        if (head.in_dim, head.fc_dim, head.num_classes) != shape:
+            raise ValueError(f"the head in {init_head} is {head.in_dim} -> {head.fc_dim} -> {head.num_classes}; "
+                             f"these caches and settings need {shape[0]} -> {shape[1]} -> {shape[2]}")
+        head = head.to(device)
+        scale = float(head.input_scale)
+    else:
+        scale = TARGET_NORM / mean_feature_norm(caches, "pool", seed=settings.seed, device=device)
+        head = SPPHead(caches[0].feature_dim, settings.fc_dim, len(caches[0].classes) + 1, input_scale=scale).to(device)
+    training = (_ConvTraining(caches, settings, head, trunk_weights, device, rank, world_size) if conv
+                else _FcTraining(caches, settings, head, device, rank, world_size))
+    optimizer = _optimizer(training.module, settings)
     iteration = 0
     if (out / CHECKPOINT).is_file():
-        iteration = _load_checkpoint(out, head, optimizer)
+        iteration = _load_checkpoint(out, training.module, optimizer)
         summary.resumed_from = iteration
     log_path = out / "train_log.json"
     rounds = json.loads(log_path.read_text()) if iteration and log_path.is_file() else []
     rounds = [r for r in rounds if r["iteration"] <= iteration]
     barrier()  # every rank has read the checkpoint before rank 0 may write the next one
-    model: nn.Module = head
+    model: nn.Module = training.module
     if parallel:
         from torch.nn.parallel import DistributedDataParallel
 
-        model = DistributedDataParallel(head, device_ids=[device.index] if device.type == "cuda" else None)
-    windows = collect_training_windows(caches, settings.fg_threshold, settings.bg_low)
+        model = DistributedDataParallel(training.module, device_ids=[device.index] if device.type == "cuda" else None)
+    windows = training.windows
     log.info(
-        "finetune: %d images, %d fg / %d bg candidate windows, input scale %.4g, rank %d of %d",
-        len(windows.pairs), len(windows.fg_image), len(windows.bg_image), scale, rank, world_size,
+        "finetune: %d images, %d fg / %d bg candidate windows, input scale %.4g, training from %s, rank %d of %d",
+        len(windows.pairs), len(windows.fg_image), len(windows.bg_image), scale, settings.train_from, rank, world_size,
     )
     end = settings.iterations if stop_after is None else min(settings.iterations, stop_after)
     bar = progress(settings.iterations, iteration) if progress and rank == 0 else None
     start_time = time.perf_counter()
-    head.train()
+    model.train()
     while iteration < end:
         round_index = iteration // settings.round_iterations
         count = min(settings.round_iterations * (round_index + 1), settings.iterations) - iteration
-        feats, labels = _round_batches(caches, windows, settings, round_index, count, device, rank, world_size)
-        local = len(labels) // count  # this process's rows of each minibatch
-        # [loss sum, fg hits, fg windows] over the round, summed over the processes at its end
-        totals = torch.zeros(3, dtype=torch.float64, device=device)
-        for i in range(count):
-            rows = slice(i * local, (i + 1) * local)
-            lr = settings.lr_at(iteration)
-            for group in optimizer.param_groups:
-                group["lr"] = lr * group["lr_mult"]
-            logits = model(feats[rows].float(), dropout_masks=_dropout_masks(settings, iteration, device, rank, world_size))
-            loss_sum = nn.functional.cross_entropy(logits, labels[rows], reduction="sum")
-            # mean over the whole minibatch: DDP averages over processes, so scale by world_size
-            loss = loss_sum * (world_size / settings.batch_size)
+        round_start = time.perf_counter()
+        training.start_round(round_index, count)
+        # [loss sum, windows, fg hits, fg windows] over the round, summed over the processes at its end
+        totals = torch.zeros(4, dtype=torch.float64, device=device)
+        for _ in range(count):
+            lr = _set_lr(optimizer, settings, iteration)
+            logits, labels, multiplier = training.step(model, iteration)
+            loss_sum = nn.functional.cross_entropy(logits, labels, reduction="sum")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss_sum * multiplier).backward()
             optimizer.step()
             iteration += 1
-            fg = labels[rows] > 0
-            hits = (logits.argmax(1)[fg] == labels[rows][fg]).sum()
-            totals += torch.stack([loss_sum.detach().double(), hits.double(), fg.sum().double()])
+            fg = labels > 0
+            hits = (logits.argmax(1)[fg] == labels[fg]).sum()
+            totals += torch.stack([loss_sum.detach().double(), torch.tensor(float(len(labels)), device=device,
+                                   dtype=torch.float64), hits.double(), fg.sum().double()])
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(loss_sum.detach()) / max(local, 1):.3f}", lr=f"{lr:g}")
+                bar.set_postfix(loss=f"{float(loss_sum.detach()) / max(len(labels), 1):.3f}", lr=f"{lr:g}")
         if parallel:
             dist.all_reduce(totals)
-        loss_sum_round, fg_hits, fg_total = (float(v) for v in totals.cpu())
-        rounds.append({"iteration": iteration, "loss": loss_sum_round / (count * settings.batch_size),
-                       "fg_accuracy": fg_hits / max(fg_total, 1)})
+        loss_sum_round, windows_round, fg_hits, fg_total = (float(v) for v in totals.cpu())
+        rounds.append({"iteration": iteration, "loss": loss_sum_round / max(windows_round, 1),
+                       "fg_accuracy": fg_hits / max(fg_total, 1),
+                       "seconds_per_iteration": (time.perf_counter() - round_start) / count})
         if rank == 0:
-            _save_checkpoint(out, head, optimizer, iteration)
+            _save_checkpoint(out, training.module, optimizer, iteration)
             atomic_write(log_path, lambda p: p.write_text(json.dumps(rounds, indent=1)))
         summary.iterations_run += count
     if bar is not None:
@@ -374,7 +528,15 @@ def run_finetune(
     summary.seconds = time.perf_counter() - start_time
     summary.rounds = rounds
     if iteration >= settings.iterations and rank == 0:
-        save_head(out, head.eval())
+        if conv:
+            from spp_detect.conv_finetune import save_trunk
+
+            record = save_trunk(out, training.model, caches[0].backbone, caches[0].manifest["config"]["input_norm"],
+                                trunk_weights, settings.train_from)
+            features_from = record.identity
+        else:
+            features_from = caches[0].weights
+        save_head(out, head.eval(), features_from=features_from)
         (out / CHECKPOINT).unlink(missing_ok=True)
     barrier()  # the head (or checkpoint) is on disk when any process returns
     return summary

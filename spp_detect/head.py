@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from spp_detect.stage_dir import atomic_write
 from spp_detect.tensor_io import load_tensors, save_tensors
 
-__all__ = ["FEATURE_LAYERS", "SPPHead", "save_head", "load_head", "truncate_fc"]
+__all__ = ["FEATURE_LAYERS", "SPPHead", "save_head", "load_head", "check_head_reads", "truncate_fc"]
 
 #: SVM feature layers, in network order (paper Table 6 rows "pool5", "fc6", "fc7").
 FEATURE_LAYERS: tuple[str, ...] = ("pool", "fc6", "fc7")
@@ -87,10 +87,12 @@ class SPPHead(nn.Module):
         return f"in_dim={self.in_dim}, fc_dim={self.fc_dim}, num_classes={self.num_classes}"
 
 
-def save_head(folder: Path | str, head: SPPHead, name: str = "head") -> Path:
-    """Write ``<folder>/<name>.npz`` (the state_dict) and ``<name>.json`` (its shape)."""
+def save_head(folder: Path | str, head: SPPHead, name: str = "head", features_from: str | None = None) -> Path:
+    """Write ``<folder>/<name>.npz`` (the state_dict) and ``<name>.json`` (its shape and
+    ``features_from``: the identity of the trunk weights whose pooled features it reads,
+    as an extract cache records them, :func:`spp_detect.stage_dir.weights_identity`)."""
     folder = Path(folder)
-    meta = {"in_dim": head.in_dim, "fc_dim": head.fc_dim, "num_classes": head.num_classes}
+    meta = {"in_dim": head.in_dim, "fc_dim": head.fc_dim, "num_classes": head.num_classes, "features_from": features_from}
     atomic_write(folder / f"{name}.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
     return save_tensors(folder / f"{name}.npz", head.state_dict())
 
@@ -108,7 +110,30 @@ def load_head(folder: Path | str, name: str = "head") -> SPPHead:
     meta = json.loads(meta_path.read_text())
     head = SPPHead(meta["in_dim"], meta["fc_dim"], meta["num_classes"])
     head.load_state_dict(load_tensors(folder / f"{name}.npz"))
+    head.features_from = meta.get("features_from")
+    head.folder = folder
     return head.eval()
+
+
+def check_head_reads(head: SPPHead, cache_folder: Path | str, cache_weights: str) -> None:
+    """Refuse a cache whose trunk weights are not those the head was trained on.
+
+    A head trained with its trunk (``finetune --train-from``) reads features of that
+    fine-tuned trunk only (``extract --head``); an fc-only head those of the trunk its
+    caches were made with. Heads written before this was recorded are not checked.
+
+    Raises:
+        ValueError: naming the cache's weights, the head's, and the command that fits.
+    """
+    wanted = getattr(head, "features_from", None)
+    if wanted is None or wanted == cache_weights:
+        return
+    folder = getattr(head, "folder", "the head")
+    trunk = (folder / "trunk.json").is_file() if isinstance(folder, Path) else False
+    hint = (f"extract the cache with the head's fine-tuned trunk (spp-detect extract --head {folder})" if trunk
+            else "use caches extracted with the weights the head was trained on")
+    raise ValueError(f"{cache_folder} was extracted with trunk weights {cache_weights}, but the head in {folder} "
+                     f"reads features of {wanted}{' (its fine-tuned trunk)' if trunk else ''}: {hint}")
 
 
 def truncate_fc(head: SPPHead, rank: int, layers: tuple[str, ...] = ("fc6",)) -> SPPHead:

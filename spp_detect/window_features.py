@@ -60,7 +60,7 @@ def open_caches(folders: Sequence[Path | str]) -> list[FeatureCache]:
                              "training needs a labelled dataset (--voc-root, or --coco-json with --images)")
     first = caches[0]
     for other in caches[1:]:
-        for attr in ("backbone", "levels", "mode", "channels"):
+        for attr in ("backbone", "weights", "levels", "mode", "channels"):
             if getattr(other, attr) != getattr(first, attr):
                 raise ValueError(
                     f"caches {first.folder} and {other.folder} differ in {attr}: "

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from spp_detect.boxes import box_iou
 from spp_detect.cache import CachedImage, FeatureCache
-from spp_detect.head import FEATURE_LAYERS, SPPHead, load_head
+from spp_detect.head import FEATURE_LAYERS, SPPHead, check_head_reads, load_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
 from spp_detect.tensor_io import load_tensors, save_tensors
@@ -204,6 +204,8 @@ def run_train_svm(
         if head_folder is None:
             raise ValueError(f"--features {settings.layer} needs a fine-tuned head (--head FOLDER from finetune)")
         head = load_head(head_folder).to(device)
+        for cache in caches:
+            check_head_reads(head, cache.folder, cache.weights)
         if head.in_dim != caches[0].feature_dim:
             raise ValueError(f"the head in {head_folder} takes {head.in_dim}-d features, the caches give {caches[0].feature_dim}")
     head_key = read_manifest(head_folder)["key"] if head is not None else None

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    IN_DIR, IN_PATH, OUT_DIR, OUT_FILE, POSITIVE_FLOAT, POSITIVE_INT, SKIP_BAD_HINT, backbone_options, bar,
+    IN_DIR, IN_FILE, IN_PATH, OUT_DIR, OUT_FILE, POSITIVE_FLOAT, POSITIVE_INT, SKIP_BAD_HINT, backbone_options, bar,
     caches_option, dataset_options, detect_settings_options, device_option, echo_skipped, force_option, job,
     open_dataset_or_usage_error, out_option, parse_int_list, parse_scales, pick_device, quiet, refuse_given,
     settings_from_params, settings_options, shard_option, skip_bad_option, stage_errors, where, workers_option,
@@ -88,13 +88,16 @@ def _search_proposals(out, force, exporting, voc_root, year, image_set, coco_jso
 @backbone_options(EXTRACT_SETTINGS)
 @settings_options(EXTRACT_SETTINGS, scales=parse_scales, levels=parse_scales, mode=click.Choice(["spp", "crop-warp"]),
                   flip="--flip/--no-flip")
+@click.option("--head", "head_folder", type=IN_DIR, default=None,
+              help="Compute the maps with the fine-tuned trunk of this finetune folder (finetune --train-from): "
+                   "its backbone, weights and input normalisation replace --backbone/--weights/--input-norm.")
 @out_option("Cache folder.")
 @device_option
 @force_option
 @shard_option
 @skip_bad_option("missing, unreadable, badly annotated or without usable proposals")
-def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, proposals_path, out, device, force, shard, skip_bad,
-                **params) -> None:
+def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, proposals_path, head_folder, out, device, force,
+                shard, skip_bad, **params) -> None:
     """Conv maps once per scale per image, windows assigned to scales, cached.
 
     \b
@@ -110,6 +113,10 @@ def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, propos
     bad: list | None = [] if skip_bad else None
     with stage_errors(SKIP_BAD_HINT):
         settings = settings_from_params(ExtractSettings, params)
+        if head_folder is not None:
+            from spp_detect.conv_finetune import with_trunk_of
+
+            settings = with_trunk_of(settings, head_folder)
         dataset = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit, bad)
         boxes = load_proposals(proposals_path, [im.image_id for im in dataset.images], bad=bad)
         images = [im for im in dataset.images if im.image_id in boxes] if bad else dataset.images
@@ -130,16 +137,25 @@ def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, propos
 @settings_options(FINETUNE_SETTINGS, fc_dim=POSITIVE_INT, iterations=POSITIVE_INT, base_lr=("--lr", POSITIVE_FLOAT),
                   lr_steps=parse_int_list, batch_size=click.IntRange(min=2),
                   fg_fraction=click.FloatRange(0, 1, min_open=True, max_open=True), random_scale="--random-scale/--no-random-scale",
-                  round_iterations=POSITIVE_INT, seed=int)
+                  round_iterations=POSITIVE_INT, seed=int, train_from=str, images_per_batch=POSITIVE_INT,
+                  train_scales=lambda ctx, param, value: parse_scales(ctx, param, value) if value not in (None, "", ()) else ())
+@click.option("--weights", type=IN_FILE, default=None,
+              help="With --train-from: the weights file the caches were extracted with (the trunk starts from it).")
+@click.option("--init-head", "init_head", type=IN_DIR, default=None,
+              help="Start fc6-fc8 from this finetune folder's head instead of random init (e.g. the fc-only head).")
 @click.option("--stop-after", type=click.IntRange(min=1), default=None, help="Stop with a checkpoint after this many iterations (rerun to continue).")
 @device_option
 @force_option
-def finetune_cmd(caches, out, stop_after, device, force, **params) -> None:
-    """Train fc6 -> fc7 -> fc8 on pooled SPP features from extract caches (stage 3).
+def finetune_cmd(caches, out, weights, init_head, stop_after, device, force, **params) -> None:
+    """Train fc6 -> fc7 -> fc8 on pooled SPP features from extract caches (stage 3),
+    or, with --train-from, the conv trunk from that layer too, through SPP.
 
     \b
-    Example (README "3. finetune"; rerun to resume; torchrun splits the minibatches):
+    Examples (README "3. finetune"; rerun to resume; torchrun splits the minibatches):
       spp-detect finetune --cache runs/feat-trainval --out runs/head --fc-dim 1024
+      spp-detect finetune --cache runs/feat-trainval --cache runs/feat-trainval-flip --fc-dim 1024 \\
+          --train-from fire5 --weights squeezenet.pth --init-head runs/head --out runs/head-conv
+      spp-detect extract ... --head runs/head-conv --out runs/feat-test-conv   # caches of the trained trunk
     """
     from tqdm import tqdm
 
@@ -152,7 +168,7 @@ def finetune_cmd(caches, out, stop_after, device, force, **params) -> None:
                                  param_hint="--batch-size")
     with stage_errors(), process_group(launch, torch_device):
         summary = run_finetune(caches, out, settings_from_params(FinetuneSettings, params), device=torch_device, force=force,
-                               stop_after=stop_after, rank=launch.rank, world_size=launch.world_size,
+                               weights=weights, init_head=init_head, stop_after=stop_after, rank=launch.rank, world_size=launch.world_size,
                                progress=lambda total, start: tqdm(total=total, initial=start, desc="finetune", unit="it", disable=quiet()))
     if launch.is_main:  # rank 0 reports for the job
         click.echo(summary.describe(out) + (f" on {launch.world_size} processes" if launch.world_size > 1 else ""))
