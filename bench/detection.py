@@ -35,6 +35,7 @@ cells to an earlier JSON, so the table can be filled in several runs.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import tempfile
 import threading
@@ -52,6 +53,7 @@ from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
+from spp_detect.conv_finetune import with_trunk_of
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.stage_dir import read_manifest
@@ -62,10 +64,15 @@ from svm.train import SVMSettings, load_svm, run_train_svm
 COLUMNS = {"1-scale": ("spp", (688,)), "5-scale": ("spp", PAPER_SCALES)}
 PAIR_COLUMNS = {"rcnn-style": ("crop-warp", (224,)), "1-scale-same-windows": ("spp", (688,))}
 #: row -> (SVM feature layer, box regression)
-ROWS = {"pool": ("pool", False), "ftfc6": ("fc6", False), "ftfc7": ("fc7", False), "ftfc7 bb": ("fc7", True)}
+ROWS = {"pool": ("pool", False), "ftfc6": ("fc6", False), "ftfc7": ("fc7", False), "ftfc7 bb": ("fc7", True),
+        "ftconv fc7": ("fc7", False), "ftconv fc7 bb": ("fc7", True)}
+#: Rows whose head trains the trunk through SPP too (CONV_RECIPE, the 1-scale column only): their
+#: SVMs train on caches extracted with that head's fine-tuned trunk.
+CONV_ROWS = ("ftconv fc7 bb", "ftconv fc7")
 #: The order rows are trained in: the fc rows first (fast SVMs on 1,024-d features; ftfc7 and
 #: ftfc7 bb share their SVMs), the pool row (25,600-d SVMs) last.
 ROW_ORDER = ("ftfc7 bb", "ftfc7", "ftfc6", "pool")
+CONV_COLUMN = "1-scale"
 #: (dataset folder under ../shared/data, image set)
 TRAIN_SETS = (("voc2007-mini", "trainval"), ("voc2007-trainval-plus", "trainval"))
 TEST_SET = ("voc2007-mini", "test")
@@ -87,6 +94,13 @@ class Recipe:
 #: section of ``bench/results/detection.json`` shows each choice's effect).
 RECIPE = Recipe(FinetuneSettings(fc_dim=1024, iterations=1500, base_lr=0.02, lr_steps=(1125,)), flip=True)
 _BASE = Recipe(RECIPE.finetune, flip=False)
+#: The trunk-training recipe of the ``ftconv`` rows (beyond the paper: Fast R-CNN 2.3 and 4.5):
+#: fc6-fc8 start from the RECIPE head, then the trunk from SqueezeNet's fire5 on (the first
+#: layers stay frozen, as Fast R-CNN keeps conv1-2) trains with them, 2 images x 64 windows per
+#: minibatch, each image at 576 or 688 (cheaper than 688 alone; Fast R-CNN trained at 600),
+#: flipped images included; learning rate 0.002 (the RECIPE head's last), divided by 10 at 75%.
+CONV_RECIPE = Recipe(FinetuneSettings(fc_dim=1024, iterations=2500, base_lr=0.002, lr_steps=(1875,), train_from="fire5",
+                                      images_per_batch=2, train_scales=(576, 688)), flip=True)
 #: Fine-tuning rounds at 5 scales: each round decodes the cached maps of every training image
 #: it draws windows from (all 1,800 here), and 5-scale maps take ~7x as long as 1-scale ones,
 #: so rounds of 100 minibatches (the default) spent ~3 minutes of each 100 iterations decoding.
@@ -169,15 +183,18 @@ class Bench:
         return boxes, key
 
     def cache(self, column: str, mode: str, scales, dataset: str, image_set: str, limit: int | None = None,
-              windows: int | None = None, flip: bool = False, backbone: str = BACKBONE) -> Path:
+              windows: int | None = None, flip: bool = False, backbone: str = BACKBONE, trunk_of: Path | None = None) -> Path:
         """The extract cache of ``dataset``/``image_set`` for ``column`` (a column of another
-        ``backbone`` than :data:`BACKBONE` must have a name of its own)."""
+        ``backbone`` than :data:`BACKBONE` must have a name of its own); ``trunk_of``: a head
+        folder whose fine-tuned trunk computes the maps (``extract --head``)."""
         images = self.images(dataset, image_set, limit)
         props, key = self.proposals(dataset, image_set, images, windows)
         settings = ExtractSettings(backbone=backbone, weights=str(WEIGHTS[backbone]), scales=tuple(scales), mode=mode,
                                    flip=flip)
+        if trunk_of is not None:
+            settings = with_trunk_of(settings, trunk_of)
         name = (f"feat-{column}-{dataset}-{image_set}-{len(images)}" + (f"-w{windows}" if windows else "")
-                + ("-flip" if flip else ""))
+                + ("-flip" if flip else "") + (f"-trunk-{trunk_of.name}" if trunk_of is not None else ""))
         folder = self.work / name
         t0 = time.perf_counter()
         summary = run_extract(images, props, folder, settings, proposals_key=key, image_set=image_set, device=self.device)
@@ -189,6 +206,17 @@ class Bench:
         folder = self.work / f"head-{tag}-{_short(recipe.finetune)}{'-flip' if recipe.flip else ''}"
         t0 = time.perf_counter()
         summary = run_finetune(caches + (flipped if recipe.flip else []), folder, recipe.finetune, device=self.device)
+        self.times[f"finetune {folder.name}"] = None if summary.already_done else time.perf_counter() - t0
+        return folder
+
+    def conv_head(self, caches: list[Path], flipped: list[Path], recipe: Recipe, init: Path, tag: str) -> Path:
+        """Train the trunk with fc6-fc8 (``finetune --train-from``), fc layers from ``init``."""
+        # a short name (the recipe and the head it starts from, hashed): cache and detection folders carry it
+        digest = hashlib.sha256(json.dumps([asdict(recipe.finetune), recipe.flip, init.name]).encode()).hexdigest()[:10]
+        folder = self.work / f"headconv-{tag}-{recipe.finetune.train_from}-{recipe.finetune.iterations}-{digest}"
+        t0 = time.perf_counter()
+        summary = run_finetune(caches + (flipped if recipe.flip else []), folder, recipe.finetune, device=self.device,
+                               weights=WEIGHTS[BACKBONE], init_head=init)
         self.times[f"finetune {folder.name}"] = None if summary.already_done else time.perf_counter() - t0
         return folder
 
@@ -271,9 +299,39 @@ def _column(bench: Bench, name: str, mode: str, scales, train_sets, test_set, re
         cells[row] = bench.row(train, head, test, test_images, row, tag)
         print(f"{name:>22} {row:>9}: mAP {100 * cells[row]['map']:5.1f}", flush=True)
         bench.checkpoint(result)
+    if any(r in rows for r in CONV_ROWS):
+        _conv_rows(bench, name, mode, scales, train_sets, test_set, head, train, flipped, test_limit, result,
+                   [r for r in CONV_ROWS if r in rows])
     result["train_images"][name] = sum(len(bench.images(*s, limit=train_limit)) for s in train_sets)
     result["test_images"][name] = len(test_images)
     result["windows_per_image"][name] = windows if windows else "all (up to 2,000)"
+
+
+def _conv_rows(bench: Bench, name: str, mode: str, scales, train_sets, test_set, head: Path,
+               train: list[Path], flipped: list[Path], test_limit, result: dict, rows: list[str]) -> None:
+    """The ``ftconv`` rows: the trunk trained with the head (CONV_RECIPE, from ``head``), then
+    caches of every training and test image extracted with it, SVMs and detection on those."""
+    if not CONV_RECIPE.flip:
+        flipped = []
+    else:
+        flipped = flipped or [bench.cache(name, mode, scales, *s, flip=True) for s in train_sets]
+    conv = bench.conv_head(train, flipped, CONV_RECIPE, head, name)
+    test_images = bench.images(*test_set, limit=test_limit)
+    train_ft = [bench.cache(name, mode, scales, *s, trunk_of=conv) for s in train_sets]
+    test_ft = bench.cache(name, mode, scales, *test_set, limit=test_limit, trunk_of=conv)
+    cells = result["columns"].setdefault(name, {})
+    for row in rows:
+        cells[row] = bench.row(train_ft, conv, test_ft, test_images, row, name)
+        print(f"{name:>22} {row:>9}: mAP {100 * cells[row]['map']:5.1f}", flush=True)
+        bench.checkpoint(result)
+    log = json.loads((conv / "train_log.json").read_text())
+    per_iteration = [r["seconds_per_iteration"] for r in log if "seconds_per_iteration" in r]
+    result["ftconv"] = {
+        "recipe": asdict(CONV_RECIPE.finetune), "flip": CONV_RECIPE.flip, "init_head": head.name, "head": conv.name,
+        "seconds_per_iteration": sum(per_iteration) / len(per_iteration) if per_iteration else None,
+        "finetune_seconds": sum(per_iteration) / len(per_iteration) * CONV_RECIPE.finetune.iterations if per_iteration else None,
+        "last_round": log[-1] if log else None,
+    }
 
 
 def run_columns(bench: Bench, columns: list[str], result: dict, rows=tuple(ROWS)) -> None:
@@ -282,13 +340,14 @@ def run_columns(bench: Bench, columns: list[str], result: dict, rows=tuple(ROWS)
         recipe = RECIPE
         if len(scales) > 1:  # the same minibatches' distribution, drawn in fewer, larger rounds
             recipe = replace(RECIPE, finetune=replace(RECIPE.finetune, round_iterations=MULTISCALE_ROUND_ITERATIONS))
-        _column(bench, column, mode, scales, TRAIN_SETS, TEST_SET, recipe, result, rows=rows)
+        column_rows = rows if column == CONV_COLUMN else tuple(r for r in rows if r not in CONV_ROWS)
+        _column(bench, column, mode, scales, TRAIN_SETS, TEST_SET, recipe, result, rows=column_rows)
 
 
 def run_pair(bench: Bench, args, result: dict) -> None:
     for column, (mode, scales) in PAIR_COLUMNS.items():
         _column(bench, column, mode, scales, TRAIN_SETS[:1], TEST_SET, PAIR_RECIPE, result, train_limit=args.pair_train,
-                test_limit=args.pair_test, windows=args.pair_windows)
+                test_limit=args.pair_test, windows=args.pair_windows, rows=tuple(r for r in ROWS if r not in CONV_ROWS))
     result["pair_setting"] = (
         f"first {args.pair_windows} proposals (best first) of the first {args.pair_train} images of "
         f"{'/'.join(TRAIN_SETS[0])} (training) and the first {result['test_images']['rcnn-style']} of "
@@ -316,7 +375,7 @@ def run_ablation(bench: Bench, names: list[str], result: dict) -> None:
 
 
 def main() -> None:
-    global RECIPE, PAIR_RECIPE
+    global RECIPE, PAIR_RECIPE, CONV_RECIPE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--columns", default=",".join(COLUMNS), help="SPP columns to run (comma-separated, or empty)")
     parser.add_argument("--rows", default=",".join(ROWS), help="rows of the SPP columns to run (comma-separated)")
@@ -341,6 +400,8 @@ def main() -> None:
         args.pair_windows, args.pair_train, args.pair_test = 10, 2, 1
         RECIPE = Recipe(replace(RECIPE.finetune, fc_dim=64, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
         PAIR_RECIPE = replace(RECIPE, flip=False)
+        CONV_RECIPE = Recipe(replace(CONV_RECIPE.finetune, fc_dim=64, iterations=4, lr_steps=(3,), round_iterations=2,
+                                     train_scales=(288,)), flip=True)
         ABLATION.clear()
         ABLATION["smoke recipe"] = (RECIPE, 1.0, "ftfc7")
         args.ablation = "smoke recipe"
@@ -351,6 +412,7 @@ def main() -> None:
     result.update({"machine": machine(), "device": args.device, "backbone": BACKBONE,
                    "recipe": {"finetune": asdict(RECIPE.finetune), "flip": RECIPE.flip},
                    "pair_recipe": {"finetune": asdict(PAIR_RECIPE.finetune), "flip": PAIR_RECIPE.flip},
+                   "conv_recipe": {"finetune": asdict(CONV_RECIPE.finetune), "flip": CONV_RECIPE.flip},
                    "proposals": asdict(ProposalSettings()), "smoke": args.smoke})
     for key in ("columns", "ablation", "train_images", "test_images", "windows_per_image", "stage_seconds"):
         result.setdefault(key, {})
@@ -371,9 +433,9 @@ def _print_table(result: dict) -> None:
     print("\nmAP (VOC07 11-point, %), SqueezeNet; columns: train / test images, windows per image")
     for c in columns:
         print(f"  {c}: {result['train_images'][c]} / {result['test_images'][c]}, {result['windows_per_image'][c]}")
-    print(f"{'':>10} " + " ".join(f"{c:>21}" for c in columns))
+    print(f"{'':>14} " + " ".join(f"{c:>21}" for c in columns))
     for row in ROWS:
-        print(f"{row:>10} " + " ".join(f"{100 * result['map'][row].get(c, float('nan')):>21.1f}" for c in columns))
+        print(f"{row:>14} " + " ".join(f"{100 * result['map'][row].get(c, float('nan')):>21.1f}" for c in columns))
     if result["ablation"]:
         print(f"\nablation ({result['ablation_setting']}):")
         for name, cell in result["ablation"].items():
