@@ -25,13 +25,12 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 import bench.detection as detection
 from bench.common import machine, smoke_args, write_json
 from spp_detect.combine import CalibrateSettings, CombineSettings, run_calibrate, run_combine
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.detect import DetectSettings
+from spp_detect.device import resolve_device
 from spp_detect.stage_dir import read_manifest
 from svm.train import load_svm
 
@@ -52,7 +51,7 @@ def main() -> None:
     if args.smoke:  # a head of a few iterations, for rows that fine-tune
         detection.RECIPE = detection.Recipe(replace(
             detection.RECIPE.finetune, fc_dim=32, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
-    device = torch.device(args.device)
+    device = resolve_device(args.device)
     bench = detection.Bench(args.work, device, args.limit, workers=2)
     layer, bbox = detection.ROWS[args.row]
     start = time.perf_counter()

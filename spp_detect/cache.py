@@ -39,6 +39,7 @@ from torch import Tensor
 
 from spp_detect.backbones import get_backbone
 from spp_detect.datasets.voc import VOC_CLASSES
+from spp_detect.device import canonical_device, same_device
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.stage_dir import DamagedFile, check_file, read_manifest, write_npz
 from spp_detect.windows import scale_factors, windows_to_cells
@@ -217,14 +218,14 @@ class CachedImage:
         ``K`` rows; its first ``K`` rows are written and returned (a reused buffer spares allocating and page-faulting
         ~100 MB per 1,000 windows).
         """
-        device = torch.device(device) if device is not None else self.maps[0].device
+        device = canonical_device(device) if device is not None else self.maps[0].device
         if indices is None:
             indices = torch.arange(len(self))
         indices = indices.to(torch.int64).cpu()
         dim = self.maps[0].shape[0] * sum(n * n for n in self.levels)
         if out is None:
             out = torch.empty((len(indices), dim), device=device)
-        elif (out.shape[0] < len(indices) or out.shape[1:] != (dim,) or out.device != device
+        elif (out.shape[0] < len(indices) or out.shape[1:] != (dim,) or not same_device(out.device, device)
               or out.dtype not in (torch.float32, torch.bfloat16)):
             raise ValueError(f"out must be a float32 or bfloat16 buffer of at least {len(indices)} x {dim} on {device}")
         else:

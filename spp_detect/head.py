@@ -83,6 +83,13 @@ class SPPHead(nn.Module):
         x = torch.relu(self.fc6(scaled))
         return x if layer == "fc6" else torch.relu(self.fc7(x))
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the fc weights (float32, or bfloat16 for ``detect --precision bf16``),
+        read from fc8, which :func:`truncate_fc` never replaces (fc6 may be an
+        ``nn.Sequential`` of two ``nn.Linear`` there)."""
+        return self.fc8.weight.dtype
+
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, fc_dim={self.fc_dim}, num_classes={self.num_classes}"
 

@@ -42,6 +42,7 @@ from torch import Tensor
 
 from spp_detect.backbones import NORMALIZATIONS, build_trunk, get_backbone
 from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.device import canonical_device
 from spp_detect.detect import DetectSettings, detect_image, prepare_scorer
 from spp_detect.extract import assign_windows
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
@@ -322,7 +323,7 @@ def load_model(folder: Path | str, *, weights: Path | str | None = None, device:
                              f"the model records {entry['sha256'][:12]}...): its SVMs score features of the original "
                              "weights; restore that file (or give it with --weights), or retrain")
         weights_file = str(path)
-    device = torch.device(device)
+    device = canonical_device(device)
     tensors = load_tensors(folder / "svm.npz")
     classes = tuple(meta["classes"])
     if tensors["weights"].shape[1:] != (len(classes),):

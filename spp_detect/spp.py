@@ -39,6 +39,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.ops import roi_pool
 
+from spp_detect.device import same_device
+
 __all__ = [
     "PAPER_LEVELS",
     "MAX_WINDOW_CELLS",
@@ -112,7 +114,7 @@ def spatial_pyramid_pool(
     num = cells.shape[0]
     shape = (num, channels * pyramid_bins(levels))
     if out is not None and (tuple(out.shape) != shape or out.dtype not in (feature_map.dtype, torch.bfloat16)
-                            or out.device != feature_map.device or not out.is_contiguous()):
+                            or not same_device(out.device, feature_map.device) or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {feature_map.dtype} (or bfloat16) tensor of shape {shape} "
                          f"on {feature_map.device}")
     if num == 0:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.datasets.registry import class_difference
+from spp_detect.device import canonical_device, same_device
 from spp_detect.head import FEATURE_LAYERS, SPPHead
 
 __all__ = [
@@ -116,9 +117,9 @@ class PoolBuffer:
 
     def get(self, rows: int, dim: int, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Tensor:
         """A ``Tensor[rows, dim]`` of ``dtype`` on ``device`` (contents undefined); one buffer per dtype."""
-        device = torch.device(device)
+        device = canonical_device(device)
         t = self._tensors.get(dtype)
-        if t is None or t.shape[0] < rows or t.shape[1] != dim or t.device != device:
+        if t is None or t.shape[0] < rows or t.shape[1] != dim or not same_device(t.device, device):
             self._tensors[dtype] = t = torch.empty((max(rows, 1), dim), device=device, dtype=dtype)
         return t[:rows]
 
@@ -199,7 +200,7 @@ def window_scores(
         return scores
 
     # a bf16 head (detect --precision bf16) takes windows pooled straight to bf16
-    dtype = torch.float32 if layer == "pool" else head.fc6.weight.dtype
+    dtype = torch.float32 if layer == "pool" else head.dtype
     return _per_window(image, run, indices, batch_size, device, buffer, None, timings, dtype)
 
 

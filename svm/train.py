@@ -38,6 +38,7 @@ from torch import Tensor
 
 from spp_detect.boxes import box_iou
 from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.device import canonical_device
 from spp_detect.head import FEATURE_LAYERS, SPPHead, check_head_reads, load_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
@@ -197,7 +198,7 @@ def run_train_svm(
             positives.
     """
     out = Path(out)
-    device = torch.device(device)
+    device = canonical_device(device)
     caches = open_caches(cache_folders)
     head = None
     if settings.layer != "pool":

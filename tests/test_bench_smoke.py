@@ -25,9 +25,16 @@ def _smoke(name: str, tmp_path_factory) -> Path:
     if name not in _RUNS:
         folder = tmp_path_factory.mktemp(f"bench-{name}")
         args = [sys.executable, "-m", f"bench.{name}", "--smoke", "--json", str(folder / "result.json")]
+        env = _env(folder)
         if name == "combine":
             args += ["--work", str(folder / "work")]
-        done = subprocess.run(args, cwd=REPO_ROOT, env=_env(folder), capture_output=True, text=True, timeout=900)
+        if name == "gpu":  # as on a GPU machine: a folder made by --prepare, ../shared/data absent
+            prepare = [sys.executable, "-m", "bench.gpu", "--smoke", "--prepare", str(folder / "data")]
+            done = subprocess.run(prepare, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"bench.gpu --prepare failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+            args += ["--data", str(folder / "data")]
+            env = {**env, "SPP_DETECT_SHARED_DATA": str(folder / "no-shared-data")}
+        done = subprocess.run(args, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, f"bench.{name} --smoke failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
         _RUNS[name] = folder
     return _RUNS[name]
@@ -46,7 +53,7 @@ def _cli(tmp: Path, *args: str) -> None:
 
 
 def test_every_bench_module_is_covered():
-    assert {"combine", "detect_speed", "redetect", "eval", "extract"} <= set(BENCHES)
+    assert {"combine", "detect_speed", "redetect", "eval", "extract", "gpu"} <= set(BENCHES)
 
 
 @pytest.mark.parametrize("name", BENCHES)
@@ -54,6 +61,25 @@ def test_bench_smoke_runs_and_writes_its_json(name, tmp_path_factory):
     folder = _smoke(name, tmp_path_factory)
     result = json.loads((folder / "result.json").read_text())
     assert isinstance(result, dict) and result
+
+
+def test_bench_gpu_smoke_reports_what_the_readme_names(tmp_path_factory):
+    """The keys README's "On a GPU" section names; on the CPU, ``cpu:0`` against ``cpu``
+    differs nowhere, and the shares come from the stages' own timings."""
+    result = json.loads((_smoke("gpu", tmp_path_factory) / "result.json").read_text())
+    assert result["errors"] == {} and result["device_given"] == "cpu:0" and result["device"] == "cpu"
+    rates = result["images_per_second"]
+    assert sorted(rates) == ["detect_1scale", "detect_5scale", "extract_1scale", "extract_5scale"]
+    assert all(rate > 0 for rate in rates.values())
+    shares = result["cpu_wait_share"]
+    assert sorted(shares) == sorted([*rates, "finetune", "train_svm"])
+    assert all(0 <= shares[k] <= 1 for k in rates) and shares["finetune"] is None and shares["train_svm"] is None
+    assert set(result["target"]) == {"detect_5scale_images_per_second", "met"}
+    for mode in ("tf32_on", "tf32_off"):
+        diffs = result["differences"][mode]
+        assert all(diffs[k]["max_abs"] == 0 and diffs[k]["ref_max_abs"] > 0 for k in ("maps", "pooled", "fc7", "scores"))
+        assert diffs["detections"]["matched_share"] == 1 and diffs["detections"]["max_abs_score"] == 0
+    assert all(result["stages"][k]["images"] == result["images"] == 3 for k in rates)
 
 
 def test_bench_combine_gives_the_files_of_the_command_line(tmp_path_factory, tmp_path):

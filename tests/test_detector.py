@@ -374,3 +374,49 @@ def test_truncated_svd_of_fc6_is_exact_at_full_rank_and_close_at_lower_rank():
     assert isinstance(head.fc6, torch.nn.Linear)  # the original head is untouched
     with pytest.raises(ValueError, match="rank must be"):
         truncate_fc(head, 64)
+
+
+def test_detect_with_svd_rank_runs_and_scores_close_to_the_full_fc6(train_cache, test_cache, tmp_path):
+    """``detect --svd-rank`` on a real cache (it crashed: fc6 is an ``nn.Sequential`` once
+    truncated); at rank 31 of fc6's 32 the window scores stay close to the full head's, the
+    detections keep their boxes, and a low rank moves the scores more."""
+    from spp_detect.detect import prepare_scorer
+    from svm.train import load_svm
+
+    runner = CliRunner()
+    head, svm = tmp_path / "head", tmp_path / "svm"
+    r = runner.invoke(cli.main, ["-q", "finetune", "--cache", str(train_cache), "--out", str(head), "--fc-dim", "32",
+                                 "--iterations", "20", "--round-iterations", "10", "--batch-size", "32"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli.main, ["-q", "train-svm", "--cache", str(train_cache), "--head", str(head), "--features", "fc7",
+                                 "--C", "0.1", "--out", str(svm)])
+    assert r.exit_code == 0, r.output
+    found = {}
+    for rank in ("0", "31"):
+        out = tmp_path / f"dets-{rank}"
+        r = runner.invoke(cli.main, ["-q", "detect", "--cache", str(test_cache), "--svm", str(svm), "--svd-rank", rank,
+                                     "--score-threshold", "-100", "--out", str(out)])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        found[rank] = {i: np.load(out / f"{i}.npz") for i in FeatureCache(test_cache).image_ids}
+    model = load_svm(svm)
+    cache = FeatureCache(test_cache)
+    worst = {}
+    for rank in (31, 4):
+        truncated = prepare_scorer(model, DetectSettings(svd_rank=rank))
+        assert isinstance(truncated.head.fc6, torch.nn.Sequential) and isinstance(model.head.fc6, torch.nn.Linear)
+        diffs = []
+        for image_id in cache.image_ids:
+            image = cache.load(image_id)
+            full = window_scores(image, model.scores, "fc7", model.head)
+            low = window_scores(image, truncated.scores, "fc7", truncated.head)
+            diffs.append((float((full - low).abs().max()), float(full.max() - full.min())))
+        worst[rank] = max(d for d, _ in diffs), max(d / spread for d, spread in diffs)
+    assert worst[31][1] < 0.02 and worst[4][1] > worst[31][1], worst  # [1]: relative to the scores' range
+    for image_id, full in found["0"].items():  # no box regression: a detection's box is its window's
+        svd = found["31"][image_id]
+        key = lambda d: {(int(c), *b.tolist()): s for b, s, c in zip(d["boxes"], d["scores"], d["labels"])}  # noqa: E731
+        full_by_box, svd_by_box = key(full), key(svd)
+        shared = full_by_box.keys() & svd_by_box.keys()
+        assert len(shared) >= 0.9 * len(full_by_box) > 0
+        moved = max(abs(full_by_box[k] - svd_by_box[k]) for k in shared)
+        assert 0 < moved <= worst[31][0] + 1e-5  # the command scored with the truncated fc6, no worse than measured

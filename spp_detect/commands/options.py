@@ -150,8 +150,8 @@ def voc_options(default_image_set: str | None = None):
 limit_option = click.option("--limit", type=POSITIVE_INT, default=None, help="Only the first N images of the image set "
                             "(quick trials). Their files are the same as a full run's.")
 force_option = click.option("--force", is_flag=True, help="Recompute everything, even if a cache with other settings exists.")
-device_option = click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU; "
-                             "cuda:LOCAL_RANK under torchrun / srun), cpu, cuda or cuda:N.")
+device_option = click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, "
+                             "cuda (cuda:LOCAL_RANK under torchrun / srun) or cuda:N.")
 workers_option = click.option("--workers", type=POSITIVE_INT, default=None, help="Worker processes [default: CPU count].")
 caches_option = click.option("--cache", "caches", type=IN_DIR, multiple=True, required=True, help="Extract cache of the "
                              "training images; repeat to train on several (e.g. VOC07 and VOC12 trainval).")
@@ -253,12 +253,14 @@ def job(shard: str = "auto", device: str | None = None):
 
 
 def pick_device(device: str, launch=None):
-    """``--device`` as a ``torch.device`` (``auto``: this process's GPU under a launcher);
-    a bad value is a usage error."""
+    """``--device`` as a canonical ``torch.device`` (:func:`spp_detect.device.resolve_device`:
+    ``auto`` and ``cuda`` are this process's GPU under a launcher, ``cpu:0`` is ``cpu``);
+    ``launch``: the job's :class:`~spp_detect.distributed.Launch` (None: read from the
+    environment). A bad value is a usage error."""
     from spp_detect.device import resolve_device
 
     try:
-        return resolve_device(device, launch.local_rank if launch is not None else 0)
+        return resolve_device(device, launch.local_rank if launch is not None else None)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--device") from None
 
