@@ -14,7 +14,8 @@ Per-image stages (``proposals``, ``extract``, ``detect``) turn that into a shard
 ``(k, n)``: process ``k`` (1-based) takes images ``k-1, k-1+n, ...`` of the image list,
 and no process group is needed. ``finetune`` forms a process group
 (:func:`init_process_group`) for DistributedDataParallel. The device of a process is
-``cuda:<local rank>`` when CUDA is present and ``--device auto``.
+``cuda:<local rank>`` for ``--device cuda``, and for ``--device auto`` when CUDA is present
+(:func:`spp_detect.device.resolve_device`).
 
 The released SPP-net split such jobs by hand into index chunks run in separate MATLAB
 sessions; this module is that split, made automatic.
