@@ -54,6 +54,7 @@ from proposals.run import ProposalSettings, run_proposals
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
 from spp_detect.conv_finetune import with_trunk_of
+from spp_detect.device import resolve_device
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.stage_dir import read_manifest
@@ -413,7 +414,7 @@ def main() -> None:
         args.ablation = "smoke recipe"
         if args.work == parser.get_default("work"):
             args.work = Path(tempfile.mkdtemp(prefix="bench-detection-smoke-"))
-    bench = Bench(args.work, torch.device(args.device), limit, args.workers, args.json)
+    bench = Bench(args.work, resolve_device(args.device), limit, args.workers, args.json)
     result: dict = json.loads(args.merge.read_text()) if args.merge else {}
     result.update({"machine": machine(), "device": args.device, "backbone": BACKBONE,
                    "recipe": {"finetune": asdict(RECIPE.finetune), "flip": RECIPE.flip},

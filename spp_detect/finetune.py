@@ -48,6 +48,7 @@ from torch import Tensor, nn
 
 from spp_detect.cache import FeatureCache
 from spp_detect.conv_finetune import FC_ONLY
+from spp_detect.device import canonical_device
 from spp_detect.head import DROPOUT, SPPHead, load_head, save_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import atomic_write, open_stage_dir, settings_config
@@ -430,7 +431,7 @@ def run_finetune(
     from spp_detect.stage_dir import read_manifest
 
     out = Path(out)
-    device = torch.device(device)
+    device = canonical_device(device)
     parallel = world_size > 1
     if parallel:
         import torch.distributed as dist
