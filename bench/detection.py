@@ -102,8 +102,8 @@ _BASE = Recipe(RECIPE.finetune, flip=False)
 #: fc6-fc8 start from the RECIPE head, then the trunk from SqueezeNet's fire5 on (the first
 #: layers stay frozen, as Fast R-CNN keeps conv1-2) trains with them, 2 images x 64 windows per
 #: minibatch, each image at 576 or 688 (cheaper than 688 alone; Fast R-CNN trained at 600),
-#: flipped images included; learning rate 0.002 (the RECIPE head's last), divided by 10 at 75%.
-CONV_RECIPE = Recipe(FinetuneSettings(fc_dim=1024, iterations=2500, base_lr=0.002, lr_steps=(1875,), train_from="fire5",
+#: flipped images included; learning rate 0.002 (the RECIPE head's last), divided by 10 at 80%.
+CONV_RECIPE = Recipe(FinetuneSettings(fc_dim=1024, iterations=1500, base_lr=0.002, lr_steps=(1200,), train_from="fire5",
                                       images_per_batch=2, train_scales=(576, 688)), flip=True)
 #: Fine-tuning rounds at 5 scales: each round decodes the cached maps of every training image
 #: it draws windows from (all 1,800 here), and 5-scale maps take ~7x as long as 1-scale ones,
