@@ -10,6 +10,7 @@ fills a proposals folder from a ``.mat`` file or another proposals folder.
 
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -17,14 +18,14 @@ import time
 from collections.abc import Sequence
 from contextlib import closing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
-from proposals.selective_search import ENGINE, MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, propose
+from proposals.selective_search import ENGINE, MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, VOC_LONGER_SIDE, propose
 from spp_detect.distributed import cpus_per_process
 from spp_detect.images import ImageReadError, read_image
 from spp_detect.stage_dir import check_file, open_stage, open_stage_dir, settings_config, source_key
@@ -67,7 +68,14 @@ class ProposalSettings:
         mode: ``"fast"`` (the paper's fast mode, as R-CNN ran it), ``"opencv-fast"`` or
             ``"opencv-quality"`` (OpenCV's parameter sets on the same engine); see
             :mod:`proposals.selective_search`.
-        min_size: drop boxes narrower or shorter than this, in pixels (R-CNN: 20).
+        min_size: drop boxes narrower or shorter than this, in pixels, on an image whose
+            longer side is ``min_size_reference`` (R-CNN: 20 on VOC's 500 px images).
+        min_size_reference: the longer side ``min_size`` is meant for; a smaller image's
+            minimum is scaled down with its longer side (``min_size * L / reference``,
+            :func:`proposals.selective_search.scaled_min_size`), a larger image's stays
+            ``min_size``. 0: ``min_size`` pixels on every image (R-CNN's fixed rule, and
+            the rule of folders made before this setting existed, which are continued
+            under it).
         max_boxes: keep the first this many boxes per image (R-CNN, SPP-net: about 2,000).
             Files are ranked best first in the paper's sense: each box's hierarchy
             priority (1 for a hierarchy's last merge, counting up towards its initial
@@ -87,7 +95,8 @@ class ProposalSettings:
         "k=150,300,450, ~1,100 boxes, 94%; opencv-quality: five colour spaces, k=150..750, four strategies, "
         "~5x slower).")})
     min_size: float = field(default=R_CNN_MIN_SIZE, metadata={"help": (
-        "Drop boxes narrower or shorter than this, in pixels (R-CNN: 20).")})
+        "Drop boxes narrower or shorter than this, in pixels of an image whose longer side is --min-size-reference "
+        "(R-CNN: 20 on VOC's 500 px images); scaled down for smaller images.")})
     max_boxes: int = field(default=R_CNN_MAX_BOXES, metadata={"help": (
         "Keep the first N boxes per image. Files are ranked best first as in the paper's selective search: "
         "each box's hierarchy priority (1 = a hierarchy's last merge, the whole image; larger towards its "
@@ -96,6 +105,10 @@ class ProposalSettings:
     seed: int = field(default=0, metadata={"help": (
         "Seed of the random factor in the ranking (numpy, reset per image: results do not depend on order or "
         "--workers).")})
+    min_size_reference: int = field(default=VOC_LONGER_SIDE, metadata={"help": (
+        "The longer side --min-size is meant for: an image with a shorter longer side L keeps boxes down to "
+        "min-size x L / reference px (e.g. 16 px on a 400 x 300 image), so that its small objects stay reachable; "
+        "0: --min-size px on every image (R-CNN's fixed rule).")})
     max_pixels: int = field(default=1_000_000, metadata={"help": (
         "Search larger images on a copy shrunk to this many pixels (boxes scaled back); bounds memory and "
         "time.")})
@@ -105,6 +118,8 @@ class ProposalSettings:
             raise ValueError(f"ProposalSettings: unknown mode {self.mode!r}; choose from {list(MODES)}")
         if self.max_pixels < 1:
             raise ValueError(f"ProposalSettings: need max_pixels >= 1, got {self.max_pixels}")
+        if self.min_size_reference < 0:
+            raise ValueError(f"ProposalSettings: need min_size_reference >= 0, got {self.min_size_reference}")
         if self.min_size < 0 or self.max_boxes < 1:
             raise ValueError(f"ProposalSettings: need min_size >= 0 and max_boxes >= 1, got {self.min_size}, {self.max_boxes}")
 
@@ -201,10 +216,11 @@ def run_proposals(
     out = Path(out)
     start = time.perf_counter()
     workers = max(1, min(workers or cpus_per_process(), max(1, len(images))))
+    settings, keyed = _continued_rule(out, settings, force)
     config = {
         "source": "selective_search",
         "engine": ENGINE,
-        **settings_config(settings),
+        **keyed,
         "opencv": cv2.__version__,
         "dataset": dataset or {},
         "boxes": "npy float32 [N, 4] 0-based continuous (x1, y1, x2, y2) image pixels",
@@ -244,6 +260,27 @@ def run_proposals(
     summary.seconds = time.perf_counter() - start
     summary.seconds_per_image_per_worker = worker_seconds / summary.computed if summary.computed else 0.0
     return summary
+
+
+def _continued_rule(out: Path, settings: ProposalSettings, force: bool) -> tuple[ProposalSettings, dict[str, Any]]:
+    """``(settings to run with, their manifest form)``. A folder made before
+    ``min_size_reference`` existed (its manifest has no such entry) used R-CNN's fixed
+    minimum: with the default reference it is continued under that rule and its key (so
+    that its boxes, and the caches keyed by it, stay valid); ``force`` starts it afresh
+    under the scaled rule. New folders record the setting."""
+    config = settings_config(settings)
+    manifest = out / "manifest.json"
+    if force or settings.min_size_reference != VOC_LONGER_SIDE or not manifest.is_file():
+        return settings, config
+    try:
+        old = json.loads(manifest.read_text())
+    except (ValueError, UnicodeDecodeError):
+        return settings, config  # a damaged manifest: open_stage says so
+    old_config = old.get("config", {}) if isinstance(old, dict) else {}
+    if old.get("stage") != STAGE or "min_size_reference" in old_config or "min_size" not in old_config:
+        return settings, config
+    del config["min_size_reference"]
+    return replace(settings, min_size_reference=0), config
 
 
 def import_proposals(source: Path, out: Path, *, force: bool = False) -> ProposalsSummary:
@@ -348,7 +385,8 @@ def _propose_one(task: _Task) -> _Result:
     start = time.perf_counter()
     settings = task.settings
     try:
-        boxes = propose(image, settings.mode, settings.min_size, settings.max_boxes, settings.seed, settings.max_pixels)
+        boxes = propose(image, settings.mode, settings.min_size, settings.max_boxes, settings.seed, settings.max_pixels,
+                        settings.min_size_reference)
     except cv2.error as exc:
         return _Result(task.image_id, task.path, error=f"OpenCV selective search failed ({exc})")
     seconds = time.perf_counter() - start

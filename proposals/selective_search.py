@@ -7,7 +7,8 @@ Two pure functions:
   space x ``k`` x strategy of a mode and returns every box, best first (below);
 * :func:`filter_boxes` applies R-CNN's post-processing: clip to the image, drop boxes
   narrower or shorter than ``min_size`` pixels, drop exact duplicates (first occurrence
-  wins), cap at ``max_boxes``.
+  wins), cap at ``max_boxes``; :func:`propose` scales ``min_size`` down for images
+  smaller than VOC's (:func:`scaled_min_size`).
 
 Boxes are ``np.ndarray[N, 4]`` float32 in the project's one convention (0-based continuous
 ``(x1, y1, x2, y2)`` image pixels, see :mod:`spp_detect.boxes`).
@@ -59,11 +60,20 @@ from proposals.grouping import (
 )
 from spp_detect.boxes import clip_boxes, remove_small_boxes
 
-__all__ = ["ENGINE", "MODES", "R_CNN_MIN_SIZE", "R_CNN_MAX_BOXES", "selective_search", "filter_boxes", "propose"]
+__all__ = ["ENGINE", "MODES", "R_CNN_MIN_SIZE", "R_CNN_MAX_BOXES", "VOC_LONGER_SIDE", "FASTER_RCNN_MIN_SIZE",
+           "selective_search", "filter_boxes", "scaled_min_size", "propose"]
 
 #: R-CNN ``selective_search_boxes.m``: ``FilterBoxesWidth(boxes, 20)`` keeps boxes whose
 #: (inclusive) width and height are both at least 20 pixels.
 R_CNN_MIN_SIZE = 20
+#: The longer side, in pixels, of the images R-CNN's minimum was chosen for: PASCAL VOC
+#: distributes its images with the longer side at 500 px (392 of voc2007-mini's 400
+#: images; the other 8 are smaller).
+VOC_LONGER_SIDE = 500
+#: The smallest proposal side Faster R-CNN keeps, in original-image pixels (py-faster-rcnn
+#: ``config.py``: ``RPN_MIN_SIZE = 16``, applied as ``16 * im_scale`` in the scaled frame
+#: by ``proposal_layer.py``): the floor of the scaled minimum below.
+FASTER_RCNN_MIN_SIZE = 16
 #: R-CNN and SPP-net score "about 2,000" selective-search windows per image (fast mode).
 R_CNN_MAX_BOXES = 2000
 #: Names the box-making code in a proposals folder's manifest, so that a folder made by
@@ -201,6 +211,41 @@ def filter_boxes(
     return np.ascontiguousarray(boxes, dtype=np.float32).reshape(-1, 4)
 
 
+def scaled_min_size(min_size: float, width: int, height: int, reference: int | None = VOC_LONGER_SIDE,
+                    floor: float = FASTER_RCNN_MIN_SIZE) -> float:
+    """R-CNN's smallest kept box side, in pixels of a ``width x height`` image, scaled down
+    for an image smaller than the images it was chosen for.
+
+    R-CNN's rule (``selective_search_boxes.m``: ``FilterBoxesWidth(boxes, 20)``) was set
+    for PASCAL VOC, whose images have their longer side at 500 px: 20 px is 4% of it. A
+    smaller image holds the same scene in fewer pixels, so its objects are smaller in
+    pixels, and a fixed 20 px drops windows that would cover them: a square object of side
+    ``s`` can only be hit at IoU 0.5 by a box of side at most ``s * sqrt(2)``, so objects
+    under ``min_size / sqrt(2)`` px are out of reach (on 400 x 226 photos 54 of 71 objects
+    under 20 px had no box at IoU 0.5; issue 31). The minimum is therefore kept at the
+    same fraction of the image, ``min_size * longer side / reference``, but not below
+    Faster R-CNN's 16 px (``floor``; below it a box holds too few pixels to classify, and
+    a thumbnail-size image keeps no box at all, as with R-CNN's rule), and never above
+    ``min_size`` (a larger image keeps R-CNN's rule). VOC-size images (longer side ``>=
+    reference``) get exactly ``min_size``, so their boxes are R-CNN's.
+
+    Args:
+        min_size: R-CNN's minimum for an image whose longer side is ``reference`` px.
+        width, height: the image's size in pixels.
+        reference: the longer side ``min_size`` is meant for (VOC: 500); ``None`` or 0:
+            ``min_size`` as it is on every image (R-CNN's fixed rule).
+        floor: the scaled minimum's lower bound (it never raises ``min_size`` itself).
+
+    Returns:
+        ``min(min_size, max(floor, min_size * max(width, height) / reference))``; e.g.
+        16.0 for a 400 x 300 image, 18.0 for 450 x 300, 20.0 for VOC's 500 x 375.
+    """
+    if not reference:
+        return float(min_size)
+    scaled = float(min_size) * max(int(width), int(height)) / float(reference)
+    return min(float(min_size), max(float(floor), scaled))
+
+
 def propose(
     image_bgr: np.ndarray,
     mode: str = "fast",
@@ -208,14 +253,18 @@ def propose(
     max_boxes: int | None = R_CNN_MAX_BOXES,
     seed: int = 0,
     max_pixels: int | None = None,
+    min_size_reference: int | None = None,
 ) -> np.ndarray:
     """:func:`selective_search` then :func:`filter_boxes` on the image's own size.
 
     Args:
+        min_size: smallest kept box side in pixels; with ``min_size_reference``, for an
+            image of that longer side, scaled down for smaller ones (:func:`scaled_min_size`).
         max_pixels: an image with more pixels is searched on a copy shrunk (``INTER_AREA``)
             to at most this many, which bounds time and memory (both grow with the pixel
             count: per-pixel histogram bins, Felzenszwalb's graph); its boxes are scaled
             back to the original pixels before filtering. ``None``: always the original (VOC images are <= 0.25 MP).
+        min_size_reference: see :func:`scaled_min_size`; ``None``: ``min_size`` as it is.
 
     Returns:
         ``np.ndarray[K, 4]`` float32, 0-based continuous xyxy image pixels, ranked.
@@ -232,4 +281,4 @@ def propose(
     if searched is not image_bgr:
         gain = np.array([width / size[0], height / size[1]] * 2, dtype=np.float32)
         boxes = boxes * gain
-    return filter_boxes(boxes, width, height, min_size, max_boxes)
+    return filter_boxes(boxes, width, height, scaled_min_size(min_size, width, height, min_size_reference), max_boxes)

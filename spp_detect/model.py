@@ -118,7 +118,7 @@ class DetectionModel:
         from proposals.selective_search import propose
 
         p = self.proposals  # the call proposals.run makes per image
-        return propose(image_bgr, p.mode, p.min_size, p.max_boxes, p.seed, p.max_pixels)
+        return propose(image_bgr, p.mode, p.min_size, p.max_boxes, p.seed, p.max_pixels, p.min_size_reference)
 
     @torch.inference_mode()
     def predict(self, image: np.ndarray | Path | str, proposals: np.ndarray | None = None,
@@ -334,12 +334,13 @@ def load_model(folder: Path | str, *, weights: Path | str | None = None, device:
                       feature_scale=float(tensors["feature_scale"]), layer=meta["layer"], classes=classes,
                       head=head, regressor=regressor)
     settings = settings_from_config(DetectSettings, meta["detect"])
+    proposals = {"min_size_reference": 0, **meta["proposals"]}  # exported before the scaled minimum: R-CNN's fixed one
     if settings.bbox and regressor is None:
         raise ModelError(f"{meta_path} asks for box regression, but {folder} holds no bbox.npz")
     return DetectionModel(
         folder=folder, backbone=meta["backbone"], weights=weights_file, input_norm=meta["input_norm"],
         scales=tuple(meta["scales"]), levels=tuple(meta["levels"]), classes=classes,
-        scorer=prepare_scorer(scorer, settings), proposals=settings_from_config(ProposalSettings, meta["proposals"]),
+        scorer=prepare_scorer(scorer, settings), proposals=settings_from_config(ProposalSettings, proposals),
         settings=settings, device=device, _plain_scorer=scorer,
     )
 

@@ -11,9 +11,11 @@ from pathlib import Path
 __all__ = ["describe_folder"]
 
 
-def describe_folder(folder: Path, voc_root: Path | None = None, year: str = "2007", image_set: str | None = None) -> list[str]:
-    """Lines describing the stage folder ``folder``; with ``voc_root``, a proposals folder's
-    recall of the ground truth of ``image_set`` (default: the folder's own).
+def describe_folder(folder: Path, voc_root: Path | None = None, year: str = "2007", image_set: str | None = None,
+                    coco_json: Path | None = None, images_dir: Path | None = None) -> list[str]:
+    """Lines describing the stage folder ``folder``; with ``voc_root`` (or ``coco_json`` and
+    its ``images_dir``), a proposals folder's recall of that ground truth: VOC's image set
+    ``image_set`` (default: the folder's own) or the json's images.
 
     Raises:
         FileNotFoundError: not a stage folder; ValueError: a damaged manifest.
@@ -24,10 +26,15 @@ def describe_folder(folder: Path, voc_root: Path | None = None, year: str = "200
     stage, config = manifest.get("stage"), manifest.get("config", {})
     lines = [f"{folder}: {stage} stage, key {manifest.get('key', '')[:12]}", "  settings: " + json.dumps(config, sort_keys=True)]
     if stage == "proposals":
-        from spp_detect.datasets.voc import read_voc
+        from spp_detect.datasets.registry import open_dataset
 
-        name = image_set or config.get("dataset", {}).get("image_set", "test")
-        lines += _proposals(folder, read_voc(voc_root, name, year) if voc_root is not None else None)
+        annotated = None
+        if coco_json is not None:
+            annotated = open_dataset(coco_json=coco_json, images=[images_dir] if images_dir is not None else []).images
+        elif voc_root is not None:
+            name = image_set or config.get("dataset", {}).get("image_set", "test")
+            annotated = open_dataset(voc_root=voc_root, image_set=name, year=year).images
+        lines += _proposals(folder, annotated)
     elif stage == "extract":
         lines += _extract(folder, config)
     return lines
@@ -50,6 +57,12 @@ def _proposals(folder: Path, annotated: Sequence | None) -> list[str]:
         lines.append(f"  recall of {table['num_objects']} non-difficult objects in {len(images)} images:")
         for threshold, by_k in table["recall"].items():
             lines.append(f"    {threshold}  " + "  ".join(f"top {k}: {r:.3f}" for k, r in by_k.items()))
+        small = table["small"]
+        lines.append(f"  recall of the {small['num_objects']} of them under {small['size']:g} px wide or tall"
+                     + (":" if small["num_objects"] else " (none)"))
+        if small["num_objects"]:
+            for threshold, by_k in small["recall"].items():
+                lines.append(f"    {threshold}  " + "  ".join(f"top {k}: {r:.3f}" for k, r in by_k.items()))
     return lines
 
 

@@ -25,7 +25,8 @@ svm_option = click.option("--svm", "svm_folder", type=IN_DIR, required=True, hel
 @dataset_options(default_image_set="test")
 @out_option("Proposals folder: manifest.json + one <image_id>.npy (float32 [N, 4], 0-based xyxy) per image.")
 @settings_options(PROPOSAL_SETTINGS, mode=click.Choice(["fast", "opencv-fast", "opencv-quality"]), max_boxes=POSITIVE_INT,
-                  min_size=click.IntRange(min=0), seed=int, max_pixels=click.IntRange(min=10_000))
+                  min_size=click.IntRange(min=0), min_size_reference=click.IntRange(min=0), seed=int,
+                  max_pixels=click.IntRange(min=10_000))
 @skip_bad_option()
 @click.option("--import", "import_file", type=IN_PATH, help="Fill --out from precomputed boxes instead: an R-CNN/Fast "
               "R-CNN selective-search .mat (images, boxes; 1-based y1 x1 y2 x2) or another proposals folder. No --voc-root needed.")
@@ -55,7 +56,7 @@ def proposals_cmd(ctx, out, import_file, export_mat, force, **params) -> None:
     with stage_errors(SKIP_BAD_HINT):
         if import_file is not None:
             refuse_given(ctx, ("voc_root", "coco_json", "image_paths", "limit", "skip_bad", "workers", "mode", "max_boxes",
-                               "min_size", "seed", "max_pixels"), "not used with --import (it stores the file's boxes as they are)")
+                               "min_size", "min_size_reference", "seed", "max_pixels"), "not used with --import (it stores the file's boxes as they are)")
             click.echo(f"imported {import_file}: {import_proposals(import_file, out, force=force).describe()}")
         elif searching:
             image_ids = _search_proposals(out, force, export_mat is not None, **params)

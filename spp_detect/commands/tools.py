@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    IN_DIR, IN_PATH, OUT_FILE, dataset_options, open_dataset_or_usage_error, out_option, stage_errors,
+    IN_DIR, IN_FILE, IN_PATH, OUT_FILE, dataset_options, open_dataset_or_usage_error, out_option, stage_errors,
 )
 
 
@@ -76,18 +76,26 @@ def select_images(images, wanted: tuple[str, ...]) -> list:
               help="With a proposals folder: also report recall of the VOC ground truth.")
 @click.option("--year", default="2007", show_default=True, help="VOC year (folder VOC<year>).")
 @click.option("--image-set", default=None, help="Image list for recall [default: the folder's own].")
-def info_cmd(folder: Path, voc_root: Path | None, year: str, image_set: str | None) -> None:
+@click.option("--coco-json", type=IN_FILE, default=None, help="With a proposals folder: also report recall of this COCO "
+              "dataset's ground truth (with --images DIR).")
+@click.option("--images", "images_dir", type=IN_DIR, default=None, help="With --coco-json: the folder its file_name "
+              "entries are relative to.")
+def info_cmd(folder: Path, voc_root: Path | None, year: str, image_set: str | None, coco_json: Path | None,
+             images_dir: Path | None) -> None:
     """Summarise a stage folder: its settings, how far it got, and its numbers.
 
     \b
-    proposals: boxes per image; with --voc-root, recall at IoU 0.5 / 0.7 of the first 100 ... 2000 boxes.
+    proposals: boxes per image; with --voc-root (or --coco-json --images DIR), recall at IoU 0.5 / 0.7 of
+               the first 100 ... 2000 boxes, of all objects and of those under 20 px.
     extract:   windows per image, scale shares, feature size, cache MB per image.
     """
     from spp_detect.stage_info import describe_folder
 
+    if coco_json is not None and images_dir is None:
+        raise click.UsageError("--coco-json needs --images DIR (the folder its file_name entries are relative to)")
     with stage_errors():
         try:
-            lines = describe_folder(folder, voc_root, year, image_set)
+            lines = describe_folder(folder, voc_root, year, image_set, coco_json, images_dir)
         except FileNotFoundError as exc:  # not a stage folder
             raise click.BadParameter(str(exc), param_hint="FOLDER") from None
     click.echo("\n".join(lines))
