@@ -138,7 +138,9 @@ def evaluate_coco(
     return _evaluate(coco_gt, results, classes, list(range(1, len(classes) + 1)))
 
 
-def evaluate_coco_json(detections: Mapping[str, ClassDetections], gt_json: Path | str) -> COCOEvaluation:
+def evaluate_coco_json(
+    detections: Mapping[str, ClassDetections], gt_json: Path | str, image_ids: Sequence[str] | None = None
+) -> COCOEvaluation:
     """Score detections with pycocotools against a COCO dataset json, read as it is.
 
     Args:
@@ -146,6 +148,9 @@ def evaluate_coco_json(detections: Mapping[str, ClassDetections], gt_json: Path 
             are the file name stems of the json's images (what the stages name them),
             class names its category names.
         gt_json: the COCO dataset file (``images``, ``annotations``, ``categories``).
+        image_ids: score only these images (file stems, e.g. the first N of ``--limit
+            N``): pycocotools' ``params.imgIds``, so that neither their ground truth nor
+            their detections count elsewhere; ``None``: every image of the json.
 
     Returns:
         :class:`COCOEvaluation` over the json's categories (in id order) and images.
@@ -171,7 +176,10 @@ def evaluate_coco_json(detections: Mapping[str, ClassDetections], gt_json: Path 
     for entry in results:
         entry["image_id"] = coco_ids[entry["image_id"]]
         entry["category_id"] = categories[entry["category_id"] - 1]["id"]
-    return _evaluate(coco_gt, results, classes, [c["id"] for c in categories])
+    if image_ids is not None:
+        _check_image_ids([{"image_id": i} for i in image_ids], set(coco_ids))
+        image_ids = sorted(coco_ids[i] for i in image_ids)
+    return _evaluate(coco_gt, results, classes, [c["id"] for c in categories], image_ids)
 
 
 def _check_image_ids(results: list[dict], known: set[str]) -> None:
@@ -181,9 +189,11 @@ def _check_image_ids(results: list[dict], known: set[str]) -> None:
         raise DetectionsError(f"{len(unknown)} detection image id(s) not in the image set: {shown}")
 
 
-def _evaluate(coco_gt, results: list[dict], classes: Sequence[str], category_ids: Sequence[int]) -> COCOEvaluation:
+def _evaluate(coco_gt, results: list[dict], classes: Sequence[str], category_ids: Sequence[int],
+              image_ids: Sequence[int] | None = None) -> COCOEvaluation:
     """pycocotools' ``COCOeval`` (bbox) of COCO ``results`` against ``coco_gt``; per-class
-    numbers for ``classes``, whose category ids are ``category_ids``."""
+    numbers for ``classes``, whose category ids are ``category_ids``; only the images
+    ``image_ids`` (``params.imgIds``) when given."""
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
 
@@ -197,6 +207,8 @@ def _evaluate(coco_gt, results: list[dict], classes: Sequence[str], category_ids
                                "categories": list(coco_gt.dataset["categories"])}
             coco_dt.createIndex()
         coco_eval = COCOeval(coco_gt, coco_dt, iouType="bbox")
+        if image_ids is not None:
+            coco_eval.params.imgIds = list(image_ids)
         coco_eval.evaluate()
         coco_eval.accumulate()
     summary = io.StringIO()

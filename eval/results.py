@@ -16,9 +16,15 @@ On disk:
   written with full float64 precision (``repr``), unlike py-faster-rcnn's ``{:.3f}``
   scores, which create ties (FACTS.md section 7 item 9).
 * **COCO results json**: a list of ``{"image_id", "category_id", "bbox", "score"}`` with
-  ``bbox = [x1, y1, x2 - x1, y2 - y1]`` (COCO's xywh, continuous, no ``+ 1``),
-  ``category_id = 1 + index`` in :data:`~spp_detect.datasets.voc.VOC_CLASSES` and
-  ``image_id`` the VOC image id string (``"000001"``).
+  ``bbox = [x1, y1, x2 - x1, y2 - y1]`` (COCO's xywh, continuous, no ``+ 1``). For a
+  COCO dataset (given its :class:`~spp_detect.datasets.result_ids.ResultIds`) the ids are
+  the dataset json's own: ``image_id`` its ``images[].id``, ``category_id`` its
+  ``categories[].id``, so that the file loads with ``pycocotools.COCO.loadRes`` against
+  that json unchanged. Otherwise (VOC, plain images) ``image_id`` is the image id string
+  (``"000001"``) and ``category_id = 1 + index`` in the class list (VOC's
+  :data:`~spp_detect.datasets.voc.VOC_CLASSES` by default). Readers tell the two apart by
+  the type of ``image_id``: an integer is a dataset id when the ids are known (recorded
+  in the ``model.json`` beside the file, or given), a string is an image id string.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from spp_detect.boxes import from_voc_1based, to_voc_1based
+from spp_detect.datasets.result_ids import ResultIds
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.stage_dir import atomic_write
 
@@ -45,11 +52,14 @@ __all__ = [
     "voc_results_path",
     "write_voc_results",
     "read_voc_results",
+    "results_image_set",
     "detections_to_coco",
     "detections_from_coco",
     "write_coco_results",
     "read_coco_results",
     "read_detections",
+    "recorded_result_ids",
+    "detections_info",
 ]
 
 logger = logging.getLogger(__name__)
@@ -210,6 +220,7 @@ def read_voc_results(
             or a malformed line (the message names the file and the line number).
     """
     directory = Path(directory)
+    image_set = results_image_set(directory, image_set, classes)
     detections: Detections = {}
     missing = []
     for class_name in classes:
@@ -229,10 +240,36 @@ def read_voc_results(
         detections[class_name] = _read_devkit_file(candidates[0])
     prefix = f"{comp_id}_det_{image_set}_" if comp_id is not None else f"*_det_{image_set}_"
     if not detections:
-        raise DetectionsError(f"no devkit result files {prefix}<class>.txt in {directory}")
+        present = _image_sets_present(directory, classes)
+        hint = f" (it holds result files of image set {', '.join(map(repr, present))})" if present else ""
+        raise DetectionsError(f"no devkit result files {prefix}<class>.txt in {directory}{hint}")
     if missing:
         logger.warning("no result file %s<class>.txt in %s for: %s (AP 0)", prefix, directory, ", ".join(missing))
     return detections
+
+
+def results_image_set(directory: Path | str, image_set: str, classes: Sequence[str] = VOC_CLASSES) -> str:
+    """The image-set name in the devkit result file names of ``directory``: ``image_set``
+    when files ``*_det_<image_set>_<class>.txt`` are there, else the name recorded in the
+    folder's ``model.json`` if its files are there (a detect or combine folder names them
+    after its cache's image set, e.g. a COCO json's stem at extract time, which a renamed
+    json no longer has). Returns ``image_set`` when neither has files (the caller reports it)."""
+    directory = Path(directory)
+
+    def has_files(name: str) -> bool:
+        return any(any(directory.glob(f"*_det_{name}_{c}.txt")) for c in classes)
+
+    recorded = detections_info(directory).get("image_set")
+    if has_files(image_set) or not isinstance(recorded, str) or not has_files(recorded):
+        return image_set
+    logger.info("%s: result files are named after image set %r, not %r: reading those", directory, recorded, image_set)
+    return recorded
+
+
+def _image_sets_present(directory: Path, classes: Sequence[str]) -> list[str]:
+    """The image-set names of the devkit result files in ``directory`` (for messages)."""
+    return sorted({p.name.split("_det_", 1)[1][: -len(f"_{c}.txt")] for c in classes
+                   for p in directory.glob(f"*_det_*_{c}.txt")})
 
 
 def _read_devkit_file(path: Path) -> ClassDetections:
@@ -260,40 +297,62 @@ def _read_devkit_file(path: Path) -> ClassDetections:
 
 # ----------------------------------------------------------------------- COCO json
 def detections_to_coco(
-    detections: Mapping[str, ClassDetections], classes: Sequence[str] = VOC_CLASSES
+    detections: Mapping[str, ClassDetections], classes: Sequence[str] = VOC_CLASSES,
+    result_ids: ResultIds | None = None,
 ) -> list[dict]:
     """In-memory detections -> COCO results list (``bbox`` xywh = ``(x1, y1, x2 - x1, y2 - y1)``).
 
-    Classes are emitted in ``classes`` order, detections in array order;
-    ``category_id = 1 + classes.index(name)``.
+    Classes are emitted in ``classes`` order, detections in array order. With
+    ``result_ids`` (a COCO dataset's), ``image_id`` and ``category_id`` are the dataset
+    json's ids; without, the image id string and ``1 + classes.index(name)``.
+
+    Raises:
+        DetectionsError: a class outside ``classes``, or (with ``result_ids``) an image
+            the dataset json does not list, or ids for another number of classes.
     """
     _check_class_names(detections, classes)
+    if result_ids is not None and len(result_ids.category_ids) != len(classes):
+        raise DetectionsError(f"{len(result_ids.category_ids)} category ids of {result_ids.source} for {len(classes)} classes")
     results = []
-    for category_id, class_name in enumerate(classes, start=1):
+    for label, class_name in enumerate(classes):
         dets = detections.get(class_name)
         if dets is None:
             continue
+        category_id = result_ids.category_ids[label] if result_ids is not None else label + 1
         xywh = dets.boxes.copy()
         xywh[:, 2:] -= xywh[:, :2]  # COCO boxes: [x, y, width, height], no + 1
-        for image_id, score, box in zip(dets.image_ids.tolist(), dets.scores.tolist(), xywh.tolist()):
+        image_ids = dets.image_ids.tolist()
+        if result_ids is not None:
+            try:
+                image_ids = [result_ids.image_id(i) for i in image_ids]
+            except KeyError as exc:
+                raise DetectionsError(str(exc.args[0])) from None
+        for image_id, score, box in zip(image_ids, dets.scores.tolist(), xywh.tolist()):
             results.append({"image_id": image_id, "category_id": category_id, "bbox": box, "score": score})
     return results
 
 
 def detections_from_coco(
-    results: Sequence[Mapping], classes: Sequence[str] = VOC_CLASSES, source: str = "COCO results"
+    results: Sequence[Mapping], classes: Sequence[str] = VOC_CLASSES, source: str = "COCO results",
+    result_ids: ResultIds | None = None,
 ) -> Detections:
     """COCO results list -> in-memory detections (``(x, y, w, h)`` -> ``(x, y, x + w, y + h)``).
 
-    ``image_id`` may be a string or an integer (read as its decimal string).
+    An entry whose ``image_id`` is a string names the image by its id string, its class by
+    ``category_id = 1 + index``. An integer ``image_id`` is the dataset json's image id when
+    ``result_ids`` is given (``category_id`` then its category id), else it is read as its
+    decimal string (with ``category_id = 1 + index``).
 
     Raises:
-        DetectionsError: an entry without the four keys, a ``category_id`` outside
-            ``1..len(classes)``, or a bbox that is not four numbers; the message names
-            ``source`` and the entry's index.
+        DetectionsError: an entry without the four keys, a ``category_id`` or ``image_id``
+            the ids do not know (``1..len(classes)`` without dataset ids), or a bbox that is
+            not four numbers; the message names ``source`` and the entry's index.
     """
     if not isinstance(results, Sequence) or isinstance(results, (str, bytes)):
         raise DetectionsError(f"{source}: expected a json list of detections, got {type(results).__name__}")
+    if result_ids is not None and len(result_ids.category_ids) != len(classes):
+        raise DetectionsError(f"{source}: {len(result_ids.category_ids)} category ids of {result_ids.source} "
+                              f"for {len(classes)} classes")
     per_class: dict[int, tuple[list, list, list]] = {}
     for index, entry in enumerate(results):
         try:
@@ -305,56 +364,97 @@ def detections_from_coco(
                 raise TypeError(f"image_id must be a string or an integer, got {image_id!r}")
             if isinstance(category_id, bool) or not isinstance(category_id, int):
                 raise TypeError(f"category_id must be an integer, got {category_id!r}")
-            if not 1 <= category_id <= len(classes):
+            if result_ids is not None and isinstance(image_id, int):  # the dataset json's ids
+                label, image_id = _from_dataset_ids(result_ids, category_id, image_id)
+            elif not 1 <= category_id <= len(classes):
                 raise ValueError(f"category_id {category_id} outside 1..{len(classes)}")
+            else:
+                label = category_id - 1
             if len(box) != 4:
                 raise ValueError(f"bbox must be [x, y, w, h], got {entry['bbox']!r}")
         except (KeyError, TypeError, ValueError) as exc:
             detail = f"missing key {exc}" if isinstance(exc, KeyError) else str(exc)
             raise DetectionsError(f"{source}: entry {index}: {detail}") from None
-        ids, scores, boxes = per_class.setdefault(category_id, ([], [], []))
+        ids, scores, boxes = per_class.setdefault(label, ([], [], []))
         ids.append(str(image_id))
         scores.append(score)
         boxes.append(box)
     detections: Detections = {}
-    for category_id, (ids, scores, boxes) in sorted(per_class.items()):
+    for label, (ids, scores, boxes) in sorted(per_class.items()):
         xyxy = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         xyxy[:, 2:] += xyxy[:, :2]
         try:
-            detections[classes[category_id - 1]] = ClassDetections(np.asarray(ids, dtype=str), scores, xyxy)
+            detections[classes[label]] = ClassDetections(np.asarray(ids, dtype=str), scores, xyxy)
         except DetectionsError as exc:
-            raise DetectionsError(f"{source}: category {category_id}: {exc}") from None
+            raise DetectionsError(f"{source}: category {classes[label]!r}: {exc}") from None
     return detections
 
 
+def _from_dataset_ids(result_ids: ResultIds, category_id: int, image_id: int) -> tuple[int, str]:
+    """``(class index, image id string)`` of a results entry in a dataset json's ids.
+
+    Raises:
+        ValueError: an id the dataset json does not have.
+    """
+    try:
+        return result_ids.label(category_id), result_ids.stem(image_id)
+    except KeyError as exc:
+        raise ValueError(exc.args[0]) from None
+
+
 def write_coco_results(
-    detections: Mapping[str, ClassDetections], path: Path | str, classes: Sequence[str] = VOC_CLASSES
+    detections: Mapping[str, ClassDetections], path: Path | str, classes: Sequence[str] = VOC_CLASSES,
+    result_ids: ResultIds | None = None,
 ) -> Path:
     """Write :func:`detections_to_coco` as a json file (atomically); returns the path."""
-    results = detections_to_coco(detections, classes)
+    results = detections_to_coco(detections, classes, result_ids)
     path = Path(path)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(results)))
     return path
 
 
-def read_coco_results(path: Path | str, classes: Sequence[str] = VOC_CLASSES) -> Detections:
-    """Read a COCO results json into in-memory detections (see :func:`detections_from_coco`)."""
+def detections_info(path: Path | str) -> dict:
+    """The ``model.json`` of a detections folder (``path`` the folder or a file in it: what
+    ``detect``, ``combine`` and ``predict`` write beside their results: ``classes``,
+    ``image_set``, ``result_ids``, ``untrained_classes``, ...), or ``{}``."""
+    path = Path(path)
+    info = (path if path.is_dir() else path.parent) / "model.json"
+    try:
+        recorded = json.loads(info.read_text()) if info.is_file() else {}
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return recorded if isinstance(recorded, dict) else {}
+
+
+def recorded_result_ids(path: Path | str) -> ResultIds | None:
+    """The dataset ids recorded beside detections (:func:`detections_info`), or ``None``."""
+    recorded = detections_info(path).get("result_ids")
+    return ResultIds.from_json(recorded) if recorded else None
+
+
+def read_coco_results(path: Path | str, classes: Sequence[str] = VOC_CLASSES,
+                      result_ids: ResultIds | None = None) -> Detections:
+    """Read a COCO results json into in-memory detections (see :func:`detections_from_coco`);
+    integer ids are read with the ids recorded beside the file (:func:`recorded_result_ids`),
+    else with ``result_ids`` (the dataset's the detections are scored against)."""
     path = Path(path)
     try:
         results = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DetectionsError(f"{path}: not a COCO results json ({exc})") from None
-    return detections_from_coco(results, classes, source=str(path))
+    return detections_from_coco(results, classes, source=str(path), result_ids=recorded_result_ids(path) or result_ids)
 
 
 def read_detections(
-    path: Path | str, image_set: str, *, comp_id: str | None = None, classes: Sequence[str] = VOC_CLASSES
+    path: Path | str, image_set: str, *, comp_id: str | None = None, classes: Sequence[str] = VOC_CLASSES,
+    result_ids: ResultIds | None = None,
 ) -> Detections:
-    """A folder of devkit result files (:func:`read_voc_results`) or a COCO json file."""
+    """A folder of devkit result files (:func:`read_voc_results`) or a COCO json file
+    (:func:`read_coco_results`, ``result_ids`` for a json in a COCO dataset's ids)."""
     path = Path(path)
     if path.is_dir():
         return read_voc_results(path, image_set, comp_id=comp_id, classes=classes)
-    return read_coco_results(path, classes)
+    return read_coco_results(path, classes, result_ids)
 
 
 def _check_class_names(detections: Mapping[str, ClassDetections], classes: Sequence[str]) -> None:

@@ -393,6 +393,32 @@ def _check_calibration(path: Path, folder: Path, detect_config: dict, calibrated
                          "rerun `spp-detect calibrate` with the detect options of the detections")
 
 
+def _shared_info(inputs: Sequence[Path]) -> dict:
+    """What the inputs' ``model.json`` files say that the combination inherits: the COCO
+    dataset ids they are named in (``result_ids``; refused if two inputs differ) and the
+    classes none of the models had a training example of (``untrained_classes``, when
+    every input records them).
+
+    Raises:
+        ValueError: two inputs are named in other dataset ids.
+    """
+    from eval.results import detections_info
+
+    infos = [detections_info(p) for p in inputs]
+    shared: dict = {}
+    recorded = [(p, i["result_ids"]) for p, i in zip(inputs, infos) if i.get("result_ids")]
+    for path, ids in recorded[1:]:
+        if (ids["category_ids"], ids["images"]) != (recorded[0][1]["category_ids"], recorded[0][1]["images"]):
+            raise ValueError(f"{path} and {recorded[0][0]} name their images or classes in other dataset ids "
+                             f"({ids.get('source')} vs {recorded[0][1].get('source')}): combine detections of one dataset")
+    if recorded:
+        shared["result_ids"] = recorded[0][1]
+    if infos and all("untrained_classes" in i for i in infos):
+        shared["untrained_classes"] = [c for c in infos[0]["untrained_classes"]
+                                       if all(c in i["untrained_classes"] for i in infos[1:])]
+    return shared
+
+
 def run_combine(
     inputs: Sequence[Path | str],
     out: Path | str,
@@ -424,6 +450,7 @@ def run_combine(
     known = [ids for ids in image_ids if ids is not None]
     write_per_image(out, merged, classes[0], set().union(*known) if known else None)
     image_set = settings.image_set or next((s for s in image_sets if s), "test")
-    info = {"combined": names, "scores": settings.scores, "classes": list(classes[0]), "image_set": image_set}
+    info = {"combined": names, "scores": settings.scores, "classes": list(classes[0]), "image_set": image_set,
+            **_shared_info(inputs)}
     count = write_result_files(out, merged, classes[0], image_set, info)
     return CombineSummary(models=len(inputs), detections=count, image_set=image_set)

@@ -38,6 +38,7 @@ from torchvision.ops import batched_nms
 
 from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.datasets.result_ids import ResultIds, read_result_ids
 from spp_detect.head import SPPHead, check_head_reads
 from spp_detect.stage_dir import atomic_write, open_stage, settings_config, write_npz
 from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
@@ -52,6 +53,7 @@ __all__ = [
     "write_image_detections",
     "write_result_files",
     "load_detections",
+    "untrained_classes",
 ]
 
 SCORE_THRESHOLD: float = -1.5  # spp_test.m: keep z > -1.5
@@ -266,6 +268,10 @@ def run_detect(
         info = {"classes": list(model.classes), "image_set": summary.image_set}
         if model_folder is not None:
             info["svm"] = str(Path(model_folder).resolve())
+            info["untrained_classes"] = untrained_classes(model_folder)
+        result_ids = read_result_ids(cache_folder)  # a COCO dataset's own ids, recorded by extract
+        if result_ids is not None:
+            info["result_ids"] = result_ids.to_json()
         detections = load_detections(out, model.classes)
         summary.total_detections = write_result_files(out, detections, model.classes, summary.image_set, info)
     return summary
@@ -287,16 +293,26 @@ def write_result_files(
 ) -> int:
     """The final files of a detections folder from its detections per class (as
     :func:`load_detections` gives them): the devkit's ``comp4_det_<image_set>_<class>.txt``,
-    ``detections.json`` (COCO results) and ``model.json`` (``info``: classes, image set and
-    where the scores come from). Returns the number of detections."""
+    ``detections.json`` (COCO results) and ``model.json`` (``info``: classes, image set,
+    where the scores come from, the classes without training examples and, for a COCO
+    dataset, its ``result_ids``: ``detections.json`` is then in the dataset json's own
+    image and category ids). Returns the number of detections."""
     from eval.results import ClassDetections, write_coco_results, write_voc_results
 
     out = Path(out)
     detections = {name: ClassDetections(*arrays) for name, arrays in per_class.items()}
     write_voc_results(detections, out, image_set, comp_id="comp4", classes=classes)
-    write_coco_results(detections, out / "detections.json", classes=classes)
+    result_ids = ResultIds.from_json(info["result_ids"]) if info.get("result_ids") else None
+    write_coco_results(detections, out / "detections.json", classes=classes, result_ids=result_ids)
     atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
     return sum(len(d) for d in detections.values())
+
+
+def untrained_classes(svm_folder: Path | str) -> list[str]:
+    """The classes a train-svm folder had no positive of (its ``svm.json``), ``[]`` if none
+    or not recorded."""
+    meta = Path(svm_folder) / "svm.json"
+    return list(json.loads(meta.read_text()).get("untrained_classes") or []) if meta.is_file() else []
 
 
 def load_detections(folder: Path | str, classes: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:

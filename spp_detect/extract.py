@@ -35,6 +35,7 @@ from spp_detect.backbones import (
 )
 from spp_detect.boxes import mirror_boxes
 from spp_detect.cache import FORMAT_VERSION, cached_file_problem, record_image_paths, write_cached_image
+from spp_detect.datasets.result_ids import ResultIds, record_result_ids
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.images import ImageReadError
@@ -190,6 +191,7 @@ def run_extract(
     progress: Callable[[Sequence[VOCImage]], Sequence[VOCImage]] | None = None,
     skip_bad: bool = False,
     classes: Sequence[str] = VOC_CLASSES,
+    result_ids: ResultIds | None = None,
 ) -> ExtractSummary:
     """Fill the feature cache ``out`` for ``images``; resumable and shardable.
 
@@ -212,6 +214,9 @@ def run_extract(
         classes: the class names the images' ``labels`` index (the dataset's,
             :class:`spp_detect.datasets.registry.Dataset`); stored in the manifest, from
             which every later stage reads it. The default is what ``read_voc`` labels with.
+        result_ids: a COCO dataset's own image and category ids (the dataset's
+            ``result_ids``): recorded in ``<out>/result_ids.json`` (not part of the key,
+            like ``images.json``), so that ``detect`` writes its results in them.
 
     A file already in the cache that is damaged (cut short) or was written under another
     key is recomputed (``summary.redone``).
@@ -230,6 +235,8 @@ def run_extract(
     stage = open_stage(out, "extract", config, force=force, shard=shard)
     if shard[0] == 1:  # one writer; every shard is given the whole list
         record_image_paths(out, images)
+        if result_ids is not None:
+            record_result_ids(out, result_ids)
     spec = get_backbone(settings.backbone)
     todo, skipped, redone = stage.todo(images, lambda im: Path(out) / f"{im.image_id}.npz",
                                        lambda path: cached_file_problem(path, stage.key))

@@ -43,7 +43,8 @@ from torch import Tensor
 from spp_detect.backbones import NORMALIZATIONS, build_trunk, get_backbone
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.device import canonical_device
-from spp_detect.detect import DetectSettings, detect_image, prepare_scorer
+from spp_detect.datasets.result_ids import ResultIds
+from spp_detect.detect import DetectSettings, detect_image, prepare_scorer, untrained_classes
 from spp_detect.extract import assign_windows
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.head import load_head, save_head
@@ -279,6 +280,7 @@ def export_model(
         "proposals": settings_config(proposals or ProposalSettings()),
         "detect": settings_config(settings),
         "source": {"svm": read_manifest(svm_folder)["key"], "cache": cache.key},
+        "untrained_classes": untrained_classes(svm_folder),
     }
     atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(meta, indent=2)))
     return out
@@ -370,13 +372,16 @@ class PredictSummary:
     bad: list[Exception] = field(default_factory=list)
 
 
-def coco_results(image_id: str, prediction: Prediction) -> list[dict]:
+def coco_results(image_id: str, prediction: Prediction, result_ids: ResultIds | None = None) -> list[dict]:
     """One image's detections as COCO results entries, as ``detect`` writes them in
-    ``detections.json``: ``image_id`` the image id string, ``category_id = 1 + label``,
+    ``detections.json``: ``image_id`` the image id string and ``category_id = 1 + label``,
+    or with ``result_ids`` (a COCO dataset's) the json's image and category ids;
     ``bbox = [x1, y1, x2 - x1, y2 - y1]`` (float64 of the float32 boxes)."""
     boxes = prediction.boxes.double().reshape(-1, 4)
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    return [{"image_id": image_id, "category_id": label + 1, "bbox": box, "score": score}
+    coco_image = result_ids.image_id(image_id) if result_ids is not None else image_id
+    category = (lambda label: result_ids.category_ids[label]) if result_ids is not None else (lambda label: label + 1)
+    return [{"image_id": coco_image, "category_id": category(label), "bbox": box, "score": score}
             for label, box, score in zip(prediction.labels.tolist(), xywh, prediction.scores.double().tolist())]
 
 
@@ -388,6 +393,7 @@ def run_predict(
     *,
     skip_bad: bool = False,
     progress=None,
+    result_ids: ResultIds | None = None,
 ) -> PredictSummary:
     """Detect on each image and write ``<out>/<image_id>.png`` (the image with its
     detections drawn as ``settings`` says), ``<out>/detections.json`` (every detection,
@@ -402,6 +408,8 @@ def run_predict(
             :func:`spp_detect.datasets.image_folder.read_images`).
         skip_bad: an unreadable image is listed in ``bad`` instead of stopping the run.
         progress: wraps the image sequence (e.g. tqdm), or None.
+        result_ids: the images' COCO dataset ids (``predict --coco-json``): the json is
+            written in them, and they are recorded in ``model.json``.
 
     Raises:
         ImageReadError: an image cannot be decoded (unless ``skip_bad``).
@@ -414,7 +422,10 @@ def run_predict(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(results_json=out / "detections.json")
-    info = {"model": str(model.folder.resolve()), "classes": list(model.classes)}
+    info = {"model": str(model.folder.resolve()), "classes": list(model.classes),
+            "untrained_classes": json.loads((model.folder / "model.json").read_text()).get("untrained_classes", [])}
+    if result_ids is not None:
+        info["result_ids"] = result_ids.to_json()
     atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
     results: list[dict] = []
     for image in progress(images) if progress else images:
@@ -429,7 +440,7 @@ def run_predict(
         prediction = model.predict(rgb, image_id=image.image_id)
         summary.seconds[image.image_id] = time.perf_counter() - start
         summary.detections[image.image_id] = len(prediction.scores)
-        results += coco_results(image.image_id, prediction)
+        results += coco_results(image.image_id, prediction, result_ids)
         atomic_write(summary.results_json, lambda p: p.write_text(json.dumps(results)))
         shown = torch.nonzero(prediction.scores > settings.threshold).flatten()
         shown = shown[torch.argsort(prediction.scores[shown], descending=True, stable=True)][: settings.top]

@@ -38,14 +38,14 @@ def image_list(voc_root: Path, image_set: str) -> list[str]:
 
 
 def write_coco(voc_root: Path, image_ids: list[str], path: Path, relabel: dict[str, str] | None = None,
-               categories: dict[str, int] | None = None) -> Path:
-    """COCO json of ``image_ids`` (image ids 100, 101, ...: not the VOC numbers). Without
-    ``relabel``: the 20 VOC classes, category ids 1..20. With it: each VOC name mapped to a
-    new name (objects of unmapped names left out), ``categories`` name -> id."""
+               categories: dict[str, int] | None = None, first_id: int = 100) -> Path:
+    """COCO json of ``image_ids`` (image ids ``first_id``, ``first_id + 1``, ...: not the VOC
+    numbers). Without ``relabel``: the 20 VOC classes, category ids 1..20. With it: each VOC
+    name mapped to a new name (objects of unmapped names left out), ``categories`` name -> id."""
     if categories is None:
         categories = {name: i + 1 for i, name in enumerate(VOC_NAMES)}
     images, annotations = [], []
-    for number, image_id in enumerate(image_ids, start=100):
+    for number, image_id in enumerate(image_ids, start=first_id):
         width, height, objects = voc_objects(voc_root, image_id)
         images.append({"id": number, "file_name": f"{image_id}.jpg", "width": width, "height": height})
         for name, (x1, y1, x2, y2), difficult in objects:

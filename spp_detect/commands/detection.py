@@ -6,6 +6,7 @@ from pathlib import Path
 
 import click
 
+from spp_detect.commands.checks import nothing_done
 from spp_detect.commands.options import (
     IN_DIR, IN_FILE, IN_PATH, OUT_DIR, OUT_FILE, POSITIVE_FLOAT, POSITIVE_INT, SKIP_BAD_HINT, backbone_options, bar,
     caches_option, dataset_options, detect_settings_options, device_option, echo_skipped, force_option, job,
@@ -79,6 +80,8 @@ def _search_proposals(out, force, exporting, voc_root, year, image_set, coco_jso
                             workers=workers, force=force, skip_bad=skip_bad, progress=not quiet(), shard=shard_kn, bad=unreadable)
     click.echo(summary.describe())
     echo_skipped(summary.bad)
+    if summary.bad and not summary.computed and not summary.already_done:
+        raise nothing_done("proposals", len(summary.bad), dataset.image_folder)
     return [im.image_id for im in dataset.images if im.image_id not in {e.image_id for e in summary.bad}]
 
 
@@ -123,8 +126,11 @@ def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, propos
         images = [im for im in dataset.images if im.image_id in boxes] if bad else dataset.images
         summary = run_extract(images, boxes, out, settings, proposals_key=source_key(proposals_path), image_set=dataset.name,
                               device=torch_device, force=force, shard=shard_kn, skip_bad=skip_bad, classes=dataset.classes,
-                              progress=bar("extract" + where(shard_kn, launch)))
+                              result_ids=dataset.result_ids, progress=bar("extract" + where(shard_kn, launch)))
     echo_skipped([*(bad or []), *summary.bad])
+    skipped = len(bad or []) + len(summary.bad)
+    if skipped and not summary.done and not summary.skipped:
+        raise nothing_done("extract" + where(shard_kn, launch), skipped, dataset.image_folder)
     redone = f", {summary.redone} damaged file(s) redone" if summary.redone else ""
     click.echo(f"extract{where(shard_kn, launch)}: {summary.done} image(s) computed, {summary.skipped} already cached, "
                f"{len(bad or []) + len(summary.bad)} bad{redone}, {summary.windows / max(summary.done, 1):.0f} windows/image, "
@@ -209,8 +215,8 @@ def train_svm_cmd(caches, head_folder, out, device, force, **params) -> None:
                                 device=pick_device(device), force=force, progress=bar("train-svm"))
     click.echo(summary.describe(out))
     if summary.untrained:
-        click.echo(f"  no ground truth of {', '.join(summary.untrained)} in the training caches: those classes are never "
-                   "detected", err=True)
+        click.echo(f"  {len(summary.untrained)} class(es) with no training examples (no ground truth in the training caches): "
+                   f"{', '.join(summary.untrained)}; never detected, and marked so in evaluate's table")
 
 
 @click.command("detect")
@@ -230,8 +236,13 @@ def detect_cmd(cache, svm_folder, out, device, force, shard, **params) -> None:
     """
     from spp_detect.detect import DetectSettings, run_detect
 
+    from spp_detect.cache import FeatureCache
+
     launch, shard_kn, torch_device = job(shard, device)
     with stage_errors():
+        if not FeatureCache(cache).image_ids:
+            raise click.ClickException(f"detect: {cache} holds no images, nothing to detect: was every image of its "
+                                       "extract skipped as bad? (rerun extract without --skip-bad to see why)")
         model, model_key = load_model(svm_folder, torch_device, bbox=params["bbox"])
         summary = run_detect(cache, out, model, settings_from_params(DetectSettings, params), model_key=model_key,
                              model_folder=svm_folder, device=torch_device, force=force, progress=bar("detect"), shard=shard_kn)

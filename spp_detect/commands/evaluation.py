@@ -77,14 +77,25 @@ def ground_truth_report(ctx: click.Context, protocol: str, voc_root: Path | None
         images, name, voc_year = data.images, data.name, data.year or ""
         if detections is not None:
             _check_classes(detections, data.classes)
+            # detections of the images past --limit are left out; the classes the model never saw are marked
+            scope = {"result_ids": data.result_ids, "beyond_limit": data.beyond_limit,
+                     "untrained": _untrained(detections)}
         if protocol == "voc":  # a COCO dataset: the --voc2007 (11-point) AP unless --metric says otherwise
             return voc_report(detections, images, year=voc_year, image_set=name, rule=rule,
                               metric=metric or (None if voc_year else "11point"),
-                              iou_threshold=iou_threshold, comp_id=comp_id, classes=data.classes)
+                              iou_threshold=iou_threshold, comp_id=comp_id, classes=data.classes, **scope)
         if protocol == "coco":
             return coco_report(detections, images, year=voc_year, image_set=name, comp_id=comp_id,
-                               classes=data.classes, coco_json=data.coco_json)
+                               classes=data.classes, coco_json=data.coco_json, **scope)
         return voc_cls_report(scores, images, year=year, image_set=image_set, metric=metric, comp_id=comp_id)
+
+
+def _untrained(detections: Path) -> list[str]:
+    """The classes the model of ``detections`` had no training example of, as its folder's
+    ``model.json`` records them (detect, combine, predict); ``[]`` if it does not."""
+    from eval.results import detections_info
+
+    return list(detections_info(detections).get("untrained_classes") or [])
 
 
 def _check_classes(detections: Path, classes) -> None:

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import click
 
+from spp_detect.commands.checks import nothing_done
 from spp_detect.commands.options import (
     IN_DIR, IN_FILE, IN_PATH, POSITIVE_INT, SKIP_BAD_HINT, bar, device_option, echo_skipped, limit_option,
-    out_option, pick_device, settings_options, stage_errors,
+    open_dataset_or_usage_error, out_option, pick_device, settings_options, stage_errors,
 )
 
 PREDICT_SETTINGS = "spp_detect.model:PredictSettings"
@@ -46,25 +47,35 @@ def export_model_cmd(svm_folder: Path, cache_folder: Path, weights: Path | None,
 @settings_options(PREDICT_SETTINGS, threshold=float, top=POSITIVE_INT)
 @click.option("--weights", type=IN_FILE, default=None, help="The model's weights file at another place than it records (same SHA-256).")
 @limit_option
+@click.option("--coco-json", type=IN_FILE, default=None, help="Predict on the images of this COCO dataset json "
+              "(IMAGES: the one folder its file_name entries are relative to); detections.json is then in its own "
+              "image and category ids.")
 @click.option("--skip-bad", is_flag=True, help="Skip unreadable images (listed in the summary) instead of stopping.")
 @device_option
-def predict_cmd(images, model_folder, out, threshold, top, weights, limit, skip_bad, device) -> None:
+def predict_cmd(images, model_folder, out, threshold, top, weights, limit, coco_json, skip_bad, device) -> None:
     """Detect objects in images or folders of images with a trained model.
 
     \b
     Example (in memory: proposals, trunk and detector per image; a PNG each, detections.json):
       spp-detect predict --model runs/model photos/ extra.jpg --out runs/predicted
+      spp-detect predict --model runs/model --coco-json instances_val.json photos/ --out runs/predicted-val
     """
-    from spp_detect.datasets.image_folder import read_images
+    from spp_detect.datasets.registry import class_difference
     from spp_detect.model import PredictSettings, load_model, run_predict
 
     with stage_errors(SKIP_BAD_HINT):
         bad: list | None = [] if skip_bad else None
-        plain = read_images(images, limit=limit, bad=bad)
+        dataset = open_dataset_or_usage_error(None, None, "2007", coco_json, images, limit, bad)
         model = load_model(model_folder, weights=weights, device=pick_device(device))
-        summary = run_predict(model, plain, out, PredictSettings(threshold=threshold, top=top), skip_bad=skip_bad,
-                              progress=bar("predict"))
+        if coco_json is not None and class_difference(dataset.classes, model.classes) is not None:
+            raise click.ClickException(f"the model's classes differ from those of {coco_json} "
+                                       f"({class_difference(dataset.classes, model.classes)}): its category ids would "
+                                       "name other classes")
+        summary = run_predict(model, dataset.images, out, PredictSettings(threshold=threshold, top=top), skip_bad=skip_bad,
+                              progress=bar("predict"), result_ids=dataset.result_ids)
     echo_skipped((bad or []) + summary.bad)
+    if not summary.seconds and (bad or summary.bad):
+        raise nothing_done("predict", len((bad or []) + summary.bad), dataset.image_folder)
     for image_id, seconds in summary.seconds.items():
         click.echo(f"  {image_id}: {summary.detections[image_id]} detections ({summary.drawn[image_id]} drawn), {seconds:.2f} s")
     count = len(summary.seconds)

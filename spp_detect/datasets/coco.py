@@ -12,6 +12,9 @@ What is read, and how it maps onto the project's conventions:
   ``(x, y, x + w, y + h)``, the project's 0-based xyxy (:mod:`spp_detect.boxes`), once,
   here. ``iscrowd = 1`` objects are ignore regions, stored as VOC's ``difficult`` flag
   (the devkit and pycocotools both neither reward nor punish a detection on them).
+* Results files are written back in the json's own ids (``images[].id``,
+  ``categories[].id``): the dataset's :class:`~spp_detect.datasets.result_ids.ResultIds`
+  (``coco_ids`` and ``category_ids`` here) travel with its images to ``detections.json``.
 
 Odd annotations, as users' exports have them, are handled as follows and counted in
 :class:`COCOStats`: a box running past the image edge is clipped to it; a box of zero
@@ -90,7 +93,9 @@ class COCOStats:
 class COCODataset:
     """Result of :func:`read_coco`: ``images`` in the json's order, ``classes`` and their
     ``category_ids`` (both in id order), ``stats``, and ``bad`` (entries skipped, each a
-    :class:`COCOFormatError`, when reading with ``skip_bad``)."""
+    :class:`COCOFormatError`, when reading with ``skip_bad``); ``coco_ids``: file stem ->
+    ``images[].id`` of every image the json lists (also those past ``limit`` or skipped),
+    ``beyond_limit``: the stems of the images past ``limit``, in json order."""
 
     json_path: Path
     images: list[COCOImage]
@@ -98,6 +103,8 @@ class COCODataset:
     category_ids: tuple[int, ...]
     stats: COCOStats
     bad: list[COCOFormatError] = field(default_factory=list)
+    coco_ids: dict[str, int] = field(default_factory=dict)
+    beyond_limit: tuple[str, ...] = ()
 
 
 def _load_json(path: Path) -> dict:
@@ -175,6 +182,10 @@ def read_coco(
         by_id[coco_id] = {"stem": stem, "file": file_name, "width": width, "height": height, "anns": [], "error": None}
 
     known_images = {int(e["id"]) for e in data["images"] if isinstance(e, dict) and "id" in e}
+    coco_ids = {PurePosixPath(str(e["file_name"])).stem: int(e["id"]) for e in data["images"]
+                if isinstance(e, dict) and "id" in e and "file_name" in e}
+    beyond = tuple(PurePosixPath(str(e["file_name"])).stem for e in data["images"][len(entries):]
+                   if isinstance(e, dict) and "file_name" in e)
     for number, ann in enumerate(data.get("annotations") or []):
         image_id = ann.get("image_id") if isinstance(ann, dict) else None
         if image_id not in known_images:
@@ -196,7 +207,7 @@ def read_coco(
             bad.append(exc)
             continue
         images.append(image)
-    return COCODataset(path, images, classes, category_ids, stats, bad)
+    return COCODataset(path, images, classes, category_ids, stats, bad, coco_ids, beyond)
 
 
 def _ann_name(ann: object, number: int) -> str:

@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from spp_detect.datasets.result_ids import ResultIds
+
 __all__ = ["Dataset", "DATASETS", "open_dataset", "DatasetError", "class_difference"]
 
 
@@ -38,6 +40,12 @@ class Dataset:
         bad: entries left out (``skip_bad``), each an exception naming its file.
         coco_json: the annotation file of a COCO dataset (for ``evaluate --coco``).
         year: the VOC year (VOC only).
+        result_ids: the json's image and category ids (COCO only; results files are
+            written in them, :mod:`spp_detect.datasets.result_ids`), else ``None``.
+        beyond_limit: ids of the source's images after the first ``limit`` (not read), so
+            that detections of those images can be told from detections of unknown ones.
+        image_folder: where the image files are looked for, for messages (a COCO
+            dataset's ``--images`` folder, a VOC year's ``JPEGImages``, plain images' sources).
     """
 
     kind: str
@@ -49,6 +57,9 @@ class Dataset:
     bad: list[Exception] = field(default_factory=list)
     coco_json: Path | None = None
     year: str | None = None
+    result_ids: ResultIds | None = None
+    beyond_limit: tuple[str, ...] = ()
+    image_folder: str = ""
 
     def describe(self) -> dict[str, str]:
         """What identifies the images in a stage manifest: ``{"year", "image_set"}`` for VOC
@@ -60,11 +71,15 @@ class Dataset:
 
 def _open_voc(voc_root: Path | str, image_set: str = "test", year: str | int = 2007, *, limit: int | None = None,
               skip_bad: bool = False) -> Dataset:
-    from spp_detect.datasets.voc import VOC_CLASSES, read_voc
+    from spp_detect.datasets.voc import VOC_CLASSES, read_voc, voc_year_dir
 
     bad: list | None = [] if skip_bad else None
     images = read_voc(voc_root, image_set, year, bad=bad, limit=limit)
-    return Dataset("voc", images, VOC_CLASSES, image_set, bad=bad or [], year=str(year))
+    year_dir = voc_year_dir(voc_root, year)
+    listed = (year_dir / "ImageSets" / "Main" / f"{image_set}.txt").read_text().split("\n")
+    beyond = tuple(line.split()[0] for line in listed if line.strip())[limit:] if limit is not None else ()
+    return Dataset("voc", images, VOC_CLASSES, image_set, bad=bad or [], year=str(year), beyond_limit=beyond,
+                   image_folder=str(year_dir / "JPEGImages"))
 
 
 def _open_coco(coco_json: Path | str, images_dir: Path | str, *, limit: int | None = None,
@@ -75,7 +90,8 @@ def _open_coco(coco_json: Path | str, images_dir: Path | str, *, limit: int | No
     stats = data.stats
     notes = stats.describe() if stats.clipped or stats.dropped or stats.empty_images else ""
     return Dataset("coco", data.images, data.classes, Path(coco_json).stem, notes=notes, bad=list(data.bad),
-                   coco_json=Path(coco_json))
+                   coco_json=Path(coco_json), result_ids=ResultIds(data.coco_ids, data.category_ids, str(coco_json)),
+                   beyond_limit=data.beyond_limit, image_folder=str(images_dir))
 
 
 def _open_images(sources: Sequence[Path | str], *, limit: int | None = None, skip_bad: bool = False) -> Dataset:
@@ -83,7 +99,8 @@ def _open_images(sources: Sequence[Path | str], *, limit: int | None = None, ski
 
     bad: list | None = [] if skip_bad else None
     images = read_images(sources, limit=limit, bad=bad)
-    return Dataset("images", images, (), "images", annotated=False, bad=bad or [])
+    return Dataset("images", images, (), "images", annotated=False, bad=bad or [],
+                   image_folder=", ".join(str(s) for s in sources))
 
 
 #: kind -> opener; each returns a :class:`Dataset`.
