@@ -60,6 +60,10 @@ __all__ = [
     "devkit_iou",
     "voc_eval",
     "evaluate_voc",
+    "match_detections",
+    "CORRECT",
+    "WRONG",
+    "IGNORED",
 ]
 
 logger = logging.getLogger(__name__)
@@ -407,6 +411,46 @@ def evaluate_voc(
         per_class[class_name] = result
         num_detections[class_name] = len(dets)
     return VOCEvaluation(per_class, use_07_metric, rule, float(iou_threshold), len(images), num_detections)
+
+
+#: What :func:`match_detections` says of each detection.
+CORRECT, WRONG, IGNORED = 1, 0, -1
+
+
+def match_detections(
+    scores: np.ndarray,
+    boxes: np.ndarray,
+    gt_boxes: np.ndarray,
+    gt_difficult: np.ndarray,
+    *,
+    iou_threshold: float = 0.5,
+) -> np.ndarray:
+    """Which detections of one class in one image are correct, by the devkit's rule.
+
+    The detections are matched as ``VOCevaldet.m`` matches them (:func:`voc_eval` on this
+    one image): in decreasing score order (stable), each takes the ground-truth box it
+    overlaps most (devkit IoU, ``+ 1`` widths) if that IoU is ``>= iou_threshold`` and the
+    box is not yet taken; a detection whose best box is difficult is neither right nor
+    wrong.
+
+    Args:
+        scores: ``[K]`` float scores.
+        boxes: ``[K, 4]`` 0-based continuous xyxy, image pixels.
+        gt_boxes: ``[G, 4]`` 0-based xyxy ground truth of the class in the image.
+        gt_difficult: ``[G]`` bool, the devkit's difficult flags.
+        iou_threshold: ``VOCopts.minoverlap``.
+
+    Returns:
+        ``np.ndarray[K]`` int8, in input order: :data:`CORRECT` (1), :data:`WRONG` (0) or
+        :data:`IGNORED` (-1, on a difficult object).
+    """
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    result = voc_eval(np.full(len(scores), "image"), scores, boxes, ["image"], [np.asarray(gt_boxes).reshape(-1, 4)],
+                      [np.asarray(gt_difficult, dtype=bool).reshape(-1)], iou_threshold=iou_threshold)
+    status = np.full(len(scores), IGNORED, dtype=np.int8)
+    status[result.order[result.tp]] = CORRECT
+    status[result.order[result.fp]] = WRONG
+    return status
 
 
 def _check_rule(rule: str) -> None:

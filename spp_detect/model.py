@@ -417,7 +417,7 @@ def run_predict(
     import cv2
 
     from spp_detect.images import ImageReadError
-    from spp_detect.show import draw_boxes
+    from spp_detect.show import picture as draw_picture
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -445,9 +445,9 @@ def run_predict(
         shown = torch.nonzero(prediction.scores > settings.threshold).flatten()
         shown = shown[torch.argsort(prediction.scores[shown], descending=True, stable=True)][: settings.top]
         summary.drawn[image.image_id] = len(shown)
-        canvas = draw_boxes(rgb, prediction.boxes[shown].numpy(),
-                            [f"{prediction.class_names[i]} {float(prediction.scores[i]):.2f}" for i in shown.tolist()],
-                            prediction.labels[shown].tolist())
+        canvas = draw_picture(rgb, prediction.boxes[shown].numpy(),  # small images: on an enlarged copy
+                              [f"{prediction.class_names[i]} {float(prediction.scores[i]):.2f}" for i in shown.tolist()],
+                              prediction.labels[shown].tolist())
         picture = out / f"{image.image_id}.png"
         ok, data = cv2.imencode(".png", canvas[:, :, ::-1])
         if not ok:

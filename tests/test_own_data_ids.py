@@ -183,7 +183,7 @@ def test_evaluate_marks_classes_without_training_examples_and_what_the_map_count
     assert "  furniture: no training examples; counted in the mean" in coco.output
 
 
-def test_a_renamed_json_still_reads_the_detect_folder_in_evaluate(run, tmp_path):
+def test_a_renamed_json_still_reads_the_detect_folder_in_evaluate_and_show(run, tmp_path):
     root, jpegs, _, test, _ = run
     renamed = tmp_path / "renamed.json"
     shutil.copy(test, renamed)
@@ -191,6 +191,14 @@ def test_a_renamed_json_still_reads_the_detect_folder_in_evaluate(run, tmp_path)
     again = _run("evaluate", "--coco-json", renamed, "--images", jpegs, "--detections", root / "dets", "--json", tmp_path / "b")
     assert json.loads((tmp_path / "a").read_text())["ap"] == json.loads((tmp_path / "b").read_text())["ap"]
     assert "renamed, 8 images" in again.output and by_name.output.count("\n") == again.output.count("\n")
+    shown = _run("show", "--detections", root / "dets", "--coco-json", renamed, "--images", jpegs, "--limit", 3,
+                 "--threshold", -10, "--out", tmp_path / "sheet.png")
+    assert re.search(r"^show: 3 images, \d+ detections drawn, \d+ correct$", shown.output, re.M), shown.output
+    assert "contact sheet of 3 images" in shown.output
+    dets = json.loads((root / "dets" / "detections.json").read_text())
+    first = _run("show", "--detections", root / "dets" / "detections.json", "--coco-json", renamed, "--images", jpegs,
+                 "--image", "000001", "--threshold", -10, "--top", 1000, "--out", tmp_path / "one.png")
+    assert f"show: {sum(e['image_id'] == 0 for e in dets)} detection(s) of 000001 above -10 -> " in first.output
 
 
 def test_a_stage_that_skipped_every_image_fails_naming_the_folder(run, voc_root, tmp_path):

@@ -23,37 +23,45 @@ def download_voc2007_cmd(out: Path) -> None:
 
 @click.command("show")
 @click.option("--detections", type=IN_PATH, required=True, help="A detect folder, a folder of devkit result files, or a COCO results json.")
-@dataset_options(default_image_set="test", limit=False)
-@click.option("--image", "image_ids", required=True, multiple=True,
+@dataset_options(default_image_set="test")
+@click.option("--image", "image_ids", multiple=True,
               help="Image id, e.g. 000001 (a COCO image: its file name's stem). Repeat it, or give 'first:N' for the "
-              "set's first N images, to get a contact sheet of several.")
+              "set's first N images, to get a contact sheet of several  [default with --limit N: the first N].")
 @click.option("--columns", type=click.IntRange(min=1), default=3, show_default=True, help="Pictures per row of a contact sheet.")
 @out_option("PNG (or JPEG) to write.", OUT_FILE)
 @click.option("--threshold", type=float, default=0.0, help="Draw detections scoring above this (SVM margin; 0 is the decision boundary).")
 @click.option("--top", type=click.IntRange(min=1), default=20, help="At most this many boxes, best first.")
 @click.option("--ground-truth/--no-ground-truth", default=True, help="Also draw the annotated boxes (dashed white).")
-def show_cmd(detections, voc_root, year, image_set, coco_json, image_paths, image_ids, columns, out, threshold, top,
+def show_cmd(detections, voc_root, year, image_set, coco_json, image_paths, limit, image_ids, columns, out, threshold, top,
              ground_truth) -> None:
     """Draw an image's detections (class and score) and its ground truth into a picture;
-    several images make a contact sheet.
+    several images make a contact sheet. Green: correct (IoU >= 0.5 with a ground-truth box
+    of its class, the devkit's rule), red: wrong, amber: on a difficult object; ground truth
+    dashed white.
 
     \b
     Example:
       spp-detect show --detections runs/dets --voc-root VOCdevkit --image 000001 --out 000001.png
       spp-detect show --detections runs/dets --voc-root VOCdevkit --image first:9 --out sheet.png
+      spp-detect show --detections runs/dets --voc-root VOCdevkit --limit 9 --out sheet.png
     """
     from spp_detect.show import show_detections
 
+    if not image_ids and limit is None:
+        raise click.UsageError("give --image ID (repeatable, or first:N) or --limit N (the set's first N images)")
     with stage_errors():
-        data = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths)
+        data = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit)
         if not data.annotated:
             raise click.UsageError("show draws detections with their ground truth: --voc-root, or --coco-json with --images")
-        chosen = select_images(data.images, image_ids)
-        drawn = show_detections(detections, chosen, out, data.name, threshold, top, ground_truth, data.classes, columns)
-    for image, count in zip(chosen, drawn):
-        click.echo(f"show: {count} detection(s) of {image.image_id} above {threshold:g}" + (f" -> {out}" if len(chosen) == 1 else ""))
+        chosen = select_images(data.images, image_ids) if image_ids else list(data.images)
+        counts = show_detections(detections, chosen, out, data.name, threshold, top, ground_truth, data.classes, columns,
+                                 result_ids=data.result_ids)
+    for image, (drawn, _) in zip(chosen, counts):
+        click.echo(f"show: {drawn} detection(s) of {image.image_id} above {threshold:g}" + (f" -> {out}" if len(chosen) == 1 else ""))
     if len(chosen) > 1:
         click.echo(f"show: contact sheet of {len(chosen)} images -> {out}")
+    click.echo(f"show: {len(chosen)} image{'s' if len(chosen) > 1 else ''}, {sum(d for d, _ in counts)} detections drawn, "
+               f"{sum(c for _, c in counts)} correct")
 
 
 def select_images(images, wanted: tuple[str, ...]) -> list:
