@@ -160,6 +160,7 @@ class Bench:
         self.work, self.device, self.limit, self.workers = work, device, limit, workers
         self.json_path = json_path
         self.times: dict[str, float | None] = {}
+        self.seconds_per_iteration: dict[str, float | None] = {}  # finetune folder -> this run's mean
 
     def checkpoint(self, result: dict) -> None:
         """Write the JSON so far (a long run keeps what it measured if it is stopped)."""
@@ -222,6 +223,7 @@ class Bench:
         summary = run_finetune(caches + (flipped if recipe.flip else []), folder, recipe.finetune, device=self.device,
                                weights=WEIGHTS[BACKBONE], init_head=init)
         self.times[f"finetune {folder.name}"] = None if summary.already_done else time.perf_counter() - t0
+        self.seconds_per_iteration[folder.name] = summary.seconds_per_iteration
         return folder
 
     def row(self, caches: list[Path], head: Path | None, test_cache: Path, test_images, row: str, tag: str,
@@ -329,11 +331,14 @@ def _conv_rows(bench: Bench, name: str, mode: str, scales, train_sets, test_set,
         print(f"{name:>22} {row:>9}: mAP {100 * cells[row]['map']:5.1f}", flush=True)
         bench.checkpoint(result)
     log = json.loads((conv / "train_log.json").read_text())
-    per_iteration = [r["seconds_per_iteration"] for r in log if "seconds_per_iteration" in r]
+    per_iteration = bench.seconds_per_iteration.get(conv.name)
+    earlier = result.get("ftconv", {})
+    if per_iteration is None and earlier.get("head") == conv.name:  # trained by an earlier run: keep its figure
+        per_iteration = earlier.get("seconds_per_iteration")
     result["ftconv"] = {
         "recipe": asdict(CONV_RECIPE.finetune), "flip": CONV_RECIPE.flip, "init_head": head.name, "head": conv.name,
-        "seconds_per_iteration": sum(per_iteration) / len(per_iteration) if per_iteration else None,
-        "finetune_seconds": sum(per_iteration) / len(per_iteration) * CONV_RECIPE.finetune.iterations if per_iteration else None,
+        "seconds_per_iteration": per_iteration,
+        "finetune_seconds": per_iteration * CONV_RECIPE.finetune.iterations if per_iteration else None,
         "last_round": log[-1] if log else None,
     }
 

@@ -233,10 +233,15 @@ def run_extract(
     config = {**settings_config(settings), "proposals": proposals_key, "image_set": image_set,
               "format": FORMAT_VERSION, "classes": list(classes)}
     stage = open_stage(out, "extract", config, force=force, shard=shard)
-    if shard[0] == 1:  # one writer; every shard is given the whole list
-        record_image_paths(out, images)
-        if result_ids is not None:
-            record_result_ids(out, result_ids)
+
+    def record_sidecars() -> None:
+        """The images' files and ids beside the cache, written once the run's images are done
+        (so a folder stopped midway holds only the manifest and finished images)."""
+        if shard[0] == 1:  # one writer; every shard is given the whole list
+            record_image_paths(out, images)
+            if result_ids is not None:
+                record_result_ids(out, result_ids)
+
     spec = get_backbone(settings.backbone)
     todo, skipped, redone = stage.todo(images, lambda im: Path(out) / f"{im.image_id}.npz",
                                        lambda path: cached_file_problem(path, stage.key))
@@ -244,6 +249,7 @@ def run_extract(
     summary.bad = [KeyError(f"no proposals for image {im.image_id}") for im in todo if im.image_id not in proposals]
     todo = [im for im in todo if im.image_id in proposals]
     if not todo:
+        record_sidecars()
         return summary
     backbone, weights = settings.backbone, settings.weights
     try:
@@ -297,6 +303,7 @@ def run_extract(
         summary.windows += len(boxes)
         summary.image_ids.append(image.image_id)
     summary.seconds = time.perf_counter() - start
+    record_sidecars()
     return summary
 
 

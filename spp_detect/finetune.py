@@ -154,7 +154,13 @@ class FinetuneSummary:
     resumed_from: int = 0
     seconds: float = 0.0
     rounds: list[dict[str, float]] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)  # wall seconds of each round this call ran
     already_done: bool = False
+
+    @property
+    def seconds_per_iteration(self) -> float | None:
+        """Mean wall seconds per iteration over the rounds this call ran (None if none)."""
+        return self.seconds / self.iterations_run if self.iterations_run else None
 
     def describe(self, out: Path | str) -> str:
         """One line for the command line about the run into ``out``."""
@@ -518,8 +524,8 @@ def run_finetune(
             dist.all_reduce(totals)
         loss_sum_round, windows_round, fg_hits, fg_total = (float(v) for v in totals.cpu())
         rounds.append({"iteration": iteration, "loss": loss_sum_round / max(windows_round, 1),
-                       "fg_accuracy": fg_hits / max(fg_total, 1),
-                       "seconds_per_iteration": (time.perf_counter() - round_start) / count})
+                       "fg_accuracy": fg_hits / max(fg_total, 1)})
+        summary.round_seconds.append(time.perf_counter() - round_start)  # not in the log: a rerun writes equal bytes
         if rank == 0:
             _save_checkpoint(out, training.module, optimizer, iteration)
             atomic_write(log_path, lambda p: p.write_text(json.dumps(rounds, indent=1)))
