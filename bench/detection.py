@@ -88,7 +88,7 @@ BACKBONE = "squeezenet1_0"
 class Recipe:
     """How the head is fine-tuned: its settings, and whether the mirrored training images
     (``extract --flip`` caches) are given to ``finetune`` beside the plain ones (the
-    release does, FACTS 1.6; its SVMs train on the plain images only, as here)."""
+    release does, docs/sources.md 1.6; its SVMs train on the plain images only, as here)."""
 
     finetune: FinetuneSettings
     flip: bool = False

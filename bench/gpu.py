@@ -31,7 +31,7 @@ What the run does, all on ``--device`` unless said otherwise:
   on each device), and the detections of ``predict`` on the same windows (matched by class
   and IoU >= 0.99: the share matched, the largest score and box-coordinate differences);
 * the issue's target: detect at 5 scales at least 50 images/s on one GPU (the paper: 0.38 s
-  per image for conv + fc at 5 scales on a 2014 GPU, SPP-net Table 7 / FACTS).
+  per image for conv + fc at 5 scales on a 2014 GPU, SPP-net Table 7 / docs/sources.md 1.13).
 
 A section that fails is recorded under ``errors`` (with its traceback's last lines) and
 the rest still runs, so one lent-GPU run says as much as it can; the exit status is then 1.

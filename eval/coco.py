@@ -20,7 +20,7 @@ and ``area`` are filled in where a labelling tool left them out).
 
 Everything else is pycocotools' default ``bbox`` protocol: IoU 0.50:0.05:0.95, 101 recall
 points, ``maxDets`` 1/10/100 per image and category, small/medium/large area ranges, and
-its own greedy matching (best still-unmatched box; FACTS.md section 3).
+its own greedy matching (best still-unmatched box; docs/sources.md 3.3).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ On disk:
   in the devkit's 1-based inclusive pixel frame: ``(x1 + 1, y1 + 1, x2, y2)`` of the
   0-based box (the inverse of :func:`spp_detect.boxes.from_voc_1based`). Values are
   written with full float64 precision (``repr``), unlike py-faster-rcnn's ``{:.3f}``
-  scores, which create ties (FACTS.md section 7 item 9).
+  scores, which create ties (docs/sources.md 3.2).
 * **COCO results json**: a list of ``{"image_id", "category_id", "bbox", "score"}`` with
   ``bbox = [x1, y1, x2 - x1, y2 - y1]`` (COCO's xywh, continuous, no ``+ 1``). For a
   COCO dataset (given its :class:`~spp_detect.datasets.result_ids.ResultIds`) the ids are

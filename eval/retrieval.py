@@ -1,5 +1,5 @@
 """Oxford/Paris retrieval mAP, as the released ``compute_map.m`` (gtolias/rmac helpers;
-shared/reference/FACTS.md 5.1; the same protocol as Philbin et al.'s ``compute_ap``).
+docs/sources.md 5.1; the same protocol as Philbin et al.'s ``compute_ap``).
 
 For one query, given the ranked database and its ground truth:
 

@@ -22,7 +22,7 @@ ShaoqingRen/SPP_net ``datasets/VOCdevkit2007/VOCcode/VOCevaldet.m``), per class:
 * a match needs IoU ``> 0.5`` (strict) where the devkit has ``>=``;
 * ``np.argsort(-confidence)`` (quicksort, not stable): the order of tied scores is
   implementation-defined, where MATLAB keeps file order; py-faster-rcnn also writes
-  3-decimal scores, which creates ties (FACTS.md section 7 item 9);
+  3-decimal scores, which creates ties (docs/sources.md 3.2);
 * the 11 recall thresholds are ``np.arange(0., 1.1, 0.1)``, whose 7th and 8th values are
   ``0.6000000000000001`` and ``0.7000000000000001``; MATLAB's colon operator builds
   ``0:0.1:1`` from both ends (first half ``0 + k * 0.1``, second half ``1 - (10 - k) * 0.1``,

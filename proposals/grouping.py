@@ -3,7 +3,7 @@
 Uijlings et al., "Selective Search for Object Recognition", IJCV 2013 (section 3) and
 their MATLAB toolbox (``Image2HierarchicalGrouping.m``), as OpenCV's
 ``ximgproc/src/selectivesearchsegmentation.cpp`` re-implements it. OpenCV's own
-``process()`` hides the hierarchy and ranks boxes upside down (FACTS 1.11), so the grouping
+``process()`` hides the hierarchy and ranks boxes upside down (docs/sources.md 1.11), so the grouping
 is built here from OpenCV's Felzenszwalb segmentation and ranked as the paper says.
 
 One hierarchy = one colour-space image x one Felzenszwalb ``k`` x one similarity strategy:
@@ -20,7 +20,7 @@ One hierarchy = one colour-space image x one Felzenszwalb ``k`` x one similarity
    ``s_size = 1 - (size_i + size_j) / size_im``,
    ``s_fill = 1 - (size_BB_ij - size_i - size_j) / size_im`` (IJCV 2013 section 3.2).
 
-Ranking (:func:`rank_hierarchy_boxes`, FACTS 1.11; Uijlings' ``Image2HierarchicalGrouping.m``
+Ranking (:func:`rank_hierarchy_boxes`, docs/sources.md 1.11; Uijlings' ``Image2HierarchicalGrouping.m``
 and R-CNN's ``selective_search_boxes.m``; IJCV 2013 section 5): a hierarchy's boxes are
 ``[initial segments; merged regions in merge order]`` with priorities ``N, N-1, ..., 1``
 (``priority = (size(boxes, 1):-1:1)'``), so the last merge (the whole image) has priority
@@ -415,7 +415,7 @@ def rank_hierarchy_boxes(
 
     ``priority .* rand(size(priority))`` over the concatenated hierarchies (one uniform
     draw per box, in concatenation order), then a stable ascending sort (MATLAB's
-    ``sort``); FACTS 1.11, IJCV 2013 section 5 (``v_i = RND x i``).
+    ``sort``); docs/sources.md 1.11, IJCV 2013 section 5 (``v_i = RND x i``).
 
     Args:
         boxes_per_hierarchy: per hierarchy ``np.ndarray[N_h, 4]`` xyxy boxes.

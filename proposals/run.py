@@ -81,7 +81,7 @@ class ProposalSettings:
             priority (1 for a hierarchy's last merge, counting up towards its initial
             segments) times a uniform random number, ascending (Uijlings'
             ``Image2HierarchicalGrouping.m``, R-CNN ``selective_search_boxes.m``, IJCV 2013
-            section 5; FACTS 1.11), so large merged regions tend to come first.
+            section 5; docs/sources.md 1.11), so large merged regions tend to come first.
         seed: seed of the ``np.random.default_rng`` that draws the ranking's random
             factors, made afresh per image (the order depends on the image and seed only).
         max_pixels: larger images are searched on a copy shrunk to this many pixels,

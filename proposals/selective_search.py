@@ -13,7 +13,7 @@ Two pure functions:
 Boxes are ``np.ndarray[N, 4]`` float32 in the project's one convention (0-based continuous
 ``(x1, y1, x2, y2)`` image pixels, see :mod:`spp_detect.boxes`).
 
-"Best first" is the paper's order (FACTS 1.11: Uijlings' ``Image2HierarchicalGrouping.m``,
+"Best first" is the paper's order (docs/sources.md 1.11: Uijlings' ``Image2HierarchicalGrouping.m``,
 R-CNN's ``selective_search_boxes.m``, IJCV 2013 section 5): in every hierarchy the
 initial segments and the merged regions get priorities ``N .. 1`` in that order (the last
 merge, the whole image, gets 1); each priority is multiplied by a uniform random number
@@ -27,7 +27,7 @@ every image, so the order is a function of the image and the seed alone.
 Modes (one engine, three parameter sets):
 
 * ``fast`` (the default): selective search's "fast mode" as the SPP-net paper (4.1) and
-  R-CNN use it (``selective_search_boxes.m``, FACTS 1.11): HSV + Lab, k = 50 and 100 with
+  R-CNN use it (``selective_search_boxes.m``, docs/sources.md 1.11): HSV + Lab, k = 50 and 100 with
   segment min size = k, sigma 0.8, strategies {colour+texture+size+fill,
   texture+size+fill}. Our histograms and segmentation are not bit-identical to Uijlings'
   MATLAB/mex code, so its boxes are not the precomputed VOC07 boxes (which nobody can
@@ -94,7 +94,7 @@ _TWO_STRATEGIES = ("colour+texture+size+fill", "texture+size+fill")
 _MODE_SPECS: dict[str, _ModeSpec] = {
     # R-CNN selective_search_boxes.m, fast mode: colorTypes {'Hsv', 'Lab'},
     # simFunctionHandles {ColourTextureSizeFill, TextureSizeFill}, ks [50 100],
-    # minSize = k, sigma 0.8 (FACTS 1.11).
+    # minSize = k, sigma 0.8 (docs/sources.md 1.11).
     "fast": _ModeSpec(("hsv", "lab"), (50, 100), (50, 100), 0.8, _TWO_STRATEGIES),
     # OpenCV selectivesearchsegmentation.cpp switchToSelectiveSearchFast(base_k=150,
     # inc_k=150, sigma=0.8): k = base_k + i * inc_k, i = 0..2; createGraphSegmentation's

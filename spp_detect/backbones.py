@@ -90,7 +90,7 @@ class ZF5(nn.Module):
     Every layer pads ``floor(k/2)``, the padding the paper's window-mapping appendix
     assumes, so cell ``j`` of conv5 is centred at pixel ``16 j`` (offset 0). The released
     Caffe model padded conv1 by 1 and conv2 by 0 instead, which is why its code carries the
-    offsets 21 / 6.5 (shared/reference/FACTS.md 1.4). LRN uses Caffe's AlexNet defaults
+    offsets 21 / 6.5 (docs/sources.md 1.4). LRN uses Caffe's AlexNet defaults
     (local_size 5, alpha 1e-4, beta 0.75). Random init unless a state_dict is loaded;
     torchvision publishes no ZF-5 weights.
     """

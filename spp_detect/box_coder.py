@@ -1,7 +1,7 @@
 """Bounding-box regression targets: encode a window's offset to its ground truth, and back.
 
 R-CNN / SPP-net parametrisation (R-CNN appendix C; ``spp_train_bbox_regressor.m``,
-FACTS 1.9): with centres ``(x, y)`` and sizes ``(w, h)`` of a window ``P`` and its ground
+docs/sources.md 1.9): with centres ``(x, y)`` and sizes ``(w, h)`` of a window ``P`` and its ground
 truth ``G``::
 
     dx = (Gx - Px) / Pw    dy = (Gy - Py) / Ph    dw = log(Gw / Pw)    dh = log(Gh / Ph)

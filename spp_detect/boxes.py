@@ -82,7 +82,7 @@ def mirror_boxes(boxes: Tensor, width: int) -> Tensor:
 
     A box covering pixel columns ``[x1, x2)`` covers ``[width - x2, width - x1)`` in the
     mirrored image; this is the release's ``x' = W + 1 - x`` on 1-based inclusive
-    coordinates (``imdb_from_voc.m``, FACTS 1.6). Mirroring twice gives the boxes back.
+    coordinates (``imdb_from_voc.m``, docs/sources.md 1.6). Mirroring twice gives the boxes back.
     """
     _check_shape(boxes)
     return torch.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], dim=1)

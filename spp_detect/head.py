@@ -1,7 +1,7 @@
 """The fully connected head on top of pooled SPP features: fc6 -> fc7 -> fc8.
 
 SPP-net detection fine-tunes only the fc layers, on pooled conv5 features (paper 4.1,
-FACTS 1.6): ``fc6 -> ReLU -> dropout 0.5 -> fc7 -> ReLU -> dropout 0.5 -> fc8``, fc8 a
+docs/sources.md 1.6): ``fc6 -> ReLU -> dropout 0.5 -> fc7 -> ReLU -> dropout 0.5 -> fc8``, fc8 a
 21-way classifier (20 VOC classes + background, label 0). The backbones on disk have no
 fc layers trained on SPP features, so fc6 and fc7 start from random init (PyTorch's
 default ``nn.Linear`` init); fc8 as the release's new layer (gaussian std 0.01, bias 1:
@@ -9,7 +9,7 @@ default ``nn.Linear`` init); fc8 as the release's new layer (gaussian std 0.01, 
 
 Because fc6 is random rather than ImageNet-trained, the pooled input is multiplied by a
 fixed ``input_scale`` that brings the training features to a mean L2 norm of 20: the
-release's rule for SVM features (``spp_feature_stats.m``, FACTS 1.7), used here so that
+release's rule for SVM features (``spp_feature_stats.m``, docs/sources.md 1.7), used here so that
 one learning rate suits every backbone. It is a buffer of the head, saved with it.
 
 Layers whose activations serve as SVM features (:data:`FEATURE_LAYERS`): ``pool`` (the

@@ -14,7 +14,7 @@ receptive-field centres lie strictly inside the window. We apply the rule in tha
 receptive-field centre (``offset`` from the backbone, 0 for ``floor(p/2)`` padding; pixel
 ``i``'s centre is ``i + 0.5``), so the backbone's offset generalises the paper's formula.
 
-How the released code differs (shared/reference/FACTS.md 1.3-1.4), and what we do:
+How the released code differs (docs/sources.md 1.3-1.4), and what we do:
 
 * it maps a window with ``floor((x - 21 + 6.5) / 16 + 0.5)`` / ``ceil((x - 21 - 6.5) / 16 - 0.5)``
   (ZF-5 constants for its padding); we use the paper's rule with each trunk's offset;

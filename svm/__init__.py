@@ -1,5 +1,5 @@
 """Learners on cached window features: linear SVMs with hard-negative mining, and
-bounding-box regression (SPP-net 4.1, following R-CNN's recipe; FACTS 1.7, 1.9).
+bounding-box regression (SPP-net 4.1, following R-CNN's recipe; docs/sources.md 1.7, 1.9).
 
 * :mod:`svm.linear`: one linear SVM, liblinear's problem (``C``, ``C = "auto"``), two solvers;
 * :mod:`svm.dcd`: liblinear's dual coordinate descent compiled with numba, warm-startable;

@@ -1,6 +1,6 @@
 """Bounding-box regression: per-class ridge regression from pooled conv features to
 whitened box targets (SPP-net 4.1 and R-CNN appendix C; ``spp_train_bbox_regressor.m``,
-FACTS 1.9).
+docs/sources.md 1.9).
 
 * features: the pooled SPP vector ("layer 5"), scaled to mean norm 20, with a constant
   bias feature of 1 appended (regularised like the rest);

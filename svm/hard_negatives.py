@@ -1,6 +1,6 @@
 """Hard-negative mining for one class: which negatives enter the cache, and which leave.
 
-The release's rules (``spp_train.m:137, 446-451``; R-CNN ``rcnn_train.m``; FACTS 1.7):
+The release's rules (``spp_train.m:137, 446-451``; R-CNN ``rcnn_train.m``; docs/sources.md 1.7):
 
 * negatives are windows whose IoU with every box of the class is below 0.3
   (``neg_ovr_threshs = [-1, 0.3)``);

@@ -2,8 +2,8 @@
 
 liblinear ``-s 3`` (L2-regularised, L1-loss (hinge) SVM, dual solver), ``-c 0.001``,
 ``-w1 2`` (positive loss weight), ``-B 10`` (a bias feature of 10, so the bias is
-regularised too): ``spp_train.m:43-45, 312, 335`` and R-CNN ``rcnn_train.m`` (FACTS 1.7,
-2). scikit-learn's ``LinearSVC(loss="hinge", dual=True, intercept_scaling=10)`` is the
+regularised too): ``spp_train.m:43-45, 312, 335`` and R-CNN ``rcnn_train.m`` (docs/sources.md 1.7,
+2.1). scikit-learn's ``LinearSVC(loss="hinge", dual=True, intercept_scaling=10)`` is the
 same liblinear solver; fast-rcnn's ``tools/train_svms.py`` uses it the same way. The
 class weight is derived from :data:`POS_WEIGHT` so the two cannot drift apart.
 
@@ -43,7 +43,7 @@ LIBLINEAR_TOL: float = 0.1
 #: class, at about twice the sweeps of 0.1.
 SVM_TOL: float = 0.01
 #: VOC2007 trainval, the set the release's C = 0.001 was chosen on (Script_spp_voc.m trains
-#: on voc_2007_trainval: 5,011 images, FACTS 1.7).
+#: on voc_2007_trainval: 5,011 images, docs/sources.md 1.7).
 RELEASE_IMAGES: int = 5011
 #: ``"dcd"``: :mod:`svm.dcd` (compiled, warm start); ``"liblinear"``: scikit-learn's LinearSVC.
 SOLVERS: tuple[str, ...] = ("dcd", "liblinear")

@@ -1,7 +1,7 @@
 """The train-svm stage: one linear SVM per class with hard-negative mining, optionally
 with bounding-box regressors, on features read from extract caches.
 
-The recipe is the release's (``spp_train.m``, FACTS 1.7): positives are the ground-truth
+The recipe is the release's (``spp_train.m``, docs/sources.md 1.7): positives are the ground-truth
 boxes (difficult ones included by default, as ``with_hard_samples = false`` keeps all
 objects), negatives are windows with IoU < 0.3 against every box of the class, windows
 mapping to the same cells at the same scale are deduplicated, features are scaled to a
@@ -241,7 +241,7 @@ def run_train_svm(
         if bbox_store is not None and len(image.gt_labels):
             iou = box_iou(image.boxes, image.gt_boxes)  # [N, G]
             best, which = iou.max(dim=1)
-            rows = torch.nonzero(best > settings.bbox_min_overlap).flatten()  # strictly >, FACTS 1.9
+            rows = torch.nonzero(best > settings.bbox_min_overlap).flatten()  # strictly >, docs/sources.md 1.9
             if len(rows):
                 pooled = window_features(image, "pool", None, rows, device=device).cpu()
                 bbox_store.add(pooled, image.boxes[rows], image.gt_boxes[which[rows]], image.gt_labels[which[rows]])

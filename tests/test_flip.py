@@ -1,4 +1,4 @@
-"""Flipped training images (the release fine-tunes on them, FACTS 1.6): boxes mirrored
+"""Flipped training images (the release fine-tunes on them, docs/sources.md 1.6): boxes mirrored
 exactly, and a flipped cache holds the conv maps of the mirrored image with its windows
 mapped on them: a flipped window's features are pooled from the mirrored image's own map.
 

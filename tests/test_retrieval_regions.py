@@ -1,4 +1,4 @@
-"""R-MAC regions: FACTS 5.1's worked vectors, written out from the rule by hand."""
+"""R-MAC regions: docs/sources.md 5.1's worked vectors, written out from the rule by hand."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Particular-object retrieval with the detector's conv maps: MAC, R-MAC, integral
 max-pooling, AML re-ranking and query expansion (Tolias, Sicre, Jegou, ICLR 2016;
-shared/reference/FACTS.md section 5).
+docs/sources.md 5.1).
 
 Modules: ``regions`` (R-MAC's region rule), ``integral`` (integral max-pooling),
 ``aml`` (quantised maps, localisation), ``whitening`` (PCA-whitening), ``descriptors``

@@ -1,5 +1,5 @@
 """AML, approximate max-pooling localisation (Tolias et al., ICLR 2016, section 5; the
-released ``aml.c`` and ``test.m``, shared/reference/FACTS.md 5.1).
+released ``aml.c`` and ``test.m``, docs/sources.md 5.1).
 
 For a database image and a query, find the rectangle ``R`` of the database image's map
 whose approximate MAC (:mod:`~spp_detect.retrieval.integral`, alpha = 10) has the largest

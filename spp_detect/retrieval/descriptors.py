@@ -1,8 +1,8 @@
 """MAC and R-MAC descriptors of one conv map (Tolias et al., ICLR 2016, section 3;
-the released ``mac_act.m`` / ``rmac_regionvec_act.m`` / ``test.m``, FACTS 5.1).
+the released ``mac_act.m`` / ``rmac_regionvec_act.m`` / ``test.m``, docs/sources.md 5.1).
 
 * The map is the backbone's last conv map of the full-resolution image with ReLU applied
-  (FACTS 5.1: ``max(x, 0)``; MobileNetV2's linear bottleneck output has negatives).
+  (docs/sources.md 5.1: ``max(x, 0)``; MobileNetV2's linear bottleneck output has negatives).
 * MAC: per-channel max over the whole map.
 * Region vectors: the MAC of each R-MAC region (:mod:`~spp_detect.retrieval.regions`),
   L2-normalised. R-MAC = L2(sum of L2(whiten(region vector))); without whitening, the

@@ -96,7 +96,7 @@ def list_images(folder: Path, limit: int | None = None) -> list[Path]:
 @torch.inference_mode()
 def full_res_maps(trunk: nn.Module, norm: Normalization, image: np.ndarray) -> torch.Tensor:
     """The last conv map of ``np.ndarray[H, W, 3]`` uint8 RGB at full resolution, ReLU applied
-    (FACTS 5.1): ``Tensor[C, h, w]`` float32 on the trunk's device."""
+    (docs/sources.md 5.1): ``Tensor[C, h, w]`` float32 on the trunk's device."""
     device = next(trunk.parameters()).device
     pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device).permute(2, 0, 1)
     batch = norm(pixels).unsqueeze(0).contiguous(memory_format=torch.channels_last)

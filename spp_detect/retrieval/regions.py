@@ -1,5 +1,5 @@
 """R-MAC's square regions on a conv map (Tolias et al., ICLR 2016, section 3; the released
-``rmac_regionvec_act.m``, shared/reference/FACTS.md 5.1).
+``rmac_regionvec_act.m``, docs/sources.md 5.1).
 
 Frame: regions live in **map cells** as integer, 0-based, half-open rectangles
 ``(x1, y1, x2, y2)``: the region covers cells ``x1 <= x < x2`` and ``y1 <= y < y2``. The
@@ -16,7 +16,7 @@ The rule, for a ``H x W`` map and ``L`` levels:
   offsets along a side with ``n`` regions are ``floor(wl2 + k b) - wl2``, ``k = 0..n-1``.
 
 Level 1 is therefore not the whole map when ``W != H`` (it is two or more squares). A
-30 x 40 map gives 20 regions (FACTS 5.1's worked vectors; ``tests/test_retrieval_regions.py``).
+30 x 40 map gives 20 regions (docs/sources.md 5.1's worked vectors; ``tests/test_retrieval_regions.py``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Search an index: first ranking by MAC or R-MAC, AML re-ranking, query expansion
-(Tolias et al., ICLR 2016, sections 3-5; the release's ``test.m``, FACTS 5.1).
+(Tolias et al., ICLR 2016, sections 3-5; the release's ``test.m``, docs/sources.md 5.1).
 
 * **Query**: the query image cropped to its box (``crop_qim.m``), described like a
   database image; its MAC (L2, not whitened) drives AML.

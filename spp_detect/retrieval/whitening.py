@@ -1,6 +1,6 @@
 """PCA-whitening of descriptors, learned on one dataset and applied to another
 (Tolias et al., ICLR 2016, section 3; the release's ``yael_pca`` + ``apply_whiten.m``,
-shared/reference/FACTS.md 5.1).
+docs/sources.md 5.1).
 
 ``x -> P (x - m)`` with ``m`` the mean of the learning vectors and
 ``P = diag(eigval^-1/2) eigvec^T`` from the eigen-decomposition of their covariance,
