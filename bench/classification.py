@@ -36,13 +36,14 @@ import time
 import numpy as np
 import torch
 
-from bench.common import SHARED_DATA, VOC_ROOT, machine, print_table, smoke_args, write_json
+from bench.common import SHARED_DATA, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
 from eval.voc_cls import evaluate_voc_cls, voc_cls_ground_truth
 from spp_detect.backbones import build_trunk, get_backbone, resolve_normalization
 from spp_detect.classification.features import FeatureSettings, image_features
 from spp_detect.classification.svm import train_svms
 from spp_detect.classification.train import TrainSettings, predict, run_training
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
+from spp_detect.device import resolve_device
 from spp_detect.image_trunk import load_image_rgb, prepare_trunk
 
 WEIGHTS = {
@@ -51,11 +52,10 @@ WEIGHTS = {
 }
 COLUMNS = ("plain-crop224", "crop224", "full224", "full-best")
 ROWS = ("level6", "pyramid")
-CPU = torch.device("cpu")
 
 
-def features(trunk, norm, pixels, settings: FeatureSettings) -> np.ndarray:
-    rows = dict(image_features(trunk, norm, pixels, settings, CPU))
+def features(trunk, norm, pixels, settings: FeatureSettings, device: torch.device) -> np.ndarray:
+    rows = dict(image_features(trunk, norm, pixels, settings, device))
     return np.stack([rows[i] for i in range(len(pixels))])
 
 
@@ -86,10 +86,10 @@ def level6(x: np.ndarray, channels: int) -> np.ndarray:
     return x[:, -channels * 36 :]  # levels (1, 2, 3, 6) are laid out level by level
 
 
-def table3(name: str, data: dict, sizes: list[int]) -> dict[str, object]:
+def table3(name: str, data: dict, sizes: list[int], device: torch.device) -> dict[str, object]:
     weights = WEIGHTS[name]
     spec = get_backbone(name)
-    trunk = prepare_trunk(build_trunk(name, weights), CPU)
+    trunk = prepare_trunk(build_trunk(name, weights), device)
     norm = resolve_normalization(name, weights)
     rows = {"trainval": data["trainval"], "test": data["test"]}
     y_trainval, y_train = data["y_trainval"], data["y_trainval"][data["train_rows"]]
@@ -98,7 +98,7 @@ def table3(name: str, data: dict, sizes: list[int]) -> dict[str, object]:
 
     def cell_pair(settings: FeatureSettings) -> tuple[dict[str, np.ndarray], float]:
         start = time.perf_counter()
-        x = {split: features(trunk, norm, pixels, settings) for split, pixels in rows.items()}
+        x = {split: features(trunk, norm, pixels, settings, device) for split, pixels in rows.items()}
         return x, time.perf_counter() - start
 
     x, times["plain-crop224"] = cell_pair(FeatureSettings(name, str(weights), view="crop", size=224, pooling="plain"))
@@ -132,7 +132,7 @@ def table3(name: str, data: dict, sizes: list[int]) -> dict[str, object]:
             "dims": {"level6": spec.channels * 36, "pyramid": spec.channels * 50}}
 
 
-def trained(name: str, data: dict, epochs: int, lr: float) -> tuple[dict, dict]:
+def trained(name: str, data: dict, epochs: int, lr: float, device: torch.device) -> tuple[dict, dict]:
     weights = WEIGHTS[name]
     norm = resolve_normalization(name, weights)
     results: dict[str, dict[str, float]] = {}
@@ -145,11 +145,11 @@ def trained(name: str, data: dict, epochs: int, lr: float) -> tuple[dict, dict]:
         settings = TrainSettings(name, str(weights), sizes=sizes, epochs=epochs, lr=lr)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:
-            state = run_training(data["trainval"], data["y_trainval"], VOC_CLASSES, Path(folder), settings, norm, CPU)
+            state = run_training(data["trainval"], data["y_trainval"], VOC_CLASSES, Path(folder), settings, norm, device)
         train_seconds = time.perf_counter() - start
         results[key] = {}
         for view in ("crop", "full"):
-            scores = predict(state.model, norm, data["test"], view, CPU, size=settings.resize, crop=settings.crop)
+            scores = predict(state.model, norm, data["test"], view, device, size=settings.resize, crop=settings.crop)
             results[key][view] = evaluate_voc_cls(scores, data["test_images"]).map
         info[key] = {"losses": state.losses, "epoch_sizes": state.sizes, "train_seconds": train_seconds}
     return results, info
@@ -166,8 +166,10 @@ def main() -> None:
                         help="torch threads (1: on a shared 2-core machine 2 threads stall on each other)")
     parser.add_argument("--per-class", type=int, default=None,
                         help="only the first N images of each class in every list (their union); default all")
+    add_device_option(parser)
     parser.add_argument("--json", default=None)
     args = smoke_args(parser, backbones="squeezenet1_0", sizes="224", trained_backbone="", per_class=2)
+    device = resolve_device(args.device)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
@@ -190,11 +192,12 @@ def main() -> None:
     }
     sizes = [int(s) for s in args.sizes.split(",")]
     backbones = [b for b in args.backbones.split(",") if b]
-    payload: dict[str, object] = {"machine": machine(), "threads": args.threads, "sweep_sizes": sizes,
+    payload: dict[str, object] = {"machine": machine(), "device": str(device), "device_given": args.device,
+                                  "threads": args.threads, "sweep_sizes": sizes,
                                   "val_classes": [VOC_CLASSES[k] for k in data["val_classes"]], "backbones": {}}
     for name in backbones:
         t0 = time.perf_counter()
-        result = table3(name, data, sizes)
+        result = table3(name, data, sizes, device)
         result["seconds"] = time.perf_counter() - t0
         payload["backbones"][name] = result
         table = [(f"{row:<8} {column}", "-" if value is None else f"{100 * value:.2f}")
@@ -204,7 +207,7 @@ def main() -> None:
     payload["map"] = payload["backbones"][backbones[0]]["map"] if backbones else {}
     if args.trained_backbone:
         t0 = time.perf_counter()
-        payload["trained"], payload["trained_info"] = trained(args.trained_backbone, data, args.epochs, args.lr)
+        payload["trained"], payload["trained_info"] = trained(args.trained_backbone, data, args.epochs, args.lr, device)
         payload["trained_backbone"], payload["trained_epochs"] = args.trained_backbone, args.epochs
         payload["trained_seconds"] = time.perf_counter() - t0
         print_table([(f"{sizes_key:<8} {view}", f"{100 * v:.2f}") for sizes_key, views in payload["trained"].items()

@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import bench.detection as detection
-from bench.common import machine, smoke_args, write_json
+from bench.common import add_device_option, machine, smoke_args, write_json
 from spp_detect.combine import CalibrateSettings, CombineSettings, run_calibrate, run_combine
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.detect import DetectSettings
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--row", default="pool", choices=list(detection.ROWS),
                         help="the Table 6 row both detectors are trained in [default: pool]")
     parser.add_argument("--limit", type=int, default=None, help="first N images of each list [default: all]")
-    parser.add_argument("--device", default="cpu")
+    add_device_option(parser)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--json", type=Path, default=None)
     args = smoke_args(parser, limit=2)

@@ -59,6 +59,16 @@ def write_json(path: Path | None, payload: dict[str, object]) -> None:
         print(f"\nwrote {path}")
 
 
+def add_device_option(parser: argparse.ArgumentParser, default: str = "cpu") -> None:
+    """``--device`` on ``parser``, the same in every benchmark: a main resolves it once with
+    :func:`spp_detect.device.resolve_device` (the one device rule: a canonical ``torch.device``,
+    so that ``cpu:0`` and ``cpu`` give the same results) and uses that device alone
+    (tests/test_bench_smoke.py checks this statically)."""
+    parser.add_argument("--device", default=default,
+                        help="where the stages run: auto, cpu, cuda, cuda:N (spp_detect.device.resolve_device; "
+                             "any spelling of one device gives the same results)")
+
+
 def smoke_args(parser: argparse.ArgumentParser, **smoke: object) -> argparse.Namespace:
     """``parser.parse_args()`` with a ``--smoke`` flag: a few images, seconds, numbers that
     mean nothing, for the test suite (tests/test_bench_smoke.py), so that a benchmark that

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import machine, write_json
+from bench.common import add_device_option, machine, write_json
 from bench.detection import RECIPE, Bench, Recipe, _train_caches
 from spp_detect.device import resolve_device
 
@@ -38,7 +38,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
     parser.add_argument("--rows", default=",".join(ROWS))
-    parser.add_argument("--device", default="cpu")
+    add_device_option(parser)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path, default=None)

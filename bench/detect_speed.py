@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
+from bench.common import SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.backbones import build_trunk, resolve_normalization
@@ -114,7 +114,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=None, help="a train-svm folder to use instead")
     parser.add_argument("--rcnn-windows", type=int, default=64, help="R-CNN-style windows timed per image")
     parser.add_argument("--train-iterations", type=int, default=200, help="fine-tuning iterations of the bench model")
-    parser.add_argument("--device", default="cpu")
+    add_device_option(parser)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detect-speed"))
     parser.add_argument("--json", type=Path, default=None)
     args = smoke_args(parser, images=1, windows=100, train_images=2, rcnn_windows=2, train_iterations=10)

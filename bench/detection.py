@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from bench.common import SHARED_DATA, WEIGHTS, machine, write_json
+from bench.common import SHARED_DATA, WEIGHTS, add_device_option, machine, write_json
 from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from proposals.io import load_proposals
@@ -399,7 +399,7 @@ def main() -> None:
     parser.add_argument("--pair-test", type=int, default=200)
     parser.add_argument("--ablation", default=",".join(ABLATION), help="ablation variants (comma-separated, or empty)")
     parser.add_argument("--smoke", action="store_true", help="2 images per list, 1-scale column, pair on 10 windows, one variant: every code path in a minute")
-    parser.add_argument("--device", default="cpu")
+    add_device_option(parser)
     parser.add_argument("--workers", type=int, default=2, help="proposal processes")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--merge", type=Path, default=None,
@@ -419,9 +419,10 @@ def main() -> None:
         args.ablation = "smoke recipe"
         if args.work == parser.get_default("work"):
             args.work = Path(tempfile.mkdtemp(prefix="bench-detection-smoke-"))
-    bench = Bench(args.work, resolve_device(args.device), limit, args.workers, args.json)
+    device = resolve_device(args.device)
+    bench = Bench(args.work, device, limit, args.workers, args.json)
     result: dict = json.loads(args.merge.read_text()) if args.merge else {}
-    result.update({"machine": machine(), "device": args.device, "backbone": BACKBONE,
+    result.update({"machine": machine(), "device": str(device), "device_given": args.device, "backbone": BACKBONE,
                    "recipe": {"finetune": asdict(RECIPE.finetune), "flip": RECIPE.flip},
                    "pair_recipe": {"finetune": asdict(PAIR_RECIPE.finetune), "flip": PAIR_RECIPE.flip},
                    "conv_recipe": {"finetune": asdict(CONV_RECIPE.finetune), "flip": CONV_RECIPE.flip},

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
+from bench.common import SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.backbones import build_trunk, resolve_normalization
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=20, help="first N test images")
     parser.add_argument("--rcnn-windows", type=int, default=200, help="R-CNN windows timed per image")
     parser.add_argument("--proposals", type=Path, default=None, help="existing proposals folder (else computed)")
-    parser.add_argument("--device", default="auto")
+    add_device_option(parser, default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = smoke_args(parser, images=1, rcnn_windows=4)
 

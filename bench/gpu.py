@@ -59,7 +59,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
+from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.backbones import NORMALIZATIONS, build_trunk, resolve_normalization
@@ -436,7 +436,7 @@ def main() -> None:
     parser.add_argument("--scales5", type=_scales, default=PAPER_SCALES, help="the 5-scale setting (paper 4.1)")
     parser.add_argument("--fc-dim", type=int, default=1024)
     parser.add_argument("--iterations", type=int, default=200, help="fine-tuning iterations")
-    parser.add_argument("--device", default="cuda", help="auto, cpu, cuda, cuda:N (spp_detect.device.resolve_device)")
+    add_device_option(parser, default="cuda")
     parser.add_argument("--reference", default="cpu", help="the device compared against")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-gpu"))
     parser.add_argument("--json", type=Path, default=None)
@@ -485,7 +485,7 @@ def main() -> None:
     res["target"] = {"detect_5scale_images_per_second": TARGET_DETECT_5SCALE,
                      "met": None if device.type != "cuda" or rate is None else rate >= TARGET_DETECT_5SCALE}
     res["wall_seconds"] = time.perf_counter() - t_start
-    print_table(bench.table, f"bench.gpu: {len(bench.images)} images on {device} (given as {args.device!r}) "
+    print_table(bench.table, f"bench.gpu: {len(bench.images)} images on {device} (given as {res['device_given']!r}) "
                              f"against {reference}, {res['windows_per_image']:.0f} windows per image")
     for name, error in res["errors"].items():
         print(f"\nerror in {name}: {error}")

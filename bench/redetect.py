@@ -21,12 +21,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, machine, smoke_args, write_json
+from bench.common import SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, smoke_args, write_json
 from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
+from spp_detect.device import resolve_device
 from spp_detect.stage_dir import read_manifest, settings_from_config
 from svm.train import load_svm
 
@@ -35,28 +37,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    add_device_option(parser)
     parser.add_argument("--json", type=Path, default=None)
     args = smoke_args(parser)
+    device = resolve_device(args.device)
     if args.smoke:
-        _smoke_work(args.work)
+        _smoke_work(args.work, device)
     keyed = lambda pattern: {read_manifest(p)["key"]: p for p in args.work.glob(pattern)  # noqa: E731
                              if (p / "manifest.json").is_file()}
     caches, models = keyed("feat-*"), keyed("svm-*")
-    result: dict[str, object] = {"machine": machine(), "work": str(args.work), "precision": args.precision,
+    result: dict[str, object] = {"machine": machine(), "device": str(device), "device_given": args.device,
+                                 "work": str(args.work), "precision": args.precision,
                                  "folders": {}}
     test_images = {im.image_id: im for im in read_voc(VOC_ROOT, "test")}
     for det in sorted(args.work.glob("dets-*")):
         config = read_manifest(det)["config"]
         if config["cache"] not in caches or config["model"] not in models:
             continue
-        model = load_svm(models[config["model"]])
+        model = load_svm(models[config["model"]], device)
         if args.precision != "fp32" and model.head is None:
             continue  # the option applies to fc layers only
         recorded = config.get("settings", config)  # folders made before the flat manifests nest the settings
         settings = dataclasses.replace(settings_from_config(DetectSettings, recorded), precision=args.precision)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            summary = run_detect(caches[config["cache"]], tmp, model, settings, model_key=config["model"])
+            summary = run_detect(caches[config["cache"]], tmp, model, settings, model_key=config["model"], device=device)
             stored = sorted(det.glob("*.npz"))
             differ = [p.name for p in stored if not _same(p, Path(tmp) / p.name)]
             entry = {"images": len(stored), "differing_images": differ, "identical": not differ,
@@ -77,11 +82,9 @@ def main() -> None:
     write_json(args.json, result)
 
 
-def _smoke_work(work: Path) -> None:
+def _smoke_work(work: Path, device: torch.device) -> None:
     """A work folder as ``bench.detection`` leaves one, tiny: caches of 2 trainval and 2 test
-    images (a grid of 30 windows each, 1 scale), SVMs on pooled features, their detections."""
-    import torch
-
+    images (a grid of 30 windows each, 1 scale), SVMs on pooled features, their detections, on ``device``."""
     from spp_detect.extract import ExtractSettings, run_extract
     from svm.train import SVMSettings, run_train_svm
 
@@ -90,10 +93,11 @@ def _smoke_work(work: Path) -> None:
         images = read_voc(VOC_ROOT, split)[:2]
         windows = {im.image_id: _grid(im.width, im.height) for im in images}
         run_extract(images, windows, work / f"feat-{split}", settings, proposals_key="grid-30", image_set=split,
-                    device=torch.device("cpu"))
-    run_train_svm([work / "feat-trainval"], work / "svm-pool", SVMSettings(layer="pool", C=0.1))
+                    device=device)
+    run_train_svm([work / "feat-trainval"], work / "svm-pool", SVMSettings(layer="pool", C=0.1), device=device)
     model_key = read_manifest(work / "svm-pool")["key"]
-    run_detect(work / "feat-test", work / "dets-pool", load_svm(work / "svm-pool"), DetectSettings(), model_key=model_key)
+    run_detect(work / "feat-test", work / "dets-pool", load_svm(work / "svm-pool", device), DetectSettings(), model_key=model_key,
+               device=device)
 
 
 def _grid(width: int, height: int) -> np.ndarray:

@@ -32,9 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SHARED_DATA, machine, print_table, smoke_args, write_json
+from bench.common import SHARED_DATA, add_device_option, machine, print_table, smoke_args, write_json
 from eval.retrieval import load_paris_ground_truth, mean_average_precision
 from spp_detect.backbones import build_trunk, resolve_normalization
+from spp_detect.device import resolve_device
 from spp_detect.image_trunk import load_image_rgb, prepare_trunk
 from spp_detect.retrieval.index import IndexSettings, list_images, load_index, run_index
 from spp_detect.retrieval.search import describe_query, search
@@ -63,7 +64,7 @@ def ground_truth_subset(queries: int, out: Path) -> tuple[Path, list[Path]]:
     return out, [PARIS / "jpg" / f"{name}.jpg" for name in subset["imlist"]]
 
 
-def run_backbone(backbone: str, args: argparse.Namespace, timing: bool) -> dict[str, object]:
+def run_backbone(backbone: str, args: argparse.Namespace, timing: bool, device: torch.device) -> dict[str, object]:
     out: dict[str, object] = {}
     folder = args.cache / backbone
     start = time.perf_counter()
@@ -73,13 +74,13 @@ def run_backbone(backbone: str, args: argparse.Namespace, timing: bool) -> dict[
     gnd_file = PARIS / GROUND_TRUTH
     if args.queries is not None:
         gnd_file, database = ground_truth_subset(args.queries, args.cache / "gnd_subset.json")
-    summary = run_index(database, folder, settings, whiten, device=torch.device("cpu"))
+    summary = run_index(database, folder, settings, whiten, device=device)
     out["index_seconds"] = time.perf_counter() - start
     out["indexed_now"] = summary.done
     index = load_index(folder)
     out["bytes_per_image"] = index.bytes_per_image()
     queries = load_paris_ground_truth(gnd_file, index.names)
-    trunk = prepare_trunk(build_trunk(backbone, settings.weights), torch.device("cpu"))
+    trunk = prepare_trunk(build_trunk(backbone, settings.weights), device)
     norm = resolve_normalization(backbone, settings.weights)
     rankings: dict[tuple[str, bool], list[np.ndarray]] = {}
     cnn, first, aml = [], [], []
@@ -132,16 +133,18 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("runs/bench-retrieval"), help="index folders (reused)")
     parser.add_argument("--queries", type=int, default=None,
                         help="only the first N queries, on a database of the images their ground truth names")
+    add_device_option(parser)
     parser.add_argument("--json", type=Path, default=None)
     args = smoke_args(parser, backbones="squeezenet1_0", queries=1, whiten_limit=20, rerank=10, timing_queries=1)
     if args.smoke and args.cache == parser.get_default("cache"):
         args.cache = Path(tempfile.mkdtemp(prefix="bench-retrieval-smoke-"))
     if args.queries is not None:
         args.cache.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(args.device)
     torch.set_num_threads(2)
     wall = time.perf_counter()
     backbones = [b.strip() for b in args.backbones.split(",") if b.strip()]
-    results = {b: run_backbone(b, args, timing=i == 0) for i, b in enumerate(backbones)}
+    results = {b: run_backbone(b, args, timing=i == 0, device=device) for i, b in enumerate(backbones)}
     default = results[backbones[0]]
     rows = []
     for backbone, res in results.items():
@@ -167,6 +170,8 @@ def main() -> None:
                      "timing_queries": args.timing_queries},
         "wall_seconds": total,
         "machine": machine(),
+        "device": str(device),
+        "device_given": args.device,
     })
 
 

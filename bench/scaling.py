@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
+from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets.voc import read_voc
 from spp_detect.detect import DetectSettings, run_detect
@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=2000, help="random windows per image (R-CNN: ~2,000)")
     parser.add_argument("--fc-dim", type=int, default=4096, help="fc6/fc7 width (paper: 4096)")
     parser.add_argument("--ft-iterations", type=int, default=4, help="fine-tuning iterations timed")
-    parser.add_argument("--device", default="auto")
+    add_device_option(parser, default="auto")
     parser.add_argument("--json", type=Path, default=None)
     args = smoke_args(parser, images=1, windows=50, fc_dim=64, ft_iterations=1)
 

@@ -18,8 +18,9 @@ Prints a table and writes ``--json`` (keys per stage: ``kills``, ``restarts``,
 ``temp_files_left``, ``temp_files_seen_after_kills``, ``done_after_each_kill``,
 ``kill_moments_s``, ``reference_seconds``, ``soak_seconds``).
 
-Other stages join through :data:`SOAKS`: a function ``(args, work folder, rng) -> dict``
-with the same keys; it can reuse :func:`soak_command` for the kill/restart loop and
+Other stages join through :data:`SOAKS`: a function ``(args, work folder, rng, device) -> dict``
+with the same keys (``device``: the resolved ``--device``, given to every command it runs);
+it can reuse :func:`soak_command` for the kill/restart loop and
 :func:`compare_folders` for the comparison.
 
     python -m bench.soak [--stage extract|train-svm] [--images 30] [--kills 20] [--svm-kills 5] [--json bench/results/soak.json]
@@ -42,7 +43,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, machine, print_table, smoke_args, write_json
+import torch
+
+from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
+from spp_detect.device import resolve_device
 
 
 def spp_detect(args: list, **kwargs) -> subprocess.Popen:
@@ -135,14 +139,14 @@ def _voc_tree(work: Path, images: int) -> tuple[list[str], list]:
     return ids, ["--voc-root", work / "voc", "--image-set", "test"]
 
 
-def soak_extract(args: argparse.Namespace, work: Path, rng: random.Random) -> dict:
+def soak_extract(args: argparse.Namespace, work: Path, rng: random.Random, device: torch.device) -> dict:
     ids, voc = _voc_tree(work, args.images)
     print(f"proposals for {len(ids)} images ...", flush=True)
     run_to_end(["proposals", *voc, "--workers", "2", "--out", work / "proposals"])
 
     def extract(out: Path) -> list:
         return ["extract", *voc, "--proposals", work / "proposals", "--weights", SQUEEZENET_FILE,
-                "--scales", args.scales, "--device", "cpu", "--out", out]
+                "--scales", args.scales, "--device", str(device), "--out", out]
 
     print("uninterrupted extract ...", flush=True)
     started = time.perf_counter()
@@ -168,7 +172,7 @@ def soak_extract(args: argparse.Namespace, work: Path, rng: random.Random) -> di
     }
 
 
-def soak_train_svm(args: argparse.Namespace, work: Path, rng: random.Random) -> dict:
+def soak_train_svm(args: argparse.Namespace, work: Path, rng: random.Random, device: torch.device) -> dict:
     """``train-svm`` (fc7 features, box regression) on ``--svm-images`` test images at one
     scale: it has no per-image outputs, so a killed run starts its mining pass over; the
     model a restart ends with must equal the clean run's byte for byte."""
@@ -176,12 +180,13 @@ def soak_train_svm(args: argparse.Namespace, work: Path, rng: random.Random) -> 
     print(f"proposals, extract (1 scale) and a small head for {len(ids)} images ...", flush=True)
     run_to_end(["proposals", *voc, "--workers", "2", "--out", work / "proposals"])
     run_to_end(["extract", *voc, "--proposals", work / "proposals", "--weights", SQUEEZENET_FILE, "--scales", "688",
-                "--device", "cpu", "--out", work / "feat"])
-    run_to_end(["finetune", "--cache", work / "feat", "--fc-dim", "256", "--iterations", "100", "--out", work / "head"])
+                "--device", str(device), "--out", work / "feat"])
+    run_to_end(["finetune", "--cache", work / "feat", "--fc-dim", "256", "--iterations", "100", "--device", str(device),
+                "--out", work / "head"])
 
     def train(out: Path) -> list:
         return ["train-svm", "--cache", work / "feat", "--head", work / "head", "--features", "fc7", "--bbox",
-                "--C", "0.1", "--device", "cpu", "--out", out]
+                "--C", "0.1", "--device", str(device), "--out", out]
 
     print("uninterrupted train-svm ...", flush=True)
     seconds = run_to_end(train(work / "reference"))
@@ -198,7 +203,7 @@ def soak_train_svm(args: argparse.Namespace, work: Path, rng: random.Random) -> 
 
 
 #: Stage name -> soak function.
-SOAKS: dict[str, Callable[[argparse.Namespace, Path, random.Random], dict]] = {
+SOAKS: dict[str, Callable[[argparse.Namespace, Path, random.Random, torch.device], dict]] = {
     "extract": soak_extract,
     "train-svm": soak_train_svm,
 }
@@ -213,14 +218,17 @@ def main() -> None:
     parser.add_argument("--svm-images", type=int, default=12, help="images of the train-svm soak")
     parser.add_argument("--svm-kills", type=int, default=5, help="kills of the train-svm soak")
     parser.add_argument("--seed", type=int, default=0)
+    add_device_option(parser)
     parser.add_argument("--json", type=Path, default=None)
     args = smoke_args(parser, images=2, kills=1, scales="240", svm_images=2, svm_kills=1)
 
-    payload: dict[str, object] = {"machine": machine(), "seed": args.seed}
+    device = resolve_device(args.device)
+
+    payload: dict[str, object] = {"machine": machine(), "device": str(device), "device_given": args.device, "seed": args.seed}
     ok = True
     for stage in args.stage or sorted(SOAKS):
         with tempfile.TemporaryDirectory(prefix=f"soak-{stage}-") as tmp:
-            result = SOAKS[stage](args, Path(tmp), random.Random(args.seed))
+            result = SOAKS[stage](args, Path(tmp), random.Random(args.seed), device)
         payload[stage] = result
         ok &= bool(result["equal"]) and not result["temp_files_left"]
         print_table(

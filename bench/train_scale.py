@@ -46,8 +46,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from bench.common import SHARED_DATA, SQUEEZENET_FILE, machine, print_table, write_json
+from bench.common import SHARED_DATA, SQUEEZENET_FILE, add_device_option, machine, print_table, write_json
+from spp_detect.device import resolve_device
 from svm.linear import LIBLINEAR_TOL, SVM_TOL
 
 LAYERS = ("pool", "fc7")
@@ -57,10 +59,8 @@ EXTRAPOLATE = {"voc2007_trainval": 5011, "voc07+12_trainval": 16551}
 
 
 # --------------------------------------------------------------------------- child processes
-def _child(spec: dict) -> dict:
-    """Run one measured stage in this (fresh) process; returns its figures."""
-    import torch
-
+def _child(spec: dict, device: torch.device) -> dict:
+    """Run one measured stage in this (fresh) process on ``device``; returns its figures."""
     torch.set_num_threads(int(spec.get("threads", 2)))
     start = time.perf_counter()
     out: dict = {}
@@ -68,7 +68,7 @@ def _child(spec: dict) -> dict:
         from spp_detect.finetune import FinetuneSettings, run_finetune
 
         settings = FinetuneSettings(**spec["settings"])
-        summary = run_finetune(spec["caches"], spec["out"], settings)
+        summary = run_finetune(spec["caches"], spec["out"], settings, device=device)
         out["iterations"] = summary.iterations_run
     else:
         from svm.train import SVMSettings, run_train_svm
@@ -95,7 +95,7 @@ def _child(spec: dict) -> dict:
         images = sum(len(list(Path(c).glob("*.npz"))) for c in spec["caches"])
         summary_c = settings.resolved_c(images)
         summary = run_train_svm(spec["caches"], spec["out"], settings, head_folder=spec.get("head"), force=True,
-                                final_problem=hook)
+                                final_problem=hook, device=device)
         out.update(C=summary.C, negatives=sum(summary.negatives.values()), bbox_samples=summary.bbox_samples,
                    stage_seconds=summary.seconds)
         if spec.get("compare"):
@@ -106,14 +106,15 @@ def _child(spec: dict) -> dict:
     return out
 
 
-def measure(spec: dict, record: Path) -> dict:
-    """``spec`` run by :func:`_child` in a fresh interpreter; its figures are kept in
-    ``record`` (a finished record is reused)."""
+def measure(spec: dict, record: Path, device: torch.device) -> dict:
+    """``spec`` run by :func:`_child` in a fresh interpreter on ``device`` (its ``--device``);
+    its figures are kept in ``record`` (a finished record is reused)."""
     if record.is_file():
         return json.loads(record.read_text())
     record.parent.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    proc = subprocess.run([sys.executable, "-m", "bench.train_scale", "--child", json.dumps(spec)], env=env,
+    proc = subprocess.run([sys.executable, "-m", "bench.train_scale", "--child", json.dumps(spec),
+                           "--device", str(device)], env=env,
                           capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{spec['stage']} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -152,11 +153,9 @@ def subset(caches: list[Path], n: int, work: Path) -> list[Path]:
     return folders
 
 
-def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path) -> float:
+def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path, device: torch.device) -> float:
     """Detect (with box regression when the model has it) every window of the test cache's
-    images and evaluate them (VOC07 11-point mAP) against ``voc_root``'s test annotations."""
-    import torch
-
+    images on ``device`` and evaluate them (VOC07 11-point mAP) against ``voc_root``'s test annotations."""
     from eval.results import ClassDetections
     from eval.voc import evaluate_voc
     from spp_detect.cache import FeatureCache
@@ -166,20 +165,18 @@ def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path) -> fl
     from spp_detect.stage_dir import read_manifest
     from svm.train import load_svm
 
-    model = load_svm(svm_dir)
+    model = load_svm(svm_dir, device)
     run_detect(test_cache, out, model, DetectSettings(bbox=model.regressor is not None),
-               model_key=read_manifest(svm_dir)["key"], device=torch.device("cpu"))
+               model_key=read_manifest(svm_dir)["key"], device=device)
     ids = set(FeatureCache(test_cache).image_ids)
     images = [im for im in read_voc(voc_root, "test") if im.image_id in ids]
     per_class = load_detections(out, VOC_CLASSES)
     return float(evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, images).map)
 
 
-def smoke_caches(folder: Path, voc_root: Path, windows: int = 150) -> tuple[list[Path], Path]:
+def smoke_caches(folder: Path, voc_root: Path, device: torch.device, windows: int = 150) -> tuple[list[Path], Path]:
     """Tiny one-scale caches for ``--smoke``: 3 trainval and 2 test images of ``voc_root``,
-    the first ``windows`` selective-search boxes of each."""
-    import torch
-
+    the first ``windows`` selective-search boxes of each, extracted on ``device``."""
     from proposals.io import load_proposals
     from proposals.run import ProposalSettings, run_proposals
     from spp_detect.datasets import read_voc
@@ -194,7 +191,7 @@ def smoke_caches(folder: Path, voc_root: Path, windows: int = 150) -> tuple[list
         settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(688,))
         cache = folder / f"feat-{split}"
         run_extract(images, boxes, cache, settings, proposals_key=f"bench-train-scale-smoke-{windows}", image_set=split,
-                    device=torch.device("cpu"))
+                    device=device)
         out.append(cache)
     return [out[0]], out[1]
 
@@ -217,19 +214,21 @@ def main() -> None:
     parser.add_argument("--fc-dim", type=int, default=1024)
     parser.add_argument("--finetune-iterations", type=int, default=1500)
     parser.add_argument("--threads", type=int, default=2)
+    add_device_option(parser)
     parser.add_argument("--no-compare", action="store_true", help="skip the LinearSVC comparison")
     parser.add_argument("--smoke", action="store_true", help="sizes 2,3; 20 fine-tuning iterations; own tiny caches")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    device = resolve_device(args.device)
     if args.child is not None:
-        print(json.dumps(_child(json.loads(args.child))))
+        print(json.dumps(_child(json.loads(args.child), device)))
         return
     if args.smoke:
         args.sizes, args.finetune_iterations = "2,3", 20
         if args.work == parser.get_default("work"):  # never reuse a full run's records
             args.work = Path(tempfile.mkdtemp(prefix="bench-train-scale-smoke-"))
         if not args.cache_1scale:
-            args.cache_1scale, args.test_cache_1scale = smoke_caches(args.work.resolve() / "smoke-caches", args.voc_root)
+            args.cache_1scale, args.test_cache_1scale = smoke_caches(args.work.resolve() / "smoke-caches", args.voc_root, device)
     if not args.cache_1scale:
         parser.error("give --cache-1scale (the training caches at one scale)")
     sizes = sorted(int(s) for s in args.sizes.split(","))
@@ -247,7 +246,7 @@ def main() -> None:
         tag = f"n{n}-{_key([str(t) for t in train])}"
         head = work / tag / f"head-{_key(ft)}"
         fig = measure({"stage": "finetune", "caches": [str(t) for t in train], "out": str(head), "settings": ft,
-                       "threads": args.threads}, work / tag / f"record-finetune-{_key(ft)}.json")
+                       "threads": args.threads}, work / tag / f"record-finetune-{_key(ft)}.json", device)
         heads[n] = head
         result["finetune_seconds"][str(n)], result["finetune_peak_mb"][str(n)] = fig["seconds"], fig["peak_mb"]
         rows.append((f"finetune n={n}", f"{fig['seconds']:7.0f} s  {fig['peak_mb']:7.0f} MB"))
@@ -256,7 +255,7 @@ def main() -> None:
             spec = {"stage": "train-svm", "caches": [str(t) for t in train], "settings": settings,
                     "out": str(work / tag / f"svm-{layer}-dcd"), "head": str(head) if layer == "fc7" else None,
                     "threads": args.threads}
-            fig = measure(spec, work / tag / f"record-svm-{layer}-dcd-{_key(spec)}.json")
+            fig = measure(spec, work / tag / f"record-svm-{layer}-dcd-{_key(spec)}.json", device)
             result["train_svm_seconds"][layer][str(n)] = fig["seconds"]
             result["train_svm_peak_mb"][layer][str(n)] = fig["peak_mb"]
             result["train_svm_detail"][layer][str(n)] = fig
@@ -274,11 +273,11 @@ def main() -> None:
                     "head": str(heads[n]) if layer == "fc7" else None, "threads": args.threads}
             lib = dict(base, settings={"layer": layer, "bbox": layer == "fc7", "solver": "liblinear", "tol": 0.1},
                        out=str(work / tag / f"svm-{layer}-liblinear"))
-            fig_lib = measure(lib, work / tag / f"record-svm-{layer}-liblinear-{_key(lib)}.json")
+            fig_lib = measure(lib, work / tag / f"record-svm-{layer}-liblinear-{_key(lib)}.json", device)
             cmp = dict(base, settings={"layer": layer, "bbox": False, "solver": "dcd", "tol": SVM_TOL}, compare=True,
                        reference_tols=[LIBLINEAR_TOL, TIGHT_TOL],
                        out=str(work / tag / f"svm-{layer}-compare"))
-            fig_cmp = measure(cmp, work / tag / f"record-svm-{layer}-compare-{_key(cmp)}.json")
+            fig_cmp = measure(cmp, work / tag / f"record-svm-{layer}-compare-{_key(cmp)}.json", device)
             objective = fig_cmp["objective"]
             ratios = {k: v["dcd"] / v["liblinear"] for k, v in objective.items()}
             tight = {k: v[f"dcd_cold_tol{TIGHT_TOL:g}"] / v["liblinear"] for k, v in objective.items()}
@@ -291,7 +290,7 @@ def main() -> None:
                 for solver in ("dcd", "liblinear"):
                     svm_dir = work / tag / f"svm-{layer}-{solver}"
                     maps[solver] = detect_map(args.test_cache_1scale.resolve(), svm_dir, work / tag / f"det-{layer}-{solver}",
-                                              args.voc_root)
+                                              args.voc_root, device)
                 result["solver_map"][layer] = maps
             rows.append((f"solvers {layer} n={n}",
                          f"objective ratio dcd/liblinear {min(ratios.values()):.3f}..{max(ratios.values()):.3f} "
@@ -325,7 +324,8 @@ def main() -> None:
     result["settings"] = {"sizes": sizes, "train_caches": [str(c) for c in caches],
                           "test_cache": str(args.test_cache_1scale) if args.test_cache_1scale else None,
                           "finetune": ft, "svm": "SVMSettings defaults (C auto, dcd, tol 0.01); fc7 with --bbox; liblinear at the release's tol 0.1",
-                          "smoke": args.smoke, "threads": args.threads}
+                          "smoke": args.smoke, "threads": args.threads,
+                          "device": str(device), "device_given": args.device}
     result["wall_seconds"] = total
     result["machine"] = machine()
     write_json(args.json, result)

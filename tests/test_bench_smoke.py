@@ -1,9 +1,12 @@
 """Every benchmark runs: ``python -m bench.<name> --smoke`` (a few images, seconds) for each
 module in bench/, so that a benchmark that breaks fails the suite; and ``bench.combine``
-gives the files the command line gives for the same inputs."""
+gives the files the command line gives for the same inputs. Every smoke run spells its device
+``cpu:0`` (the same device as ``cpu``, :func:`spp_detect.device.resolve_device`), and every
+benchmark takes ``--device`` through that one rule (checked statically)."""
 
 from __future__ import annotations
 
+import ast
 import filecmp
 import json
 import os
@@ -17,6 +20,12 @@ from tests.conftest import REPO_ROOT
 
 BENCHES = sorted(p.stem for p in (REPO_ROOT / "bench").glob("*.py") if p.stem not in ("__init__", "common"))
 _RUNS: dict[str, Path] = {}
+#: benchmarks without ``--device``, and why: they run nothing on a torch device
+NO_DEVICE = {
+    "eval": "evaluation alone: numpy and pycocotools, no torch",
+    "proposals": "selective search, a CPU stage (the proposals command has no --device); its torch calls are "
+                 "box arithmetic on CPU tensors inside proposals/, which take no device",
+}
 
 
 def _smoke(name: str, tmp_path_factory) -> Path:
@@ -28,6 +37,8 @@ def _smoke(name: str, tmp_path_factory) -> Path:
         env = _env(folder)
         if name == "combine":
             args += ["--work", str(folder / "work")]
+        if name not in NO_DEVICE:  # another spelling of cpu: the same results
+            args += ["--device", "cpu:0"]
         if name == "gpu":  # as on a GPU machine: a folder made by --prepare, ../shared/data absent
             prepare = [sys.executable, "-m", "bench.gpu", "--smoke", "--prepare", str(folder / "data")]
             done = subprocess.run(prepare, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -50,6 +61,75 @@ def _cli(tmp: Path, *args: str) -> None:
     done = subprocess.run([sys.executable, "-m", "cli", "-q", *args], cwd=REPO_ROOT, env=_env(tmp), capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def _is_args_device(node: ast.AST) -> bool:
+    """``args.device`` (or ``<...>.args.device``)."""
+    if not (isinstance(node, ast.Attribute) and node.attr == "device"):
+        return False
+    value = node.value
+    return (isinstance(value, ast.Name) and value.id == "args") or (isinstance(value, ast.Attribute) and value.attr == "args")
+
+
+def _calls(node: ast.AST, name: str) -> bool:
+    """Whether ``node`` is a call of ``name`` (``name(...)`` or ``<module>.name(...)``)."""
+    if not isinstance(node, ast.Call):
+        return False
+    func = node.func
+    return (isinstance(func, ast.Name) and func.id == name) or (isinstance(func, ast.Attribute) and func.attr == name)
+
+
+def _device_uses(tree: ast.AST) -> tuple[list[int], list[int]]:
+    """Lines of the ``args.device`` reads allowed (the argument of ``resolve_device(...)``, or
+    the value recorded as ``device_given``: a dict entry, a ``device_given=`` keyword or a
+    ``[..."device_given"] =`` assignment) and of those that are not."""
+    allowed: set[int] = set()
+    for node in ast.walk(tree):
+        if _calls(node, "resolve_device"):
+            allowed |= {id(a) for a in [*node.args, *(k.value for k in node.keywords)] if _is_args_device(a)}
+        elif isinstance(node, ast.Dict):
+            allowed |= {id(v) for k, v in zip(node.keys, node.values)
+                        if isinstance(k, ast.Constant) and k.value == "device_given" and _is_args_device(v)}
+        elif isinstance(node, ast.Call):
+            allowed |= {id(k.value) for k in node.keywords if k.arg == "device_given" and _is_args_device(k.value)}
+        elif isinstance(node, ast.Assign) and _is_args_device(node.value):
+            if all(isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant) and t.slice.value == "device_given"
+                   for t in node.targets):
+                allowed.add(id(node.value))
+    good, bad = [], []
+    for node in ast.walk(tree):
+        if _is_args_device(node):
+            (good if id(node) in allowed else bad).append(node.lineno)
+    return good, bad
+
+
+def test_every_benchmark_takes_device_through_the_one_rule():
+    """Issue 28: every benchmark's ``--device`` comes from :func:`bench.common.add_device_option`
+    and is read only as the argument of :func:`spp_detect.device.resolve_device` (or recorded as
+    ``device_given``), so that every spelling of one device gives the same results; those
+    without the option are listed in :data:`NO_DEVICE`, with their reason."""
+    assert set(NO_DEVICE) <= set(BENCHES)
+    problems = []
+    for name in BENCHES:
+        source = (REPO_ROOT / "bench" / f"{name}.py").read_text()
+        tree = ast.parse(source)
+        option = any(_calls(node, "add_device_option") for node in ast.walk(tree))
+        own = [node.lineno for node in ast.walk(tree) if _calls(node, "add_argument") and node.args
+               and isinstance(node.args[0], ast.Constant) and node.args[0].value == "--device"]
+        good, bad = _device_uses(tree)
+        if name in NO_DEVICE:
+            if option or good or bad or own:
+                problems.append(f"{name}: listed in NO_DEVICE ({NO_DEVICE[name]}) but it has a --device")
+            continue
+        if not option:
+            problems.append(f"{name}: no add_device_option(parser)")
+        if own:
+            problems.append(f"{name}: its own --device add_argument, lines {own}")
+        if not any(_calls(node, "resolve_device") for node in ast.walk(tree)):
+            problems.append(f"{name}: never calls resolve_device")
+        if bad:
+            problems.append(f"{name}: args.device used other than through resolve_device, lines {bad}")
+    assert not problems, "\n".join(problems)
 
 
 def test_every_bench_module_is_covered():
