@@ -31,7 +31,7 @@ What the run does, all on ``--device`` unless said otherwise:
   on each device), and the detections of ``predict`` on the same windows (matched by class
   and IoU >= 0.99: the share matched, the largest score and box-coordinate differences);
 * the issue's target: detect at 5 scales at least 50 images/s on one GPU (the paper: 0.38 s
-  per image for conv + fc at 5 scales on a 2014 GPU, SPP-net Table 7 / docs/sources.md 1.13).
+  per image for conv + fc at 5 scales on a 2014 GPU, SPP-net ECCV Table 6: 0.293 s conv + 0.089 s fc; docs/sources.md 1.13).
 
 A section that fails is recorded under ``errors`` (with its traceback's last lines) and
 the rest still runs, so one lent-GPU run says as much as it can; the exit status is then 1.
@@ -73,7 +73,7 @@ from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.model import export_model, load_model
 from spp_detect.spp import spatial_pyramid_pool
-from spp_detect.stage_dir import file_sha256, read_manifest
+from spp_detect.stage_dir import file_sha256
 from spp_detect.windows import PAPER_SCALES
 from svm.train import SVMSettings, run_train_svm
 
@@ -261,12 +261,9 @@ class Bench:
                              head_folder=self.work / "head", device=self.device)
 
     def detect(self, name: str) -> Callable[[], DetectSummary]:
-        from svm.train import load_svm
-
         def run() -> DetectSummary:
-            model = load_svm(self.work / "svm", self.device)
-            return run_detect(self.work / f"feat-{name}", self.folder(f"dets-{name}"), model, DetectSettings(bbox=True),
-                              model_key=read_manifest(self.work / "svm")["key"], device=self.device)
+            return run_detect(self.work / f"feat-{name}", self.work / "svm", self.folder(f"dets-{name}"),
+                              DetectSettings(bbox=True), device=self.device)
         return run
 
     def stage(self, name: str, fn: Callable[[], object]) -> None:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import zipfile
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -201,6 +201,23 @@ class CachedImage:
 
     def __len__(self) -> int:
         return int(self.boxes.shape[0])
+
+    def to(self, device: torch.device | str) -> "CachedImage":
+        """This image with its maps on ``device``, uploaded once (the windows, cells and
+        labels stay on the CPU: they index and are small). On a GPU each map goes through
+        pinned memory, in its channels-last layout, without blocking the calling thread;
+        on the CPU it is ``self``. Pooled values are the same on every device
+        (:func:`spp_detect.spp.spatial_pyramid_pool`)."""
+        device = canonical_device(device)
+        if all(same_device(m.device, device) for m in self.maps):
+            return self
+        maps = []
+        for fmap in self.maps:
+            hwc = fmap.permute(1, 2, 0)  # contiguous for maps from decode_map
+            if device.type == "cuda" and hwc.device.type == "cpu":
+                hwc = hwc.contiguous().pin_memory()
+            maps.append(hwc.to(device, non_blocking=True).permute(2, 0, 1))
+        return replace(self, maps=maps)
 
     def features(
         self,

@@ -1,6 +1,6 @@
 """The detect stage: score every window of every test image, then NMS, as the release tests.
 
-Per image (``spp_test.m:73-103``, ``imdb_eval_voc.m:65``; FACTS 1.8, 1.9):
+Per image (``spp_test.m:73-103``, ``imdb_eval_voc.m:65``; docs/sources.md 1.8, 1.9):
 
 1. features of every proposal window (ground-truth windows of the cache are skipped),
    windows sharing cells and scale computed once;
@@ -17,14 +17,15 @@ shards of a ``torchrun``/``srun`` job) can fill one folder; the shard that finds
 image done writes the result files from the per-image ones (:func:`write_result_files`).
 
 The model is any object with the attributes of ``svm.train.SVMModel`` (``layer``,
-``head``, ``classes``, ``regressor``, ``pooled_dim`` and ``scores(features)``); this
-package does not import the learners.
+``head``, ``classes``, ``regressor``, ``pooled_dim`` and ``scores(features)``); the
+learners are imported only where :func:`run_detect` loads a train-svm folder's model itself.
 """
 
 from __future__ import annotations
 
 import copy
 import time
+from contextlib import closing
 from collections.abc import Callable, Sequence
 import json
 from dataclasses import dataclass, field
@@ -38,9 +39,11 @@ from torchvision.ops import batched_nms
 
 from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.device import canonical_device
 from spp_detect.datasets.result_ids import ResultIds, read_result_ids
 from spp_detect.head import SPPHead, check_head_reads
-from spp_detect.stage_dir import atomic_write, open_stage, settings_config, write_npz
+from spp_detect.background_io import Waited, read_ahead, reads_ahead
+from spp_detect.stage_dir import BadSetting, atomic_write, open_stage, settings_config, source_key, write_npz
 from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
 
 __all__ = [
@@ -74,7 +77,7 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class DetectSettings:
-    """How windows become detections (defaults: the release's test, FACTS 1.8)."""
+    """How windows become detections (defaults: the release's test, docs/sources.md 1.8)."""
 
     score_threshold: float = field(default=SCORE_THRESHOLD, metadata={"help": (
         "Keep SVM scores above this (release: -1.5).")})
@@ -116,6 +119,15 @@ class DetectSummary:
         default_factory=lambda: {"decode": 0.0, "pool": 0.0, "fc": 0.0, "score": 0.0, "nms": 0.0}
     )
 
+    def describe(self, out: Path | str, where: str = "") -> str:
+        """The line a command prints; ``where``: this process's shard, e.g. `` [shard 2/4]``."""
+        done = (f"detect{where}: {self.done} image(s) computed ({self.seconds / max(self.done, 1):.2f} s/image), "
+                f"{self.skipped} already done; ")
+        if self.pending:
+            return done + (f"{self.pending} image(s) left to other shards: the last to finish writes the result "
+                           "files (or rerun detect without a launcher)")
+        return done + f"{self.total_detections} detections -> {out}/comp4_det_{self.image_set}_*.txt and {out}/detections.json"
+
 
 def _per_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: float, max_per_class: int) -> Tensor:
     """Indices kept by per-class NMS, at most ``max_per_class`` per class, by score."""
@@ -128,7 +140,7 @@ def _per_class_nms(boxes: Tensor, scores: Tensor, labels: Tensor, threshold: flo
     sorted_labels = kept_labels[order]
     starts = torch.searchsorted(sorted_labels, sorted_labels, right=False)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(len(order)) - starts
+    rank[order] = torch.arange(len(order), device=order.device) - starts
     return keep[rank < max_per_class]
 
 
@@ -143,7 +155,9 @@ def detect_image(
     """Detections of one cached image.
 
     Windows are pooled, run through the head and scored batch by batch
-    (:func:`spp_detect.window_features.window_scores`); only their scores are kept.
+    (:func:`spp_detect.window_features.window_scores`); only their scores are kept. Every
+    step (pooling, fc, SVM scores, thresholds, NMS, box regression) runs on ``device``; only
+    the detections come back to the CPU.
 
     Args:
         buffer: reused for the pooled features of each batch (one per run, see
@@ -157,26 +171,37 @@ def detect_image(
     """
     timings: dict[str, float] = {"pool": 0.0, "fc": 0.0, "score": 0.0, "nms": 0.0}
     buffer = buffer if buffer is not None else PoolBuffer()
+    device = canonical_device(device)
     windows = torch.nonzero(~image.is_gt).flatten()
     scores = window_scores(image, model.scores, model.layer, model.head, windows, device=device, buffer=buffer,
-                           timings=timings).cpu()  # [N, C]
+                           timings=timings)  # [N, C] on device
     start = time.perf_counter()
-    boxes = image.boxes[windows]
+    boxes = image.boxes[windows].to(device)
     rows, labels = torch.nonzero(scores > settings.score_threshold, as_tuple=True)
     cand_boxes, cand_scores = boxes[rows], scores[rows, labels]
     keep = _per_class_nms(cand_boxes, cand_scores, labels, settings.nms_threshold, settings.max_per_image)
     rows, labels, out_boxes, out_scores = rows[keep], labels[keep], cand_boxes[keep], cand_scores[keep]
     if settings.bbox:
-        if model.regressor is None:
-            raise ValueError("box regression asked for, but the model has no box regressors (train-svm --bbox)")
-        kept = windows[rows]
+        check_box_regression(model, settings.bbox)
+        kept = windows[rows.cpu()]
         pooled = image.features(kept, device, out=buffer.get(len(kept), feature_dim(image, "pool", None), device))
-        out_boxes = clip_boxes(model.regressor.predict(pooled.cpu(), out_boxes, labels).float(), image.width, image.height)
+        out_boxes = clip_boxes(model.regressor.predict(pooled, out_boxes, labels).float(), image.width, image.height)
         keep = _per_class_nms(out_boxes, out_scores, labels, settings.nms_threshold, settings.max_per_image)
         out_boxes, out_scores, labels = out_boxes[keep], out_scores[keep], labels[keep]
     order = torch.argsort(labels.double() * 1e6 - out_scores.double(), stable=True)  # class, then score
-    timings["nms"] += time.perf_counter() - start
-    return out_boxes[order], out_scores[order], labels[order], timings
+    out_boxes, out_scores, labels = out_boxes[order].cpu(), out_scores[order].cpu(), labels[order].cpu()
+    timings["nms"] += time.perf_counter() - start  # .cpu() waits for the device: the time is the steps'
+    return out_boxes, out_scores, labels, timings
+
+
+def check_box_regression(model: Scorer, bbox: bool, svm_folder: Path | str | None = None) -> None:
+    """The one check that a model asked to regress boxes (``bbox``) has box regressors.
+
+    Raises:
+        BadSetting: it has none (``train-svm --bbox`` trains them), naming ``svm_folder``.
+    """
+    if bbox and model.regressor is None:
+        raise BadSetting("bbox", f"{svm_folder or 'the model'} has no box regressors: train it with --bbox, or drop --bbox")
 
 
 def prepare_scorer(model: Scorer, settings: DetectSettings) -> Scorer:
@@ -203,33 +228,44 @@ def prepare_scorer(model: Scorer, settings: DetectSettings) -> Scorer:
 
 def run_detect(
     cache_folder: Path | str,
+    svm_folder: Path | str,
     out: Path | str,
-    model: Scorer,
-    settings: DetectSettings,
+    settings: DetectSettings = DetectSettings(),
     *,
-    model_key: str,
-    model_folder: Path | str | None = None,
     device: torch.device | str = "cpu",
     force: bool = False,
     progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
     shard: tuple[int, int] = (1, 1),
+    model: Scorer | None = None,
 ) -> DetectSummary:
-    """Detect on every image of the extract cache ``cache_folder``; per-image results in ``out``.
+    """Detect on every image of the extract cache ``cache_folder`` with the model of the
+    train-svm folder ``svm_folder``; per-image results in ``out``.
 
     Args:
-        model_key: identifies the model (its train-svm manifest key), for the manifest.
-        model_folder: the train-svm folder, recorded in ``model.json`` (``combine`` finds
-            the model's calibration through it).
+        svm_folder: the train-svm folder: its manifest key keys ``out`` (with the cache's),
+            and ``model.json`` records it (``combine`` finds the model's calibration there).
+        model: ``svm_folder``'s model, already loaded (``svm.train.load_svm``), for callers
+            that score with it several times; default: loaded here, on ``device``.
         shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...`` of the
             cache (in id order); the n shards may run at once into ``out``. The run that
             finds every image done writes the result files (:func:`write_result_files`).
 
     Raises:
         SettingsChanged: ``out`` holds other detections and ``force`` is false.
-        ValueError: the model's features do not fit the cache.
+        BadSetting: box regression asked of a model trained without it (``bbox``).
+        ValueError: the cache holds no image, or the model's features do not fit it.
     """
+    if model is None:
+        from svm.train import load_svm
+
+        model = load_svm(svm_folder, device)
+    model_key = source_key(Path(svm_folder))
+    check_box_regression(model, settings.bbox, svm_folder)
     out = Path(out)
     cache = FeatureCache(cache_folder)
+    if not cache.image_ids:
+        raise ValueError(f"detect: {cache_folder} holds no images, nothing to detect: was every image of its "
+                         "extract skipped as bad? (rerun extract without --skip-bad to see why)")
     expected = model.pooled_dim
     if expected != cache.feature_dim:
         raise ValueError(
@@ -252,23 +288,24 @@ def run_detect(
     summary = DetectSummary(skipped=skipped, image_set=cache.manifest["config"].get("image_set", "test"))
     start = time.perf_counter()
     buffer = PoolBuffer()
-    for image_id in progress(todo) if progress else todo:
-        t0 = time.perf_counter()
-        image = cache.load(image_id)
-        summary.timings["decode"] += time.perf_counter() - t0
-        boxes, scores, labels, timings = detect_image(image, model, settings, device, buffer)
-        for name, seconds in timings.items():
-            summary.timings[name] += seconds
-        write_image_detections(out, image_id, boxes.numpy(), scores.numpy(), labels.numpy())
-        summary.done += 1
-        summary.detections += len(scores)
+    device = canonical_device(device)
+    waited = Waited()  # decode: time spent waiting for the next image's maps
+    with closing(read_ahead(todo, lambda i: cache.load(i).to(device), background=reads_ahead(device),
+                            waited=waited)) as images:
+        for image_id in progress(todo) if progress else todo:  # the bar counts images done, not read
+            _, image = next(images)
+            boxes, scores, labels, timings = detect_image(image, model, settings, device, buffer)
+            for name, seconds in timings.items():
+                summary.timings[name] += seconds
+            write_image_detections(out, image_id, boxes.numpy(), scores.numpy(), labels.numpy())
+            summary.done += 1
+            summary.detections += len(scores)
+    summary.timings["decode"] = waited.seconds
     summary.seconds = time.perf_counter() - start
     summary.pending = sum(not path_of(i).is_file() for i in cache.image_ids)  # after our last write
     if not summary.pending:
-        info = {"classes": list(model.classes), "image_set": summary.image_set}
-        if model_folder is not None:
-            info["svm"] = str(Path(model_folder).resolve())
-            info["untrained_classes"] = untrained_classes(model_folder)
+        info = {"classes": list(model.classes), "image_set": summary.image_set, "svm": str(Path(svm_folder).resolve()),
+                "untrained_classes": untrained_classes(svm_folder)}
         result_ids = read_result_ids(cache_folder)  # a COCO dataset's own ids, recorded by extract
         if result_ids is not None:
             info["result_ids"] = result_ids.to_json()

@@ -34,17 +34,17 @@ from spp_detect.backbones import (
     resolve_normalization,
 )
 from spp_detect.boxes import mirror_boxes
+from spp_detect.background_io import WriteBehind, reads_ahead
 from spp_detect.cache import FORMAT_VERSION, cached_file_problem, record_image_paths, write_cached_image
 from spp_detect.datasets.result_ids import ResultIds, record_result_ids
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.images import ImageReadError
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import open_stage, settings_config
+from spp_detect.stage_dir import BadSetting, open_stage, settings_config
 from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
 __all__ = [
-    "BadSetting",
     "ExtractSummary",
     "assign_windows",
     "EXTRACT_MODES",
@@ -57,15 +57,6 @@ log = logging.getLogger(__name__)
 
 #: ``spp``: the paper's shared conv maps; ``crop-warp``: R-CNN's per-window forward (baseline).
 EXTRACT_MODES: tuple[str, ...] = ("spp", "crop-warp")
-
-
-class BadSetting(ValueError):
-    """A setting cannot work (weights that do not fit the backbone, a scale too small for
-    it); ``setting`` names it (``"weights"``, ``"scales"``, ``"levels"``)."""
-
-    def __init__(self, setting: str, message: str) -> None:
-        super().__init__(message)
-        self.setting = setting
 
 
 def assign_windows(
@@ -114,7 +105,7 @@ class ExtractSettings:
         flip: cache the left-right mirror of every image, with its ground truth and
             proposals mirrored (:func:`spp_detect.boxes.mirror_boxes`), under the same
             image ids. The release fine-tunes on flipped images as well as the originals
-            (``flip_finetune = true``, FACTS 1.6) and trains the SVMs without them: give a
+            (``flip_finetune = true``, docs/sources.md 1.6) and trains the SVMs without them: give a
             flipped cache to ``finetune`` beside the plain one (``--cache A --cache A-flip``).
     """
 
@@ -263,48 +254,51 @@ def run_extract(
     norm = resolve_normalization(backbone, weights, settings.input_norm)
     _check_smallest_scale(trunk, norm, backbone, settings.crop_size if settings.mode == "crop-warp" else min(settings.scales), device)
     start = time.perf_counter()
-    for image in progress(todo) if progress else todo:
-        try:
-            pixels = load_image_rgb(image.path, (image.width, image.height))
-        except ImageReadError as exc:
-            if not skip_bad:
-                raise
-            log.warning("%s (skipped)", exc)
-            summary.bad.append(exc)
-            continue
-        height, width = pixels.shape[:2]
-        boxes = torch.cat([torch.tensor(image.boxes), torch.tensor(proposals[image.image_id])])  # [N, 4] GT first
-        if settings.flip:
-            pixels = np.ascontiguousarray(pixels[:, ::-1])
-            boxes = mirror_boxes(boxes, width)
-        is_gt = torch.arange(len(boxes)) < len(image.boxes)
-        if settings.mode == "spp":
-            maps = conv_maps(trunk, norm, pixels, settings.scales, device)
-            scale_index, cells = assign_windows(
-                boxes, width, height, settings.scales, spec, [tuple(m.shape[1:]) for m in maps]
-            )
-        else:
-            tiled, cells = crop_warp_maps(trunk, norm, pixels, boxes, settings.crop_size, settings.context_pad, device)
-            maps, scale_index = [tiled], torch.zeros(len(boxes), dtype=torch.int64)
-        summary.bytes_written += write_cached_image(
-            Path(out) / f"{image.image_id}.npz",
-            stage.key,
-            width,
-            height,
-            boxes,
-            is_gt,
-            scale_index,
-            cells,
-            maps,
-            gt_labels=torch.tensor(image.labels, dtype=torch.int64),
-            gt_difficult=torch.tensor(image.difficult, dtype=torch.bool),
-        )
-        summary.done += 1
-        summary.windows += len(boxes)
-        summary.image_ids.append(image.image_id)
+    with WriteBehind(background=reads_ahead(device)) as writes:  # on a GPU: compress beside the next conv pass
+        for image in progress(todo) if progress else todo:
+            if _extract_image(image, proposals[image.image_id], trunk, norm, spec, settings, device, stage.key, out,
+                              writes, summary, skip_bad):
+                summary.done += 1
+                summary.image_ids.append(image.image_id)
+    summary.bytes_written = sum(writes.results)
     summary.seconds = time.perf_counter() - start
     record_sidecars()
     return summary
+
+
+def _extract_image(image: VOCImage, image_proposals: np.ndarray, trunk: nn.Module, norm: Normalization, spec: BackboneSpec,
+                   settings: ExtractSettings, device: torch.device, key: str, out: Path, writes: WriteBehind,
+                   summary: ExtractSummary, skip_bad: bool) -> bool:
+    """One image's windows (``image.boxes`` ground truth first, then ``image_proposals``
+    ``np.ndarray[M, 4]``, 0-based xyxy) and conv maps, handed to ``writes`` for its cache
+    file; False when the image cannot be read and ``skip_bad`` (listed in ``summary.bad``)."""
+    try:
+        pixels = load_image_rgb(image.path, (image.width, image.height))
+    except ImageReadError as exc:
+        if not skip_bad:
+            raise
+        log.warning("%s (skipped)", exc)
+        summary.bad.append(exc)
+        return False
+    height, width = pixels.shape[:2]
+    boxes = torch.cat([torch.tensor(image.boxes), torch.tensor(image_proposals)])  # [N, 4] GT first
+    if settings.flip:
+        pixels = np.ascontiguousarray(pixels[:, ::-1])
+        boxes = mirror_boxes(boxes, width)
+    is_gt = torch.arange(len(boxes)) < len(image.boxes)
+    if settings.mode == "spp":
+        maps = conv_maps(trunk, norm, pixels, settings.scales, device)
+        scale_index, cells = assign_windows(
+            boxes, width, height, settings.scales, spec, [tuple(m.shape[1:]) for m in maps]
+        )
+    else:
+        tiled, cells = crop_warp_maps(trunk, norm, pixels, boxes, settings.crop_size, settings.context_pad, device)
+        maps, scale_index = [tiled], torch.zeros(len(boxes), dtype=torch.int64)
+    writes.submit(write_cached_image, Path(out) / f"{image.image_id}.npz", key, width, height, boxes, is_gt,
+                  scale_index, cells, maps, torch.tensor(image.labels, dtype=torch.int64),
+                  torch.tensor(image.difficult, dtype=torch.bool))
+    summary.windows += len(boxes)
+    return True
 
 
 @torch.inference_mode()

@@ -35,7 +35,7 @@ __all__ = [
 ]
 
 #: Features are scaled so that their mean L2 norm is 20 (``spp_feature_stats.m``,
-#: ``spp_scale_features.m``; R-CNN ``rcnn_feature_stats.m``; FACTS 1.7).
+#: ``spp_scale_features.m``; R-CNN ``rcnn_feature_stats.m``; docs/sources.md 1.7).
 TARGET_NORM: float = 20.0
 #: The mean norm is estimated on up to 200 random images x 200 random windows, seed fixed
 #: (``spp_feature_stats.m:40-41``).

@@ -13,6 +13,9 @@ import torch
 from click.testing import CliRunner
 
 import cli
+import spp_detect.detect
+import spp_detect.extract
+import spp_detect.finetune
 from proposals.run import ProposalSettings
 from spp_detect.cache import FeatureCache
 from spp_detect.commands.options import pick_device
@@ -130,6 +133,18 @@ def stages(voc_root, tmp_path_factory):
         export_model(out / "svm", out / "feat", out / "model", weights=SQUEEZENET_FILE,
                      proposals=ProposalSettings(max_pixels=60_000, max_boxes=60))
         _run("predict", "--model", out / "model", photos, "--threshold", "-1", *device, "--out", out / "pred")
+    # the GPU data path (read ahead, write behind, decoded maps kept between rounds), forced on the CPU
+    out = folders["background"] = root / "background"
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (spp_detect.extract, spp_detect.detect, spp_detect.finetune):
+            patch.setattr(module, "reads_ahead", lambda device: True)
+        patch.setattr(spp_detect.finetune, "store_budget", lambda device: 1 << 40)
+        _run("extract", *voc, "--proposals", root / "ss", "--weights", SQUEEZENET_FILE, "--scales", 240, "--out", out / "feat")
+        _run("finetune", "--cache", out / "feat", "--out", out / "head", "--fc-dim", 32, "--iterations", 20,
+             "--round-iterations", 10, "--batch-size", 32)
+        _run("train-svm", "--cache", out / "feat", "--head", out / "head", "--features", "fc7", "--bbox", "--C", 0.1,
+             "--out", out / "svm")
+        _run("detect", "--cache", out / "feat", "--svm", out / "svm", "--bbox", "--out", out / "dets")
     return folders
 
 
@@ -154,6 +169,17 @@ def test_stages_with_cpu0_give_the_files_of_cpu(stages):
         _same_files(a / dets, b / dets, "detections.json")
     _same_files(a / "pred", b / "pred", "detections.json")
     assert len(_same_files(a / "pred", b / "pred", "*.png")) == 2
+
+
+def test_the_gpu_data_path_forced_on_the_cpu_gives_the_files_of_the_cpu_path(stages):
+    """extract writing behind, finetune keeping decoded maps between rounds and reading ahead,
+    detect reading ahead (what CUDA does) give the bytes of the in-turn CPU path."""
+    a, b = stages["cpu"], stages["background"]
+    assert len(_same_files(a / "feat", b / "feat", "0*.npz")) == 3
+    _same_files(a / "head", b / "head", "head.npz")
+    _same_files(a / "svm", b / "svm", "*.npz")
+    _same_files(a / "dets", b / "dets", "0*.npz")
+    _same_files(a / "dets", b / "dets", "detections.json")
 
 
 def test_library_calls_take_any_spelling_of_the_buffers_device(stages):
