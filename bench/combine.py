@@ -31,8 +31,6 @@ from spp_detect.combine import CalibrateSettings, CombineSettings, run_calibrate
 from spp_detect.datasets.voc import VOC_CLASSES
 from spp_detect.detect import DetectSettings
 from spp_detect.device import resolve_device
-from spp_detect.stage_dir import read_manifest
-from svm.train import load_svm
 
 #: backbone -> the column name its folders carry (SqueezeNet's is bench.detection's own)
 MODELS = {"squeezenet1_0": "1-scale", "mobilenet_v2": "1-scale-mobilenet_v2"}
@@ -67,10 +65,9 @@ def main() -> None:
         head = bench.head(train, recipe, column, flipped) if layer != "pool" else None
         cells[backbone] = cell = bench.row(train, head, test, test_images, args.row, column)
         svm = args.work / cell["svm_folder"]
-        model, model_key = load_svm(svm, device), read_manifest(svm)["key"]
         t0 = time.perf_counter()
-        calibration = run_calibrate(train, model, svm / "calibration", CalibrateSettings(detect=DetectSettings(bbox=bbox)),
-                                    model_key=model_key, device=device)
+        calibration = run_calibrate(train, svm, svm / "calibration", CalibrateSettings(detect=DetectSettings(bbox=bbox)),
+                                    device=device)
         cell["calibrate_seconds"] = None if calibration.already_done else time.perf_counter() - t0
         folders.append(args.work / cell["detections_folder"])
         print(f"{backbone:>14} {args.row}: mAP {100 * cell['map']:5.1f}", flush=True)

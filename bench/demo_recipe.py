@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import torch
 
 from bench.common import add_device_option, machine, write_json
 from bench.detection import RECIPE, Bench, Recipe, _train_caches
@@ -38,12 +37,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-images", type=int, default=TRAIN_IMAGES)
     parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--windows", type=int, default=None,
+                        help="only the first K proposals of each image (best first), training and validation")
+    parser.add_argument("--fc-dim", type=int, default=RECIPE.finetune.fc_dim)
+    parser.add_argument("--iterations", type=int, default=RECIPE.finetune.iterations)
+    parser.add_argument("--no-flip", action="store_true", help="fine-tune without the mirrored images")
     add_device_option(parser)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    recipe, limit = RECIPE, None
+    limit = None
+    recipe = Recipe(replace(RECIPE.finetune, fc_dim=args.fc_dim, iterations=args.iterations,
+                            lr_steps=(round(args.iterations * 0.75),)), flip=not args.no_flip)
     if args.smoke:
         limit, args.train_images = 2, 2
         recipe = Recipe(replace(RECIPE.finetune, fc_dim=64, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
@@ -52,13 +58,15 @@ def main() -> None:
     bench = Bench(args.work, resolve_device(args.device), limit, 2, None)
     start = time.perf_counter()
     val_images = bench.images(*VALIDATION)
-    val = bench.cache("1-scale", "spp", (688,), *VALIDATION)
-    train, flipped = _train_caches(bench, "1-scale", "spp", (688,), (TRAIN,), recipe, limit=args.train_images)
+    val = bench.cache("1-scale", "spp", (688,), *VALIDATION, windows=args.windows)
+    train, flipped = _train_caches(bench, "1-scale", "spp", (688,), (TRAIN,), recipe, limit=args.train_images,
+                                   windows=args.windows)
     rows = args.rows.split(",")
-    head = bench.head(train, recipe, f"demo{args.train_images}", flipped) if any(r != "pool" for r in rows) else None
+    tag = f"demo{args.train_images}" + (f"-w{args.windows}" if args.windows else "")
+    head = bench.head(train, recipe, tag, flipped) if any(r != "pool" for r in rows) else None
     cells = {}
     for row in rows:
-        cells[row] = bench.row(train, head if row != "pool" else None, val, val_images, row, f"demo{args.train_images}")
+        cells[row] = bench.row(train, head if row != "pool" else None, val, val_images, row, tag)
         print(f"{row:>9}: validation mAP {100 * cells[row]['map']:5.1f}, train-svm {cells[row]['train_svm_seconds'] or 0:.0f} s",
               flush=True)
     best = max(cells, key=lambda r: cells[r]["map"])
@@ -66,7 +74,8 @@ def main() -> None:
         "machine": machine(), "smoke": args.smoke, "recipe": {"finetune": asdict(recipe.finetune), "flip": recipe.flip},
         "setting": (f"train on the first {len(bench.images(*TRAIN, limit=args.train_images))} images of {'/'.join(TRAIN)}"
                     f" (+ mirrors for the head), validate on {'/'.join(VALIDATION)} ({len(val_images)} images), "
-                    "1 scale (688), every window"),
+                    f"1 scale (688), {f'the first {args.windows} windows' if args.windows else 'every window'}"),
+        "windows_per_image": args.windows,
         "rows": cells, "map": {r: c["map"] for r, c in cells.items()}, "best": best,
         "stage_seconds": bench.times, "wall_seconds": time.perf_counter() - start,
     }

@@ -60,7 +60,6 @@ from spp_detect.extract import ExtractSettings, crop_warp_maps, run_extract
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.spp import PAPER_LEVELS, _pool_roi, spatial_pyramid_pool
-from spp_detect.stage_dir import read_manifest
 from spp_detect.window_features import PoolBuffer, distinct_windows, window_scores
 from spp_detect.windows import PAPER_SCALES
 from svm.train import SVMSettings, load_svm, run_train_svm
@@ -162,8 +161,7 @@ def main() -> None:
             extract = summary.seconds / summary.done
             det_dir = work / f"dets-{name}-{count_name}"
             shutil.rmtree(det_dir, ignore_errors=True)
-            det = run_detect(cache_dir, det_dir, model, DetectSettings(bbox=True),
-                             model_key=read_manifest(model_dir)["key"], device=device)
+            det = run_detect(cache_dir, model_dir, det_dir, DetectSettings(bbox=True), device=device, model=model)
             per = {k: v / det.done for k, v in det.timings.items()}
             total = det.seconds / det.done
             fc, distinct = _bare_fc(FeatureCache(cache_dir), head, device)
@@ -176,8 +174,8 @@ def main() -> None:
             if count_name == "padded":  # the same, with detect --precision bf16 (fc6 + fc7 in bfloat16)
                 bf16_dir = work / f"dets-{name}-{count_name}-bf16"
                 shutil.rmtree(bf16_dir, ignore_errors=True)
-                low = run_detect(cache_dir, bf16_dir, model, DetectSettings(bbox=True, precision="bf16"),
-                                 model_key=read_manifest(model_dir)["key"], device=device)
+                low = run_detect(cache_dir, model_dir, bf16_dir, DetectSettings(bbox=True, precision="bf16"), device=device,
+                                 model=model)
                 low_per = {k: v / low.done for k, v in low.timings.items()}
                 low_total = low.seconds / low.done
                 res[f"detect_s_{name}_bf16"] = {**low_per, "total": low_total}

@@ -59,7 +59,7 @@ from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.stage_dir import read_manifest
 from spp_detect.windows import PAPER_SCALES
-from svm.train import SVMSettings, load_svm, run_train_svm
+from svm.train import SVMSettings, run_train_svm
 
 #: column -> (extract mode, scales)
 COLUMNS = {"1-scale": ("spp", (688,)), "5-scale": ("spp", PAPER_SCALES)}
@@ -179,7 +179,7 @@ class Bench:
         t0 = time.perf_counter()
         summary = run_proposals(images, folder, ProposalSettings(), {"dataset": dataset, "image_set": image_set},
                                 workers=self.workers)
-        if summary.computed:
+        if summary.done:
             self.times[f"proposals {dataset} {image_set}"] = time.perf_counter() - t0
         boxes = load_proposals(folder, [im.image_id for im in images])
         key = read_manifest(folder)["key"]
@@ -244,11 +244,9 @@ class Bench:
             summary = run_train_svm(caches, svm_dir, svm_settings, head_folder=None if layer == "pool" else head,
                                     device=self.device)
         train_s = None if summary.already_done else time.perf_counter() - t0
-        model = load_svm(svm_dir, self.device)
         det_dir = self.work / f"dets-{tag}-{row.replace(' ', '')}-C{C_factor:g}-{head_tag}-{test_cache.name}"
         t0 = time.perf_counter()
-        det = run_detect(test_cache, det_dir, model, DetectSettings(bbox=bbox), model_key=read_manifest(svm_dir)["key"],
-                         model_folder=svm_dir, device=self.device)
+        det = run_detect(test_cache, svm_dir, det_dir, DetectSettings(bbox=bbox), device=self.device)
         detect_s = (time.perf_counter() - t0) / det.done if det.done else None
         evaluation = evaluate_folder(det_dir, test_images)
         return {

@@ -79,13 +79,13 @@ def main(argv: list[str] | None = None) -> dict:
         "num_images": len(images),
         **asdict_settings(settings),
         "workers": summary.workers,
-        "computed": summary.computed,
+        "computed": summary.done,
         "num_objects": table["num_objects"],
         "recall": table["recall"],
         "mean_boxes_per_image": float(np.mean(counts)),
         "seconds_per_image_per_worker": summary.seconds_per_image_per_worker,
         "wall_seconds": wall,
-        "wall_seconds_per_image_x_workers": wall * summary.workers / max(summary.computed, 1),
+        "wall_seconds_per_image_x_workers": wall * summary.workers / max(summary.done, 1),
         "platform": f"{platform.processor() or platform.machine()}, python {platform.python_version()}",
     }
     print_table(result)

@@ -61,7 +61,7 @@ def main() -> None:
         settings = dataclasses.replace(settings_from_config(DetectSettings, recorded), precision=args.precision)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            summary = run_detect(caches[config["cache"]], tmp, model, settings, model_key=config["model"], device=device)
+            summary = run_detect(caches[config["cache"]], models[config["model"]], tmp, settings, device=device, model=model)
             stored = sorted(det.glob("*.npz"))
             differ = [p.name for p in stored if not _same(p, Path(tmp) / p.name)]
             entry = {"images": len(stored), "differing_images": differ, "identical": not differ,
@@ -95,9 +95,7 @@ def _smoke_work(work: Path, device: torch.device) -> None:
         run_extract(images, windows, work / f"feat-{split}", settings, proposals_key="grid-30", image_set=split,
                     device=device)
     run_train_svm([work / "feat-trainval"], work / "svm-pool", SVMSettings(layer="pool", C=0.1), device=device)
-    model_key = read_manifest(work / "svm-pool")["key"]
-    run_detect(work / "feat-test", work / "dets-pool", load_svm(work / "svm-pool", device), DetectSettings(), model_key=model_key,
-               device=device)
+    run_detect(work / "feat-test", work / "svm-pool", work / "dets-pool", DetectSettings(), device=device)
 
 
 def _grid(width: int, height: int) -> np.ndarray:

@@ -43,9 +43,8 @@ from spp_detect.detect import DetectSettings, run_detect
 from spp_detect.device import resolve_device
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
-from spp_detect.stage_dir import read_manifest
 from spp_detect.windows import PAPER_SCALES
-from svm.train import SVMSettings, load_svm, run_train_svm
+from svm.train import SVMSettings, run_train_svm
 
 DATASETS = {"voc2007": {"train": 5011, "test": 4952}, "coco": {"train": 118287, "test": 5000}}
 DEVICES = (1, 2, 4, 8, 32)
@@ -114,8 +113,7 @@ def main() -> None:
     sync()
     per_image["train_svm_fc7"] = summary.seconds / len(images)
     print(f"train-svm: {per_image['train_svm_fc7']:.3f} s/image")
-    model = load_svm(svm, device)
-    dets = run_detect(cache, work / "dets", model, DetectSettings(), model_key=read_manifest(svm)["key"], device=device)
+    dets = run_detect(cache, svm, work / "dets", DetectSettings(), device=device)
     sync()
     per_image["detect_fc7"] = dets.seconds / dets.done
     print(f"detect: {per_image['detect_fc7']:.3f} s/image")

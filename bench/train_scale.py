@@ -162,12 +162,10 @@ def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path, devic
     from spp_detect.datasets import read_voc
     from spp_detect.datasets.voc import VOC_CLASSES
     from spp_detect.detect import DetectSettings, load_detections, run_detect
-    from spp_detect.stage_dir import read_manifest
     from svm.train import load_svm
 
     model = load_svm(svm_dir, device)
-    run_detect(test_cache, out, model, DetectSettings(bbox=model.regressor is not None),
-               model_key=read_manifest(svm_dir)["key"], device=device)
+    run_detect(test_cache, svm_dir, out, DetectSettings(bbox=model.regressor is not None), device=device, model=model)
     ids = set(FeatureCache(test_cache).image_ids)
     images = [im for im in read_voc(voc_root, "test") if im.image_id in ids]
     per_class = load_detections(out, VOC_CLASSES)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import multiprocessing
-import os
 import time
 from collections.abc import Sequence
 from contextlib import closing
@@ -130,8 +129,8 @@ class ProposalsSummary:
 
     out: Path
     images: int = 0
-    computed: int = 0
-    already_done: int = 0
+    done: int = 0
+    skipped: int = 0  # images whose proposals were already in the folder
     bad: list[BadImageError] = field(default_factory=list)
     boxes_per_image: float = 0.0
     seconds: float = 0.0
@@ -144,7 +143,7 @@ class ProposalsSummary:
         """One line for the command line."""
         text = (
             (f"shard {self.shard[0]}/{self.shard[1]}: " if self.shard[1] > 1 else "")
-            + f"{self.images} images -> {self.out}: {self.computed} {self.action}, {self.already_done} already done, "
+            + f"{self.images} images -> {self.out}: {self.done} {self.action}, {self.skipped} already done, "
             f"{len(self.bad)} bad; {self.boxes_per_image:.1f} boxes/image; {self.seconds:.1f} s"
         )
         if self.seconds_per_image_per_worker:
@@ -229,18 +228,18 @@ def run_proposals(
     if len(set(ids)) != len(ids):
         raise ValueError("run_proposals: image ids repeat")
     stage = open_stage(out, STAGE, config, force=force, shard=shard)
-    pending, already_done, _ = stage.todo(images, lambda image: boxes_path(out, image.image_id))
+    pending, skipped, _ = stage.todo(images, lambda image: boxes_path(out, image.image_id))
     images, ids = stage.mine(images), stage.mine(ids)
     todo = [_Task(image.image_id, str(image.path), int(image.width), int(image.height), str(out), settings)
             for image in pending]
-    summary = ProposalsSummary(out=out, images=len(images) + len(bad or []), already_done=already_done, workers=workers,
+    summary = ProposalsSummary(out=out, images=len(images) + len(bad or []), skipped=skipped, workers=workers,
                                shard=shard, bad=list(bad or []))
     log.info("proposals: %d images, %d to compute, %d workers, %s", len(images), len(todo), workers, config)
 
     from tqdm import tqdm
 
     worker_seconds = 0.0
-    bar = tqdm(total=len(images), initial=summary.already_done, unit="img", desc="proposals", disable=not progress)
+    bar = tqdm(total=len(images), initial=summary.skipped, unit="img", desc="proposals", disable=not progress)
     with bar, closing(_results(todo, workers)) as results:
         for result in results:
             bar.update(1)
@@ -251,14 +250,14 @@ def run_proposals(
                 log.warning("%s (skipped)", error)
                 summary.bad.append(error)
                 continue
-            summary.computed += 1
+            summary.done += 1
             worker_seconds += result.seconds
             bar.set_postfix(boxes=result.num_boxes, refresh=False)
 
     counts = [_num_rows(boxes_path(out, i)) for i in ids if boxes_path(out, i).is_file()]
     summary.boxes_per_image = float(np.mean(counts)) if counts else 0.0
     summary.seconds = time.perf_counter() - start
-    summary.seconds_per_image_per_worker = worker_seconds / summary.computed if summary.computed else 0.0
+    summary.seconds_per_image_per_worker = worker_seconds / summary.done if summary.done else 0.0
     return summary
 
 
@@ -306,10 +305,10 @@ def import_proposals(source: Path, out: Path, *, force: bool = False) -> Proposa
     summary = ProposalsSummary(out=out, images=len(proposals), action="imported")
     for image_id, boxes in proposals.items():
         if _finished(boxes_path(out, image_id)):
-            summary.already_done += 1
+            summary.skipped += 1
         else:
             write_boxes(out, image_id, boxes)
-            summary.computed += 1
+            summary.done += 1
     counts = [len(boxes) for boxes in proposals.values()]
     summary.boxes_per_image = float(np.mean(counts)) if counts else 0.0
     summary.seconds = time.perf_counter() - start

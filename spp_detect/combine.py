@@ -35,6 +35,7 @@ from spp_detect.detect import (
     NMS_THRESHOLD,
     DetectSettings,
     Scorer,
+    check_box_regression,
     detect_image,
     load_detections,
     write_image_detections,
@@ -267,28 +268,46 @@ class CalibrateSummary:
     seconds: float = 0.0
     already_done: bool = False
 
+    def describe(self, out: Path | str) -> str:
+        """The lines a command prints (the second, if any, names the classes left unfitted)."""
+        fitted = len(self.detections) - len(self.unfitted)
+        again = " (already fitted; --force refits)" if self.already_done else ""
+        text = f"calibrate: {sum(self.detections.values())} training detections, {fitted} classes fitted{again} -> {out}"
+        if self.unfitted:
+            text += f"\n  too few correct or wrong detections to fit {', '.join(self.unfitted)}: sigmoid(score) used"
+        return text
+
 
 def run_calibrate(
     cache_folders: Sequence[Path | str],
-    model: Scorer,
+    svm_folder: Path | str,
     out: Path | str,
     settings: CalibrateSettings = CalibrateSettings(),
     *,
-    model_key: str,
     device: torch.device | str = "cpu",
     force: bool = False,
     progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+    model: Scorer | None = None,
 ) -> CalibrateSummary:
-    """Fit ``model``'s calibration on the training caches into the stage folder ``out``
-    (``calibration.npz``, ``calibration.json``); a finished folder is reused unless ``force``.
+    """Fit the calibration of the model of the train-svm folder ``svm_folder`` on the
+    training caches into the stage folder ``out`` (``calibration.npz``,
+    ``calibration.json``); a finished folder is reused unless ``force``.
 
     Args:
         cache_folders: extract caches of the model's *training* images (never the test set).
-        model_key: the model's train-svm manifest key (keys the folder; ``combine`` checks it).
+        svm_folder: the train-svm folder; its manifest key keys ``out`` (``combine`` checks it).
+        model: its model, already loaded (``svm.train.load_svm``); default: loaded here.
 
     Raises:
         SettingsChanged: ``out`` holds another calibration and ``force`` is false.
+        BadSetting: box regression asked of a model trained without it (``bbox``).
     """
+    if model is None:
+        from svm.train import load_svm
+
+        model = load_svm(svm_folder, device)
+    check_box_regression(model, settings.detect.bbox, svm_folder)
+    model_key = source_key(Path(svm_folder))
     out = Path(out)
     caches = [FeatureCache(folder) for folder in cache_folders]
     config = {**settings_config(settings), "caches": [c.key for c in caches], "model": model_key}

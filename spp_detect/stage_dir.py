@@ -59,6 +59,7 @@ T = TypeVar("T")
 from spp_detect import __version__
 
 __all__ = [
+    "BadSetting",
     "DamagedFile",
     "StageDir",
     "open_stage",
@@ -92,6 +93,17 @@ _PROCESS_START = time.time()
 
 class SettingsChanged(RuntimeError):
     """A stage folder holds results computed with other settings."""
+
+
+class BadSetting(ValueError):
+    """A setting cannot work with the stage's inputs (weights that do not fit the backbone, a
+    scale too small for it, box regression asked of a model trained without it); ``setting``
+    names it as the command line spells it without dashes (``"weights"``, ``"bbox"``), so
+    the command names the option."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 class DamagedFile(ValueError):

@@ -19,7 +19,7 @@ from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.model import ModelError, PredictSettings, coco_results, export_model, load_model, run_predict
 from spp_detect.stage_dir import read_manifest, source_key
-from svm.train import SVMSettings, load_svm, run_train_svm
+from svm.train import SVMSettings, run_train_svm
 from tests.conftest import SQUEEZENET_FILE
 from tests.test_own_data import _proposals
 
@@ -63,8 +63,7 @@ def through_cache(trained, photos, tmp_path_factory):
     boxes = load_proposals(out / "props", [im.image_id for im in data.images])
     run_extract(data.images, boxes, out / "cache", settings, proposals_key=source_key(out / "props"), image_set=data.name,
                 device=torch.device("cpu"), classes=data.classes)
-    run_detect(out / "cache", out / "dets", load_svm(root / "svm"), DetectSettings(bbox=True),
-               model_key=read_manifest(root / "svm")["key"])
+    run_detect(out / "cache", root / "svm", out / "dets", DetectSettings(bbox=True))
     return out
 
 
@@ -170,8 +169,7 @@ def test_a_model_exported_with_bf16_fc_layers_predicts_as_detect_does_with_them(
     settings = DetectSettings(bbox=True, precision="bf16")
     model = load_model(export_model(root / "svm", root / "train", tmp_path / "model", weights=weights, settings=settings))
     assert model.settings == settings and model.scorer.head.fc6.weight.dtype == torch.bfloat16
-    run_detect(through_cache / "cache", tmp_path / "dets", load_svm(root / "svm"), settings,
-               model_key=read_manifest(root / "svm")["key"])
+    run_detect(through_cache / "cache", root / "svm", tmp_path / "dets", settings)
     cache = FeatureCache(through_cache / "cache")
     for image_id in ("000001", "000040"):
         cached = np.load(tmp_path / "dets" / f"{image_id}.npz")

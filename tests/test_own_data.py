@@ -18,7 +18,6 @@ from spp_detect.detect import DetectSettings, load_detections, run_detect
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.head import load_head
-from spp_detect.stage_dir import read_manifest
 from spp_detect.window_features import open_caches
 from svm.train import SVMSettings, load_svm, run_train_svm
 from tests.coco_data import RELABEL, THREE_CLASSES, image_list, write_coco
@@ -56,8 +55,7 @@ def _train_and_detect(train, test, root):
     run_finetune([root / "train"], root / "head",
                  FinetuneSettings(fc_dim=32, iterations=20, round_iterations=10, batch_size=32))
     run_train_svm([root / "train"], root / "svm", SVMSettings(layer="fc7", C=0.1, bbox=True), head_folder=root / "head")
-    model = load_svm(root / "svm")
-    run_detect(root / "test", root / "dets", model, DetectSettings(bbox=True), model_key=read_manifest(root / "svm")["key"])
+    run_detect(root / "test", root / "svm", root / "dets", DetectSettings(bbox=True))
     return root
 
 
@@ -158,7 +156,7 @@ def test_caches_with_other_class_lists_are_refused_naming_the_difference(routes,
     assert "have other class lists" in message and "extra ['animal', 'vehicle']" in message
     assert "missing ['aeroplane', 'bicycle'" in message
     with pytest.raises(ValueError, match="classes differ"):
-        run_detect(voc / "test", root / "wrong", load_svm(root / "svm"), DetectSettings(), model_key="x")
+        run_detect(voc / "test", root / "svm", root / "wrong", DetectSettings())
 
 
 def test_pooling_leaves_the_torch_thread_count_alone():

@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 
-import numpy as np
 import pytest
 from click.testing import CliRunner
 

@@ -77,7 +77,7 @@ def fresh_run(small_voc: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fresh") / "props"
     images = read_voc(small_voc, "test")
     summary = run_proposals(images, out, ProposalSettings(), {"year": "2007", "image_set": "test"}, workers=1, progress=False)
-    assert summary.computed == NUM_IMAGES and not summary.bad
+    assert summary.done == NUM_IMAGES and not summary.bad
     return out
 
 
@@ -291,7 +291,7 @@ def test_image_without_boxes_gets_empty_entry(voc_root: Path, tmp_path: Path):
     (year / "ImageSets" / "Main" / "test.txt").write_text("tiny\n")
     out = tmp_path / "props"
     summary = run_proposals(read_voc(root, "test"), out, ProposalSettings(), {}, workers=1, progress=False)
-    assert summary.computed == 1 and summary.boxes_per_image == 0
+    assert summary.done == 1 and summary.boxes_per_image == 0
     boxes = load_proposals(out)["tiny"]
     assert boxes.shape == (0, 4) and boxes.dtype == np.float32
 

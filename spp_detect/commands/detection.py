@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import click
 
@@ -76,11 +75,11 @@ def _search_proposals(out, force, exporting, voc_root, year, image_set, coco_jso
                                "(spp-detect proposals --out DIR --export-mat FILE, one process)")
     unreadable: list | None = [] if skip_bad else None
     dataset = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit, unreadable)
-    summary = run_proposals(dataset.images, out, settings_from_params(ProposalSettings, params), dataset.describe(),
+    summary = run_proposals(dataset.images, out, settings_from_params(ProposalSettings, params), dataset.manifest_identity(),
                             workers=workers, force=force, skip_bad=skip_bad, progress=not quiet(), shard=shard_kn, bad=unreadable)
     click.echo(summary.describe())
     echo_skipped(summary.bad)
-    if summary.bad and not summary.computed and not summary.already_done:
+    if summary.bad and not summary.done and not summary.skipped:
         raise nothing_done("proposals", len(summary.bad), dataset.image_folder)
     return [im.image_id for im in dataset.images if im.image_id not in {e.image_id for e in summary.bad}]
 
@@ -236,35 +235,11 @@ def detect_cmd(cache, svm_folder, out, device, force, shard, **params) -> None:
     """
     from spp_detect.detect import DetectSettings, run_detect
 
-    from spp_detect.cache import FeatureCache
-
     launch, shard_kn, torch_device = job(shard, device)
     with stage_errors():
-        if not FeatureCache(cache).image_ids:
-            raise click.ClickException(f"detect: {cache} holds no images, nothing to detect: was every image of its "
-                                       "extract skipped as bad? (rerun extract without --skip-bad to see why)")
-        model, model_key = load_model(svm_folder, torch_device, bbox=params["bbox"])
-        summary = run_detect(cache, out, model, settings_from_params(DetectSettings, params), model_key=model_key,
-                             model_folder=svm_folder, device=torch_device, force=force, progress=bar("detect"), shard=shard_kn)
-    done = (f"detect{where(shard_kn, launch)}: {summary.done} image(s) computed "
-            f"({summary.seconds / max(summary.done, 1):.2f} s/image), {summary.skipped} already done; ")
-    if summary.pending:
-        click.echo(done + f"{summary.pending} image(s) left to other shards: the last to finish writes the result "
-                   "files (or rerun detect without a launcher)")
-    else:
-        click.echo(done + f"{summary.total_detections} detections -> {out}/comp4_det_{summary.image_set}_*.txt "
-                   f"and {out}/detections.json")
-
-
-def load_model(svm_folder: Path, device, bbox: bool = False):
-    """``(model, its key)`` of a train-svm folder; ``bbox`` asks for its box regressors."""
-    from spp_detect.stage_dir import source_key
-    from svm.train import load_svm
-
-    model = load_svm(svm_folder, device)
-    if bbox and model.regressor is None:
-        raise click.BadParameter(f"{svm_folder} has no box regressors: train it with --bbox, or drop --bbox", param_hint="--bbox")
-    return model, source_key(svm_folder)
+        summary = run_detect(cache, svm_folder, out, settings_from_params(DetectSettings, params), device=torch_device,
+                             force=force, progress=bar("detect"), shard=shard_kn)
+    click.echo(summary.describe(out, where(shard_kn, launch)))
 
 
 @click.command("calibrate")
@@ -285,17 +260,11 @@ def calibrate_cmd(caches, svm_folder, out, device, force, **params) -> None:
     from spp_detect.detect import DetectSettings
 
     out = out or svm_folder / "calibration"
-    torch_device = pick_device(device)
     with stage_errors():
-        model, model_key = load_model(svm_folder, torch_device, bbox=params["bbox"])
         settings = CalibrateSettings(detect=settings_from_params(DetectSettings, params))
-        summary = run_calibrate(caches, model, out, settings, model_key=model_key, device=torch_device, force=force,
+        summary = run_calibrate(caches, svm_folder, out, settings, device=pick_device(device), force=force,
                                 progress=bar("calibrate"))
-    fitted = len(summary.detections) - len(summary.unfitted)
-    again = " (already fitted; --force refits)" if summary.already_done else ""
-    click.echo(f"calibrate: {sum(summary.detections.values())} training detections, {fitted} classes fitted{again} -> {out}")
-    if summary.unfitted:
-        click.echo(f"  too few correct or wrong detections to fit {', '.join(summary.unfitted)}: sigmoid(score) used", err=True)
+    click.echo(summary.describe(out))
 
 
 @click.command("combine")

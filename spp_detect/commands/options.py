@@ -346,7 +346,7 @@ def stage_errors(bad_input_hint: str = ""):
     except (ImageReadError, *_bad_annotation_errors()) as exc:
         raise click.ClickException(f"{message(exc)}{bad_input_hint}") from None
     except ValueError as exc:
-        if hasattr(exc, "setting"):  # extract.BadSetting
+        if hasattr(exc, "setting"):  # stage_dir.BadSetting
             raise click.BadParameter(str(exc), param_hint=f"--{exc.setting}") from None
         raise click.ClickException(message(exc)) from None
     except (SettingsChanged, FileNotFoundError, KeyError, RuntimeError) as exc:

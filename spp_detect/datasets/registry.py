@@ -61,7 +61,7 @@ class Dataset:
     beyond_limit: tuple[str, ...] = ()
     image_folder: str = ""
 
-    def describe(self) -> dict[str, str]:
+    def manifest_identity(self) -> dict[str, str]:
         """What identifies the images in a stage manifest: ``{"year", "image_set"}`` for VOC
         (as before other sources existed), ``{"dataset", "image_set"}`` otherwise."""
         if self.kind == "voc":
