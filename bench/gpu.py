@@ -104,8 +104,7 @@ def prepare(out: Path, voc_root: Path, images: int, proposals: ProposalSettings,
                         year / "Annotations" / f"{im.image_id}.xml")
     (year / "ImageSets" / "Main" / f"{IMAGE_SET}.txt").write_text("".join(f"{im.image_id}\n" for im in source))
     copied = read_voc(out, IMAGE_SET)
-    run_proposals(copied, out / "proposals", proposals, {"year": "2007", "image_set": IMAGE_SET}, workers=workers,
-                  progress=False)
+    run_proposals(copied, out / "proposals", proposals, {"year": "2007", "image_set": IMAGE_SET}, workers=workers)
     (out / "weights").mkdir(exist_ok=True)
     shutil.copyfile(weights, out / "weights" / Path(weights).name)
     meta = {"images": [im.image_id for im in copied], "source": str(voc_root), "weights": Path(weights).name,

@@ -184,7 +184,7 @@ def smoke_caches(folder: Path, voc_root: Path, device: torch.device, windows: in
     for split, count in (("trainval", 3), ("test", 2)):
         images = read_voc(voc_root, split, limit=count)
         props = folder / f"proposals-{split}"
-        run_proposals(images, props, ProposalSettings(), {"year": "2007", "image_set": split}, workers=1, progress=False)
+        run_proposals(images, props, ProposalSettings(), {"year": "2007", "image_set": split}, workers=1)
         boxes = {k: v[:windows] for k, v in load_proposals(props, [im.image_id for im in images]).items()}
         settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(688,))
         cache = folder / f"feat-{split}"

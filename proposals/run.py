@@ -27,7 +27,7 @@ from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
 from proposals.selective_search import ENGINE, MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, VOC_LONGER_SIDE, propose
 from spp_detect.distributed import cpus_per_process
 from spp_detect.images import ImageReadError, read_image
-from spp_detect.stage_dir import check_file, open_stage, open_stage_dir, settings_config, source_key
+from spp_detect.stage_dir import Progress, check_file, open_stage, open_stage_dir, settings_config, source_key, track
 
 __all__ = [
     "BadImageError",
@@ -179,7 +179,7 @@ def run_proposals(
     workers: int | None = None,
     force: bool = False,
     skip_bad: bool = False,
-    progress: bool = True,
+    progress: Progress | None = None,
     bad: Sequence[Exception] | None = None,
     shard: tuple[int, int] = (1, 1),
 ) -> ProposalsSummary:
@@ -196,7 +196,7 @@ def run_proposals(
             launched job on this machine); 1 runs in this process.
         force: recompute a folder made with other settings instead of refusing.
         skip_bad: count unreadable images in the summary instead of stopping.
-        progress: show a tqdm bar (images/s) on stderr.
+        progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), or None.
         bad: images found unusable before the run (e.g. by ``read_voc(bad=...)``),
             counted and listed in the summary.
         shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...``; the n
@@ -236,13 +236,10 @@ def run_proposals(
                                shard=shard, bad=list(bad or []))
     log.info("proposals: %d images, %d to compute, %d workers, %s", len(images), len(todo), workers, config)
 
-    from tqdm import tqdm
-
     worker_seconds = 0.0
-    bar = tqdm(total=len(images), initial=summary.skipped, unit="img", desc="proposals", disable=not progress)
-    with bar, closing(_results(todo, workers)) as results:
-        for result in results:
-            bar.update(1)
+    with closing(_results(todo, workers)) as results:
+        bar = track(progress, results, "proposals", total=len(images), initial=summary.skipped)
+        for result in bar:
             if result.error is not None:
                 error = BadImageError(Path(result.path), result.error, result.image_id)
                 if not skip_bad:
@@ -252,7 +249,8 @@ def run_proposals(
                 continue
             summary.done += 1
             worker_seconds += result.seconds
-            bar.set_postfix(boxes=result.num_boxes, refresh=False)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(boxes=result.num_boxes, refresh=False)
 
     counts = [_num_rows(boxes_path(out, i)) for i in ids if boxes_path(out, i).is_file()]
     summary.boxes_per_image = float(np.mean(counts)) if counts else 0.0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,6 +43,8 @@ from spp_detect.detect import (
 )
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import (
+    Progress,
+    track,
     MANIFEST,
     atomic_write,
     open_stage,
@@ -162,7 +164,7 @@ def fit_calibration(
     model: Scorer,
     settings: DetectSettings = DetectSettings(),
     device: torch.device | str = "cpu",
-    progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+    progress: Progress | None = None,
     correct_iou: float = CORRECT_IOU,
 ) -> tuple[ScoreCalibration, dict[str, int]]:
     """Fit one logistic map per class on the model's detections on training images.
@@ -183,7 +185,7 @@ def fit_calibration(
         if difference is not None:
             raise ValueError(f"{folder} holds other classes than the model ({difference}): calibrate on its own training caches")
         ids = cache.image_ids
-        for image_id in progress(ids) if progress else ids:
+        for image_id in track(progress, ids, "calibrate"):
             image = cache.load(image_id)
             boxes, scores, labels, _ = detect_image(image, model, settings, device)
             overlaps = class_overlaps(boxes, image.gt_boxes, image.gt_labels, len(classes))  # [K, C]
@@ -286,7 +288,7 @@ def run_calibrate(
     *,
     device: torch.device | str = "cpu",
     force: bool = False,
-    progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+    progress: Progress | None = None,
     model: Scorer | None = None,
 ) -> CalibrateSummary:
     """Fit the calibration of the model of the train-svm folder ``svm_folder`` on the

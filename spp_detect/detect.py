@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 import time
 from contextlib import closing
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +43,7 @@ from spp_detect.device import canonical_device
 from spp_detect.datasets.result_ids import ResultIds, read_result_ids
 from spp_detect.head import SPPHead, check_head_reads
 from spp_detect.background_io import Waited, read_ahead, reads_ahead
-from spp_detect.stage_dir import BadSetting, atomic_write, open_stage, settings_config, source_key, write_npz
+from spp_detect.stage_dir import BadSetting, Progress, atomic_write, open_stage, settings_config, source_key, track, write_npz
 from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
 
 __all__ = [
@@ -234,7 +234,7 @@ def run_detect(
     *,
     device: torch.device | str = "cpu",
     force: bool = False,
-    progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+    progress: Progress | None = None,
     shard: tuple[int, int] = (1, 1),
     model: Scorer | None = None,
 ) -> DetectSummary:
@@ -292,7 +292,7 @@ def run_detect(
     waited = Waited()  # decode: time spent waiting for the next image's maps
     with closing(read_ahead(todo, lambda i: cache.load(i).to(device), background=reads_ahead(device),
                             waited=waited)) as images:
-        for image_id in progress(todo) if progress else todo:  # the bar counts images done, not read
+        for image_id in track(progress, todo, "detect", initial=skipped):  # counts images done, not read
             _, image = next(images)
             boxes, scores, labels, timings = detect_image(image, model, settings, device, buffer)
             for name, seconds in timings.items():

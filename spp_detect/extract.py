@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.images import ImageReadError
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import BadSetting, open_stage, settings_config
+from spp_detect.stage_dir import BadSetting, Progress, open_stage, settings_config, track
 from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
 __all__ = [
@@ -179,7 +179,7 @@ def run_extract(
     device: torch.device,
     force: bool = False,
     shard: tuple[int, int] = (1, 1),
-    progress: Callable[[Sequence[VOCImage]], Sequence[VOCImage]] | None = None,
+    progress: Progress | None = None,
     skip_bad: bool = False,
     classes: Sequence[str] = VOC_CLASSES,
     result_ids: ResultIds | None = None,
@@ -199,7 +199,7 @@ def run_extract(
             shard 1 deletes the old files; the others wait for it).
         shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...``. The n
             shards may run at once into the same ``out`` (:mod:`spp_detect.distributed`).
-        progress: wraps the image sequence (e.g. a tqdm bar); identity if None.
+        progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), or None.
         skip_bad: skip (and list in ``summary.bad``) images that cannot be read or have no
             proposals, instead of raising.
         classes: the class names the images' ``labels`` index (the dataset's,
@@ -255,7 +255,7 @@ def run_extract(
     _check_smallest_scale(trunk, norm, backbone, settings.crop_size if settings.mode == "crop-warp" else min(settings.scales), device)
     start = time.perf_counter()
     with WriteBehind(background=reads_ahead(device)) as writes:  # on a GPU: compress beside the next conv pass
-        for image in progress(todo) if progress else todo:
+        for image in track(progress, todo, "extract", initial=skipped):
             if _extract_image(image, proposals[image.image_id], trunk, norm, spec, settings, device, stage.key, out,
                               writes, summary, skip_bad):
                 summary.done += 1

@@ -53,7 +53,7 @@ from spp_detect.conv_finetune import FC_ONLY
 from spp_detect.device import canonical_device
 from spp_detect.head import DROPOUT, SPPHead, load_head, save_head
 from spp_detect.labels import class_overlaps
-from spp_detect.stage_dir import atomic_write, open_stage_dir, settings_config
+from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, settings_config, track
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, mean_feature_norm, open_caches
 
@@ -442,7 +442,7 @@ def run_finetune(
     device: torch.device | str = "cpu",
     force: bool = False,
     stop_after: int | None = None,
-    progress: Callable[[int, int], object] | None = None,
+    progress: Progress | None = None,
     rank: int = 0,
     world_size: int = 1,
     weights: str | Path | None = None,
@@ -470,8 +470,8 @@ def run_finetune(
         force: start over even if ``out`` holds another run.
         stop_after: stop (with a checkpoint) once this many iterations are done in total,
             rounded up to a whole round; a later call resumes. For tests and time-boxed runs.
-        progress: ``progress(total, start)`` returns a tqdm-like bar (``update``,
-            ``set_postfix``, ``close``), or None for no bar (rank 0 only).
+        progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), over the
+            iterations (rank 0 only; the loss and learning rate go to its ``set_postfix``), or None.
         rank, world_size: this process's place in the data-parallel group.
         weights: the weights file the caches were extracted with, when trunk training starts
             from a file (checked by SHA-256); not needed for ``imagenet``.
@@ -545,7 +545,9 @@ def run_finetune(
         len(windows.pairs), len(windows.fg_image), len(windows.bg_image), scale, settings.train_from, rank, world_size,
     )
     end = settings.iterations if stop_after is None else min(settings.iterations, stop_after)
-    bar = progress(settings.iterations, iteration) if progress and rank == 0 else None
+    bar = track(progress if rank == 0 else None, range(iteration, end), "finetune", total=settings.iterations,
+                initial=iteration)
+    ticks = iter(bar)  # one tick per iteration started; the bar counts the ones done
     start_time = time.perf_counter()
     model.train()
     while iteration < end:
@@ -556,6 +558,7 @@ def run_finetune(
         # [loss sum, windows, fg hits, fg windows] over the round, summed over the processes at its end
         totals = torch.zeros(4, dtype=torch.float64, device=device)
         for _ in range(count):
+            next(ticks, None)
             lr = _set_lr(optimizer, settings, iteration)
             logits, labels, multiplier = training.step(model, iteration)
             loss_sum = nn.functional.cross_entropy(logits, labels, reduction="sum")
@@ -567,8 +570,7 @@ def run_finetune(
             hits = (logits.argmax(1)[fg] == labels[fg]).sum()
             totals += torch.stack([loss_sum.detach().double(), torch.tensor(float(len(labels)), device=device,
                                    dtype=torch.float64), hits.double(), fg.sum().double()])
-            if bar is not None:
-                bar.update(1)
+            if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{float(loss_sum.detach()) / max(len(labels), 1):.3f}", lr=f"{lr:g}")
         if parallel:
             dist.all_reduce(totals)
@@ -580,8 +582,8 @@ def run_finetune(
             _save_checkpoint(out, training.module, optimizer, iteration)
             atomic_write(log_path, lambda p: p.write_text(json.dumps(rounds, indent=1)))
         summary.iterations_run += count
-    if bar is not None:
-        bar.close()
+    for _ in ticks:  # the bar's last count, and its end
+        pass
     summary.seconds = time.perf_counter() - start_time
     summary.rounds = rounds
     if iteration >= settings.iterations and rank == 0:

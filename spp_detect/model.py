@@ -48,7 +48,15 @@ from spp_detect.detect import DetectSettings, detect_image, prepare_scorer, untr
 from spp_detect.extract import assign_windows
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.head import load_head, save_head
-from spp_detect.stage_dir import atomic_write, file_sha256, read_manifest, settings_config, settings_from_config
+from spp_detect.stage_dir import (
+    Progress,
+    atomic_write,
+    file_sha256,
+    read_manifest,
+    settings_config,
+    settings_from_config,
+    track,
+)
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import PoolBuffer
 from spp_detect.windows import scale_factors
@@ -392,7 +400,7 @@ def run_predict(
     settings: PredictSettings = PredictSettings(),
     *,
     skip_bad: bool = False,
-    progress=None,
+    progress: Progress | None = None,
     result_ids: ResultIds | None = None,
 ) -> PredictSummary:
     """Detect on each image and write ``<out>/<image_id>.png`` (the image with its
@@ -407,7 +415,7 @@ def run_predict(
         images: objects with ``image_id`` and ``path`` (``PlainImage`` from
             :func:`spp_detect.datasets.image_folder.read_images`).
         skip_bad: an unreadable image is listed in ``bad`` instead of stopping the run.
-        progress: wraps the image sequence (e.g. tqdm), or None.
+        progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), or None.
         result_ids: the images' COCO dataset ids (``predict --coco-json``): the json is
             written in them, and they are recorded in ``model.json``.
 
@@ -428,7 +436,7 @@ def run_predict(
         info["result_ids"] = result_ids.to_json()
     atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
     results: list[dict] = []
-    for image in progress(images) if progress else images:
+    for image in track(progress, images, "predict"):
         start = time.perf_counter()
         try:
             rgb = load_image_rgb(image.path)

@@ -52,13 +52,15 @@ import zipfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
 
 from spp_detect import __version__
 
 __all__ = [
+    "Progress",
+    "track",
     "BadSetting",
     "DamagedFile",
     "StageDir",
@@ -93,6 +95,28 @@ _PROCESS_START = time.time()
 
 class SettingsChanged(RuntimeError):
     """A stage folder holds results computed with other settings."""
+
+
+class Progress(Protocol):
+    """The one progress protocol of every stage: tqdm's call. A stage hands each of its loops
+    to :func:`track`, which calls ``progress(items, desc=..., total=..., initial=...)`` and
+    iterates over what it returns (``tqdm`` itself, or ``bar(...)`` of the command line,
+    fits); ``progress=None`` shows nothing. A loop that reports more than its count (a loss)
+    sets it with ``set_postfix`` where the returned object has one."""
+
+    def __call__(self, iterable: Iterable[T], *, desc: str, total: int | None = None, initial: int = 0) -> Iterable[T]:
+        ...
+
+
+def track(progress: Progress | None, items: Iterable[T], desc: str, total: int | None = None,
+          initial: int = 0) -> Iterable[T]:
+    """``items`` behind ``progress`` (the stage's loop named ``desc``; ``total`` items in all,
+    ``initial`` of them done before this run), or ``items`` itself without one."""
+    if progress is None:
+        return items
+    if total is None and hasattr(items, "__len__"):
+        total = len(items) + initial
+    return progress(items, desc=desc, total=total, initial=initial)
 
 
 class BadSetting(ValueError):

@@ -41,7 +41,7 @@ from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.device import canonical_device
 from spp_detect.head import FEATURE_LAYERS, SPPHead, check_head_reads, load_head
 from spp_detect.labels import class_overlaps
-from spp_detect.stage_dir import atomic_write, open_stage_dir, read_manifest, settings_config
+from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, read_manifest, settings_config, track
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, distinct_windows, mean_feature_norm, open_caches, window_features
 from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, BoxSampleStore
@@ -176,7 +176,7 @@ def run_train_svm(
     head_folder: Path | str | None = None,
     device: torch.device | str = "cpu",
     force: bool = False,
-    progress: Callable[[Sequence], Sequence] | None = None,
+    progress: Progress | None = None,
     final_problem: Callable[[int, Tensor, Tensor, Tensor, float], None] | None = None,
 ) -> SVMSummary:
     """Train the SVMs (and box regressors) of ``settings`` on the images of ``cache_folders``.
@@ -187,7 +187,7 @@ def run_train_svm(
         head_folder: a ``finetune`` folder; required for ``fc6``/``fc7`` features.
         device: where features are pooled and the head runs.
         force: start over even if ``out`` holds another model.
-        progress: ``progress(pairs, desc)`` wraps the image sequence of each pass (e.g. tqdm).
+        progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), over each pass.
         final_problem: called once per trained class after its last retraining as
             ``final_problem(class, positives Tensor[P, D], negatives Tensor[Q, D], w Tensor[D], b)``
             (float16 scaled features: the exact problem its SVM solved), e.g. to compare solvers.
@@ -351,10 +351,10 @@ def run_train_svm(
 
 
 def _lazy(
-    caches: Sequence[FeatureCache], pairs: list[tuple[int, str]], desc: str, progress: Callable | None
+    caches: Sequence[FeatureCache], pairs: list[tuple[int, str]], desc: str, progress: Progress | None
 ) -> Iterator[CachedImage]:
     """Images loaded one at a time, behind the progress wrapper."""
-    seq = progress(pairs, desc) if progress else pairs
+    seq = track(progress, pairs, desc)
     for index, image_id in seq:
         yield caches[index].load(image_id)
 

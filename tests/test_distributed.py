@@ -290,6 +290,6 @@ def test_proposals_shard_takes_every_nth_image_into_the_shared_folder(voc6, tmp_
     voc, _, ids, _ = voc6
     images = read_voc(voc, "test")[:4]
     out = tmp_path / "ss"
-    summary = run_proposals(images, out, ProposalSettings(max_boxes=50), workers=1, progress=False, shard=(4, 4))
+    summary = run_proposals(images, out, ProposalSettings(max_boxes=50), workers=1, shard=(4, 4))
     assert summary.describe().startswith(f"shard 4/4: 1 images -> {out}: 1 computed, 0 already done")
     assert [p.stem for p in out.glob("0*.npy")] == [ids[3]]

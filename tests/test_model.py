@@ -59,7 +59,7 @@ def through_cache(trained, photos, tmp_path_factory):
     root, _, settings = trained
     out = tmp_path_factory.mktemp("cache_route")
     data = open_dataset(images=[photos])
-    run_proposals(data.images, out / "props", ProposalSettings(), {"image_set": data.name}, workers=1, progress=False)
+    run_proposals(data.images, out / "props", ProposalSettings(), {"image_set": data.name}, workers=1)
     boxes = load_proposals(out / "props", [im.image_id for im in data.images])
     run_extract(data.images, boxes, out / "cache", settings, proposals_key=source_key(out / "props"), image_set=data.name,
                 device=torch.device("cpu"), classes=data.classes)

@@ -76,7 +76,7 @@ def fresh_run(small_voc: Path, tmp_path_factory) -> Path:
     """One uninterrupted run (1 worker, in process) on the small tree."""
     out = tmp_path_factory.mktemp("fresh") / "props"
     images = read_voc(small_voc, "test")
-    summary = run_proposals(images, out, ProposalSettings(), {"year": "2007", "image_set": "test"}, workers=1, progress=False)
+    summary = run_proposals(images, out, ProposalSettings(), {"year": "2007", "image_set": "test"}, workers=1)
     assert summary.done == NUM_IMAGES and not summary.bad
     return out
 
@@ -271,7 +271,7 @@ def test_corrupt_jpeg_stops_or_is_skipped(voc_root: Path, tmp_path: Path):
     assert not (out / f"{ids[0]}.npy").exists()
 
     with pytest.raises(BadImageError) as info:
-        run_proposals(read_voc(root, "test"), out, ProposalSettings(), {"year": "2007", "image_set": "test"}, workers=1, progress=False)
+        run_proposals(read_voc(root, "test"), out, ProposalSettings(), {"year": "2007", "image_set": "test"}, workers=1)
     assert info.value.path == bad_path and info.value.image_id == ids[0]
 
     result = runner.invoke(main, args + ["--skip-bad", "--export-mat", str(tmp_path / "p.mat")])
@@ -290,7 +290,7 @@ def test_image_without_boxes_gets_empty_entry(voc_root: Path, tmp_path: Path):
     )
     (year / "ImageSets" / "Main" / "test.txt").write_text("tiny\n")
     out = tmp_path / "props"
-    summary = run_proposals(read_voc(root, "test"), out, ProposalSettings(), {}, workers=1, progress=False)
+    summary = run_proposals(read_voc(root, "test"), out, ProposalSettings(), {}, workers=1)
     assert summary.done == 1 and summary.boxes_per_image == 0
     boxes = load_proposals(out)["tiny"]
     assert boxes.shape == (0, 4) and boxes.dtype == np.float32

@@ -90,12 +90,12 @@ def test_info_reports_small_object_recall_and_the_default_reaches_half_of_them(v
 def test_a_folder_made_before_the_scaled_minimum_is_continued_under_its_fixed_rule(voc_root, tmp_path):
     images = [im for im in read_voc(voc_root, "test") if max(im.width, im.height) < 500][:2]  # 000157 (400 px), ...
     out = tmp_path / "props"
-    run_proposals(images[:1], out, ProposalSettings(), {"image_set": "x"}, workers=1, progress=False)
+    run_proposals(images[:1], out, ProposalSettings(), {"image_set": "x"}, workers=1)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"].pop("min_size_reference") == 500
     manifest["key"] = config_key(manifest["config"])  # as such a folder's manifest was
     (out / "manifest.json").write_text(json.dumps(manifest))
-    summary = run_proposals(images, out, ProposalSettings(), {"image_set": "x"}, workers=1, progress=False)
+    summary = run_proposals(images, out, ProposalSettings(), {"image_set": "x"}, workers=1)
     assert (summary.done, summary.skipped) == (1, 1)
     assert json.loads((out / "manifest.json").read_text())["key"] == manifest["key"]  # the caches keyed by it stay valid
     second = images[1]

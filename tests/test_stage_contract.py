@@ -188,3 +188,58 @@ def test_every_stage_is_one_run_call_taking_out_settings_and_force():
         assert {"out", "settings"} <= set(params), stage
         assert params["force"].kind is inspect.Parameter.KEYWORD_ONLY and params["force"].default is False, stage
         assert str(params["settings"].annotation).endswith(STAGES[stage][1].__class__.__name__), stage
+
+
+def _stage_runs():
+    """Every ``run_<stage>`` with a loop to show, by stage name (predict and queries beside the
+    folder stages)."""
+    from proposals.run import run_proposals
+    from spp_detect.classification.features import run_classify_features
+    from spp_detect.classification.stages import run_train_spp_classifier
+    from spp_detect.combine import run_calibrate
+    from spp_detect.detect import run_detect
+    from spp_detect.extract import run_extract
+    from spp_detect.finetune import run_finetune
+    from spp_detect.model import run_predict
+    from spp_detect.retrieval.index import run_index
+    from spp_detect.retrieval.search import run_queries
+    from svm.train import run_train_svm
+
+    return {"proposals": run_proposals, "extract": run_extract, "finetune": run_finetune, "train-svm": run_train_svm,
+            "detect": run_detect, "calibrate": run_calibrate, "classify-features": run_classify_features,
+            "train-spp-classifier": run_train_spp_classifier, "index": run_index, "predict": run_predict,
+            "queries": run_queries}
+
+
+def test_every_stage_takes_the_one_progress_protocol():
+    """``progress`` is keyword-only, None by default (nothing shown), of the one protocol."""
+    import inspect
+
+    for stage, run in _stage_runs().items():
+        param = inspect.signature(run).parameters["progress"]
+        assert param.default is None and str(param.annotation) == "Progress | None", stage
+
+
+def test_the_progress_protocol_is_tqdms_call_and_none_shows_nothing(pipeline, tmp_path):
+    """Stages call ``progress(items, desc=..., total=..., initial=...)`` and iterate over what it
+    returns; tqdm fits it as is; a resumed loop starts at what was done."""
+    from tqdm import tqdm
+
+    from spp_detect.detect import DetectSettings, run_detect
+    from spp_detect.finetune import FinetuneSettings, run_finetune
+    from spp_detect.stage_dir import track
+
+    calls = []
+
+    def recording(items, *, desc, total=None, initial=0):
+        calls.append((desc, total, initial))
+        return tqdm(items, desc=desc, total=total, initial=initial, disable=True)
+
+    assert list(track(None, [1, 2], "x")) == [1, 2] and calls == []
+    settings = FinetuneSettings(fc_dim=16, iterations=10, round_iterations=5, batch_size=16)
+    run_finetune([pipeline / "feat"], tmp_path / "head", settings, progress=recording, stop_after=5)
+    run_finetune([pipeline / "feat"], tmp_path / "head", settings, progress=recording)  # resumes at 5
+    assert calls == [("finetune", 10, 0), ("finetune", 10, 5)]
+    calls.clear()
+    run_detect(pipeline / "feat", pipeline / "svm", tmp_path / "dets", DetectSettings(bbox=True), progress=recording)
+    assert calls == [("detect", 3, 0)]

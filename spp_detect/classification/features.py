@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from spp_detect.backbones import Normalization, build_trunk, resolve_normalization
 from spp_detect.image_trunk import load_image_rgb, prepare_trunk, resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import atomic_write, open_stage, read_manifest, settings_config
+from spp_detect.stage_dir import Progress, atomic_write, open_stage, read_manifest, settings_config, track
 
 __all__ = [
     "VIEWS",
@@ -208,7 +208,7 @@ def run_classify_features(
     device: torch.device,
     force: bool = False,
     batch_size: int = 16,
-    progress: Callable[[Iterable], Iterable] | None = None,
+    progress: Progress | None = None,
 ) -> tuple[int, int, float]:
     """Fill the stage folder ``out``: ``manifest.json``, ``images.json`` (ids, labels,
     classes) and one ``<n>.npy`` (``float32 [D]``) per image, ``n`` its list position.
@@ -232,13 +232,9 @@ def run_classify_features(
     norm = resolve_normalization(settings.backbone, settings.weights, settings.input_norm)
     start = time.perf_counter()
     pixels = (load_image_rgb(paths[n]) for n in todo)
-    bar = progress(range(len(todo))) if progress else None
-    for index, vector in image_features(trunk, norm, pixels, settings, device, batch_size):
+    features = image_features(trunk, norm, pixels, settings, device, batch_size)
+    for index, vector in track(progress, features, "classify-features", total=len(image_ids), initial=skipped):
         atomic_write(out / f"{todo[index]}.npy", lambda tmp, v=vector: np.save(tmp, v))
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
     return len(todo), len(image_ids) - len(todo), time.perf_counter() - start
 
 

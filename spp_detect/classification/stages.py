@@ -5,12 +5,14 @@ test views scored)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from spp_detect.stage_dir import Progress
 
 if TYPE_CHECKING:
     from spp_detect.classification.svm import ClassifierSettings
@@ -104,7 +106,7 @@ def run_train_classifier(features_dir: Path, out: Path, settings: ClassifierSett
 
 def run_train_spp_classifier(images: LabelledImages, out: Path, settings: TrainSettings, *, device, force: bool = False,
                              score: LabelledImages | None = None, score_set: str = "test",
-                             progress: Callable[[Iterable, int], Iterable] | None = None,
+                             progress: Progress | None = None,
                              on_epoch: Callable[[int, int, float], None] | None = None) -> list[str]:
     """Train an SPP classifier (:func:`spp_detect.classification.train.run_training`) on
     ``images`` in the stage folder ``out``; with ``score``, score those images at both test

@@ -36,7 +36,7 @@ from spp_detect.classification.features import run_by_shape, view_image
 from spp_detect.classification.model import SPPClassifier
 from spp_detect.image_trunk import resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import atomic_write, open_stage_dir, settings_config
+from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, settings_config, track
 
 __all__ = [
     "TrainSettings",
@@ -152,7 +152,7 @@ def train_epoch(
     settings: TrainSettings,
     epoch: int,
     device: torch.device,
-    progress: Callable[[Iterable, int], Iterable] | None = None,
+    progress: Progress | None = None,
 ) -> float:
     """One epoch at ``epoch_size(epoch)``; returns the mean training loss."""
     model.train()
@@ -160,7 +160,7 @@ def train_epoch(
     batches = make_batches(images, labels, settings, epoch)
     total_batches = -(-len(images) // settings.batch_size)
     losses = []
-    for pixels, target in progress(batches, total_batches) if progress else batches:
+    for pixels, target in track(progress, batches, f"train epoch {epoch + 1}", total=total_batches):
         x = norm(pixels.to(device)).contiguous(memory_format=torch.channels_last)
         loss = multilabel_loss(model(x), target.to(device))
         optimizer.zero_grad(set_to_none=True)
@@ -191,7 +191,7 @@ def run_training(
     dataset: dict[str, object] | None = None,
     force: bool = False,
     stop_after: int | None = None,
-    progress: Callable[[Iterable, int], Iterable] | None = None,
+    progress: Progress | None = None,
     on_epoch: Callable[[int, int, float], None] | None = None,
 ) -> TrainState:
     """Train (or resume training) in the stage folder ``out``.

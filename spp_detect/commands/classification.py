@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    IN_DIR, OUT_DIR, OUT_FILE, POSITIVE_FLOAT, POSITIVE_INT, backbone_options, device_option, force_option,
+    IN_DIR, OUT_DIR, OUT_FILE, POSITIVE_FLOAT, POSITIVE_INT, backbone_options, bar, device_option, force_option,
     image_source_options, out_option, parse_scales, pick_device, settings_from_params, settings_options,
     stage_errors,
 )
@@ -49,7 +49,6 @@ def classify_features_cmd(out, batch_size, device, force, **params) -> None:
       spp-detect classify-features --image-folder 101_ObjectCategories --split train --out runs/c101-train
     Output: manifest.json, images.json (ids, labels), one <n>.npy (float32 [C * bins]) per image.
     """
-    from tqdm import tqdm
 
     from spp_detect.classification.features import FeatureSettings, run_classify_features
 
@@ -59,7 +58,7 @@ def classify_features_cmd(out, batch_size, device, force, **params) -> None:
         done, skipped, seconds = run_classify_features(
             images.ids, images.paths, images.labels, images.classes, out, settings_from_params(FeatureSettings, params),
             images.dataset, device=torch_device, force=force, batch_size=batch_size,
-            progress=lambda r: tqdm(total=len(r), desc="classify-features", unit="img"))
+            progress=bar())
     rate = f", {done / seconds:.1f} img/s" if done and seconds else ""
     click.echo(f"classify-features: {done} image(s) computed, {skipped} already done{rate} -> {out}")
 
@@ -110,7 +109,6 @@ def train_spp_classifier_cmd(out, score_set, device, force, **params) -> None:
       spp-detect train-spp-classifier --voc-root VOCdevkit --image-set trainval --sizes 224,180 \\
           --backbone squeezenet1_0 --weights squeezenet.pth --epochs 10 --out runs/spp-multi --score-set test
     """
-    from tqdm import tqdm
 
     from spp_detect.classification.stages import labelled_images, run_train_spp_classifier
     from spp_detect.classification.train import TrainSettings
@@ -124,7 +122,7 @@ def train_spp_classifier_cmd(out, score_set, device, force, **params) -> None:
         lines = run_train_spp_classifier(
             images, out, settings, device=pick_device(device), force=force, score_set=score_set or "test",
             score=labelled_images(voc_root, year, score_set) if score_set is not None else None,
-            progress=lambda batches, total: tqdm(batches, total=total, desc="train", unit="batch", leave=False),
+            progress=bar("batch", leave=False),
             on_epoch=lambda e, s, loss: click.echo(f"epoch {e + 1}/{settings.epochs}: size {s}, loss {loss:.4f}"))
     click.echo("\n".join(lines))
 

@@ -9,7 +9,7 @@ from spp_detect.commands.checks import nothing_done
 from spp_detect.commands.options import (
     IN_DIR, IN_FILE, IN_PATH, OUT_DIR, OUT_FILE, POSITIVE_FLOAT, POSITIVE_INT, SKIP_BAD_HINT, backbone_options, bar,
     caches_option, dataset_options, detect_settings_options, device_option, echo_skipped, force_option, job,
-    open_dataset_or_usage_error, out_option, parse_int_list, parse_scales, pick_device, quiet, refuse_given,
+    open_dataset_or_usage_error, out_option, parse_int_list, parse_scales, pick_device, refuse_given,
     settings_from_params, settings_options, shard_option, skip_bad_option, stage_errors, where, workers_option,
 )
 
@@ -76,7 +76,7 @@ def _search_proposals(out, force, exporting, voc_root, year, image_set, coco_jso
     unreadable: list | None = [] if skip_bad else None
     dataset = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit, unreadable)
     summary = run_proposals(dataset.images, out, settings_from_params(ProposalSettings, params), dataset.manifest_identity(),
-                            workers=workers, force=force, skip_bad=skip_bad, progress=not quiet(), shard=shard_kn, bad=unreadable)
+                            workers=workers, force=force, skip_bad=skip_bad, progress=bar(), shard=shard_kn, bad=unreadable)
     click.echo(summary.describe())
     echo_skipped(summary.bad)
     if summary.bad and not summary.done and not summary.skipped:
@@ -125,7 +125,7 @@ def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, propos
         images = [im for im in dataset.images if im.image_id in boxes] if bad else dataset.images
         summary = run_extract(images, boxes, out, settings, proposals_key=source_key(proposals_path), image_set=dataset.name,
                               device=torch_device, force=force, shard=shard_kn, skip_bad=skip_bad, classes=dataset.classes,
-                              result_ids=dataset.result_ids, progress=bar("extract" + where(shard_kn, launch)))
+                              result_ids=dataset.result_ids, progress=bar(suffix=where(shard_kn, launch)))
     echo_skipped([*(bad or []), *summary.bad])
     skipped = len(bad or []) + len(summary.bad)
     if skipped and not summary.done and not summary.skipped:
@@ -163,7 +163,6 @@ def finetune_cmd(caches, out, weights, init_head, stop_after, device, force, **p
           --train-from fire5 --weights squeezenet.pth --init-head runs/head --out runs/head-conv
       spp-detect extract ... --head runs/head-conv --out runs/feat-test-conv   # caches of the trained trunk
     """
-    from tqdm import tqdm
 
     from spp_detect.distributed import process_group
     from spp_detect.finetune import FinetuneSettings, run_finetune
@@ -175,7 +174,7 @@ def finetune_cmd(caches, out, weights, init_head, stop_after, device, force, **p
     with stage_errors(), process_group(launch, torch_device):
         summary = run_finetune(caches, out, settings_from_params(FinetuneSettings, params), device=torch_device, force=force,
                                weights=weights, init_head=init_head, stop_after=stop_after, rank=launch.rank, world_size=launch.world_size,
-                               progress=lambda total, start: tqdm(total=total, initial=start, desc="finetune", unit="it", disable=quiet()))
+                               progress=bar("it"))
     if launch.is_main:  # rank 0 reports for the job
         click.echo(summary.describe(out) + (f" on {launch.world_size} processes" if launch.world_size > 1 else ""))
 
@@ -211,7 +210,7 @@ def train_svm_cmd(caches, head_folder, out, device, force, **params) -> None:
                                "or use --features pool")
     with stage_errors():
         summary = run_train_svm(caches, out, settings_from_params(SVMSettings, params), head_folder=head_folder,
-                                device=pick_device(device), force=force, progress=bar("train-svm"))
+                                device=pick_device(device), force=force, progress=bar())
     click.echo(summary.describe(out))
     if summary.untrained:
         click.echo(f"  {len(summary.untrained)} class(es) with no training examples (no ground truth in the training caches): "
@@ -238,7 +237,7 @@ def detect_cmd(cache, svm_folder, out, device, force, shard, **params) -> None:
     launch, shard_kn, torch_device = job(shard, device)
     with stage_errors():
         summary = run_detect(cache, svm_folder, out, settings_from_params(DetectSettings, params), device=torch_device,
-                             force=force, progress=bar("detect"), shard=shard_kn)
+                             force=force, progress=bar(suffix=where(shard_kn, launch)), shard=shard_kn)
     click.echo(summary.describe(out, where(shard_kn, launch)))
 
 
@@ -263,7 +262,7 @@ def calibrate_cmd(caches, svm_folder, out, device, force, **params) -> None:
     with stage_errors():
         settings = CalibrateSettings(detect=settings_from_params(DetectSettings, params))
         summary = run_calibrate(caches, svm_folder, out, settings, device=pick_device(device), force=force,
-                                progress=bar("calibrate"))
+                                progress=bar())
     click.echo(summary.describe(out))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from spp_detect.commands.options import (
-    IN_DIR, IN_FILE, IN_PATH, OUT_DIR, OUT_FILE, dataset_options, open_dataset_or_usage_error, stage_errors,
+    IN_DIR, IN_FILE, IN_PATH, OUT_DIR, OUT_FILE, bar, dataset_options, open_dataset_or_usage_error, stage_errors,
 )
 from spp_detect.commands.retrieval import open_index_trunk
 
@@ -130,7 +130,6 @@ def _check_protocol_options(ctx: click.Context, protocol: str, voc_root, detecti
 
 def retrieval_report(index_dir: Path | None, ground_truth: Path | None, rerank: int):
     """`evaluate --retrieval paris6k`: mAP of the four methods, whitened, as a report."""
-    from tqdm import tqdm
 
     from eval.report import Report
     from eval.retrieval import load_paris_ground_truth, mean_average_precision
@@ -150,7 +149,7 @@ def retrieval_report(index_dir: Path | None, ground_truth: Path | None, rerank: 
         raise click.ClickException(f"{ground_truth}: {exc}") from None
     paths = [(images / f"{q.image}.jpg", q.box) for q in queries]
     rankings = run_queries(index, trunk, norm, paths, rerank=rerank, qe=5,
-                           progress=lambda qs: tqdm(qs, desc="queries", unit="query"))
+                           progress=bar("query"))
     lines = [f"{len(queries)} queries on {len(index)} images, {index.config['backbone']}, whitened; "
              f"AML re-ranks the top {rerank}, QE averages the top 5"]
     summary: dict = {"protocol": "retrieval", "dataset": "paris6k", "index": str(index_dir), "rerank": rerank,

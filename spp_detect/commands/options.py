@@ -305,11 +305,15 @@ def quiet() -> bool:
     return logging.getLogger().getEffectiveLevel() > logging.INFO
 
 
-def bar(desc: str, unit: str = "img"):
-    """A tqdm wrapper for a stage's per-image loop, hidden by -q."""
+def bar(unit: str = "img", suffix: str = "", leave: bool = True):
+    """The stages' progress protocol (:class:`spp_detect.stage_dir.Progress`) as tqdm bars on
+    stderr, hidden by -q; ``suffix`` follows each loop's name (e.g. this process's shard)."""
     from tqdm import tqdm
 
-    return lambda seq, label=desc: tqdm(seq, desc=label, unit=unit, disable=quiet())
+    def progress(items, *, desc: str, total: int | None = None, initial: int = 0):
+        return tqdm(items, desc=desc + suffix, total=total, initial=initial, unit=unit, leave=leave, disable=quiet())
+
+    return progress
 
 
 def refuse_given(ctx: click.Context, names, why: str) -> None:

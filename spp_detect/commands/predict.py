@@ -72,7 +72,7 @@ def predict_cmd(images, model_folder, out, threshold, top, weights, limit, coco_
                                        f"({class_difference(dataset.classes, model.classes)}): its category ids would "
                                        "name other classes")
         summary = run_predict(model, dataset.images, out, PredictSettings(threshold=threshold, top=top), skip_bad=skip_bad,
-                              progress=bar("predict"), result_ids=dataset.result_ids)
+                              progress=bar(), result_ids=dataset.result_ids)
     echo_skipped((bad or []) + summary.bad)
     if not summary.seconds and (bad or summary.bad):
         raise nothing_done("predict", len((bad or []) + summary.bad), dataset.image_folder)

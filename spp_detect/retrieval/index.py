@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from spp_detect.retrieval.aml import quantize_levels
 from spp_detect.retrieval.descriptors import mac, region_vectors
 from spp_detect.retrieval.regions import LEVELS
 from spp_detect.retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
-from spp_detect.stage_dir import atomic_write, open_stage, read_manifest, settings_config
+from spp_detect.stage_dir import Progress, atomic_write, open_stage, read_manifest, settings_config, track
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -121,7 +121,7 @@ def run_index(
     *,
     device: torch.device,
     force: bool = False,
-    progress: Callable[[Sequence[Path], str], Sequence[Path]] | None = None,
+    progress: Progress | None = None,
 ) -> IndexSummary:
     """Fill the index folder ``out`` for ``images``; resumable.
 
@@ -133,7 +133,7 @@ def run_index(
             cap on (the first ``settings.whiten_limit`` are used).
         device: where the trunk runs.
         force: recompute even if ``out`` holds another configuration.
-        progress: wraps a sequence with a progress bar, given a description.
+        progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), or None.
 
     Raises:
         SettingsChanged, ImageReadError, ValueError (duplicate stems, no whitening images).
@@ -150,7 +150,7 @@ def run_index(
     stage = open_stage(out, "index", config, force=force)
     source = {**asdict(settings), "images": str(Path(images[0]).parent.resolve()) if images else None}
     atomic_write(Path(out) / SETTINGS_FILE, lambda tmp: tmp.write_text(json.dumps(source, indent=2, sort_keys=True)))
-    wrap = progress or (lambda seq, desc: seq)
+    wrap = lambda seq, desc: track(progress, seq, desc)  # noqa: E731
     out = Path(out)
     todo, skipped, _ = stage.todo(images, lambda p: out / f"{p.stem}.npz")
     summary = IndexSummary(skipped=skipped)

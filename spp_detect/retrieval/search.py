@@ -17,7 +17,7 @@ Images below the re-ranked head keep their first-search order and scores.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +33,7 @@ from spp_detect.image_trunk import load_image_rgb
 from spp_detect.retrieval.index import RetrievalIndex, apply_or_normalize, full_res_maps
 from spp_detect.retrieval.regions import cells_to_pixels, rmac_regions
 from spp_detect.retrieval.whitening import l2_normalize
+from spp_detect.stage_dir import Progress, track
 
 __all__ = [
     "METHODS",
@@ -207,14 +208,14 @@ def run_queries(
     whiten: bool = True,
     rerank: int = 100,
     qe: int = 5,
-    progress: Callable[[Sequence], Sequence] | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, list[np.ndarray]]:
     """Rank the index for each ``(image file, box)`` query with the four :data:`METHODS`
     (AML re-ranks the top ``rerank`` of R-MAC; QE averages the top ``qe``); AML runs once
     per query and image. Returns method -> one ranking ``np.ndarray[N]`` per query."""
     levels = int(index.config.get("levels", 3))
     rankings: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
-    for path, box in progress(queries) if progress else queries:
+    for path, box in track(progress, queries, "queries"):
         described = describe_query(trunk, norm, load_image_rgb(path), box, levels)
         localized: dict[int, AMLResult] = {}
         rankings["mac"].append(search(index, described, method="mac", whiten=whiten).order)
