@@ -370,6 +370,13 @@ class CombineSummary:
     models: int = 0
     detections: int = 0
     image_set: str = "test"
+    nms_threshold: float = NMS_THRESHOLD
+    scores: str = "calibrated"
+
+    def describe(self, out: Path | str) -> str:
+        """The line a command prints."""
+        return (f"combine: {self.models} models, {self.detections} detections after NMS {self.nms_threshold:g} "
+                f"({self.scores} scores) -> {out}")
 
 
 def _input_detections(path: Path, settings: CombineSettings) -> tuple[tuple[str, ...], set[str] | None, ClassArrays, str | None]:
@@ -474,4 +481,5 @@ def run_combine(
     info = {"combined": names, "scores": settings.scores, "classes": list(classes[0]), "image_set": image_set,
             **_shared_info(inputs)}
     count = write_result_files(out, merged, classes[0], image_set, info)
-    return CombineSummary(models=len(inputs), detections=count, image_set=image_set)
+    return CombineSummary(models=len(inputs), detections=count, image_set=image_set, nms_threshold=settings.nms_threshold,
+                          scores=settings.scores)

@@ -303,7 +303,7 @@ def run_detect(
     summary.timings["decode"] = waited.seconds
     summary.seconds = time.perf_counter() - start
     summary.pending = sum(not path_of(i).is_file() for i in cache.image_ids)  # after our last write
-    if not summary.pending:
+    if stage.all_done(cache.image_ids, path_of):  # the shard that finishes last writes the result files
         info = {"classes": list(model.classes), "image_set": summary.image_set, "svm": str(Path(svm_folder).resolve()),
                 "untrained_classes": untrained_classes(svm_folder)}
         result_ids = read_result_ids(cache_folder)  # a COCO dataset's own ids, recorded by extract

@@ -41,7 +41,7 @@ from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.images import ImageReadError
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import BadSetting, Progress, open_stage, settings_config, track
+from spp_detect.stage_dir import BadSetting, Progress, open_stage, settings_config, track, weights_field
 from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
 __all__ = [
@@ -110,7 +110,7 @@ class ExtractSettings:
     """
 
     backbone: str = "squeezenet1_0"
-    weights: str = "imagenet"
+    weights: str = weights_field()
     input_norm: str = "auto"
     scales: tuple[int, ...] = field(default=PAPER_SCALES, metadata={"help": (
         "Shorter-side scales (paper 4.1); '688' is the paper's 1-scale setting.")})
@@ -166,6 +166,15 @@ class ExtractSummary:
     @property
     def images_per_second(self) -> float:
         return self.done / self.seconds if self.seconds else 0.0
+
+    def describe(self, out: Path | str, device: torch.device | str, where: str = "", bad_before: int = 0) -> str:
+        """The line a command prints; ``where``: this process's shard; ``bad_before``: images
+        the dataset left out before the stage ran (``--skip-bad``)."""
+        redone = f", {self.redone} damaged file(s) redone" if self.redone else ""
+        return (f"extract{where}: {self.done} image(s) computed, {self.skipped} already cached, "
+                f"{bad_before + len(self.bad)} bad{redone}, {self.windows / max(self.done, 1):.0f} windows/image, "
+                f"{self.bytes_written / max(self.done, 1) / 1e6:.2f} MB/image, "
+                f"{self.images_per_second:.2f} img/s on {device} -> {out}")
 
 
 def run_extract(

@@ -53,7 +53,7 @@ from spp_detect.conv_finetune import FC_ONLY
 from spp_detect.device import canonical_device
 from spp_detect.head import DROPOUT, SPPHead, load_head, save_head
 from spp_detect.labels import class_overlaps
-from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, settings_config, track
+from spp_detect.stage_dir import BadSetting, Progress, atomic_write, open_stage_dir, settings_config, track
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, mean_feature_norm, open_caches
 
@@ -158,6 +158,7 @@ class FinetuneSummary:
     rounds: list[dict[str, float]] = field(default_factory=list)
     round_seconds: list[float] = field(default_factory=list)  # wall seconds of each round this call ran
     already_done: bool = False
+    processes: int = 1  # torchrun's world size
 
     @property
     def seconds_per_iteration(self) -> float | None:
@@ -173,7 +174,7 @@ class FinetuneSummary:
         return (f"finetune: {self.iterations_run} iterations in {self.seconds:.0f} s"
                 + (f" (resumed at {self.resumed_from})" if self.resumed_from else "")
                 + f", last round loss {last.get('loss', float('nan')):.3f}, fg accuracy {last.get('fg_accuracy', 0):.2f}; "
-                f"{state} -> {out}")
+                f"{state} -> {out}" + (f" on {self.processes} processes" if self.processes > 1 else ""))
 
 
 def _round_batches(
@@ -481,6 +482,7 @@ def run_finetune(
 
     Raises:
         SettingsChanged: ``out`` holds a run with other settings and ``force`` is false.
+        BadSetting: a minibatch of fewer windows than processes (``batch-size``).
         ValueError: caches that cannot be mixed, no fg/bg windows, a head to start from of
             another shape, a trunk that cannot be trained from ``train_from``.
     """
@@ -488,6 +490,8 @@ def run_finetune(
 
     out = Path(out)
     device = canonical_device(device)
+    if settings.batch_size < world_size:
+        raise BadSetting("batch-size", f"{settings.batch_size} windows cannot be split over {world_size} processes")
     parallel = world_size > 1
     if parallel:
         import torch.distributed as dist
@@ -505,7 +509,7 @@ def run_finetune(
     barrier()
     if rank != 0:
         open_stage_dir(out, "finetune", config)
-    summary = FinetuneSummary()
+    summary = FinetuneSummary(processes=world_size)
     if (out / "head.npz").is_file():
         summary.already_done = True
         return summary

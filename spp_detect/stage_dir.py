@@ -68,6 +68,7 @@ __all__ = [
     "settings_config",
     "settings_from_config",
     "weights_identity",
+    "weights_field",
     "SettingsChanged",
     "StageWriteError",
     "config_key",
@@ -150,6 +151,9 @@ def config_key(config: dict[str, Any]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_KEYED_BY_IDENTITY = "keyed_by_identity"
+
+
 def weights_identity(weights: str) -> str:
     """How a ``weights`` setting keys a folder: ``"imagenet"`` and ``"none"`` as they are, a
     state_dict file by its content (``sha256:<digest>``), so a moved copy keys the same."""
@@ -166,15 +170,19 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def weights_field(default: str = "imagenet") -> Any:
+    """A settings field naming trunk weights (a file, ``"imagenet"`` or ``"none"``): it keys a
+    manifest by the file's identity, not its path (:func:`weights_identity`)."""
+    return dataclasses.field(default=default, metadata={_KEYED_BY_IDENTITY: True})
+
+
 def settings_config(settings: Any) -> dict[str, Any]:
     """The manifest form of a stage's frozen settings, the one way any stage's settings
-    enter its key: every field by name, tuples as lists, nested settings as dicts, a field
-    named ``weights`` by :func:`weights_identity`. A stage's manifest config is this plus
-    the keys of its inputs."""
-    config = {f.name: _jsonable(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
-    if "weights" in config:
-        config["weights"] = weights_identity(config["weights"])
-    return config
+    enter its key: every field by name, tuples as lists, nested settings as dicts, a
+    :func:`weights_field` by :func:`weights_identity`. A stage's manifest config is this
+    plus the keys of its inputs."""
+    return {f.name: weights_identity(getattr(settings, f.name)) if f.metadata.get(_KEYED_BY_IDENTITY)
+            else _jsonable(getattr(settings, f.name)) for f in dataclasses.fields(settings)}
 
 
 def settings_from_config(cls: type, config: Mapping[str, Any]) -> Any:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from spp_detect.backbones import Normalization, build_trunk, resolve_normalization
 from spp_detect.image_trunk import load_image_rgb, prepare_trunk, resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import Progress, atomic_write, open_stage, read_manifest, settings_config, track
+from spp_detect.stage_dir import Progress, atomic_write, open_stage, read_manifest, settings_config, track, weights_field
 
 __all__ = [
     "VIEWS",
@@ -65,7 +65,7 @@ class FeatureSettings:
     """Settings of a ``classify-features`` run; the stage folder's manifest hashes them."""
 
     backbone: str = "squeezenet1_0"
-    weights: str = "imagenet"
+    weights: str = weights_field()
     input_norm: str = "auto"
     view: str = field(default="full", metadata={"help": (
         "full: shorter side resized to --size, any aspect ratio; crop: then the centre --size square (paper "

@@ -36,7 +36,7 @@ from spp_detect.classification.features import run_by_shape, view_image
 from spp_detect.classification.model import SPPClassifier
 from spp_detect.image_trunk import resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, settings_config, track
+from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, settings_config, track, weights_field
 
 __all__ = [
     "TrainSettings",
@@ -60,7 +60,7 @@ class TrainSettings:
     """Settings of ``train-spp-classifier``; the stage folder's manifest hashes them."""
 
     backbone: str = "squeezenet1_0"
-    weights: str = "imagenet"
+    weights: str = weights_field()
     input_norm: str = "auto"
     sizes: tuple[int, ...] = field(default=(224,), metadata={"help": (  # (224, 180): the paper's multi-size training
         "Training input sizes, one per epoch in turn: 224 (single-size) or 224,180 (multi-size, paper 2.3).")})

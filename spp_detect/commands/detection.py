@@ -130,11 +130,7 @@ def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, propos
     skipped = len(bad or []) + len(summary.bad)
     if skipped and not summary.done and not summary.skipped:
         raise nothing_done("extract" + where(shard_kn, launch), skipped, dataset.image_folder)
-    redone = f", {summary.redone} damaged file(s) redone" if summary.redone else ""
-    click.echo(f"extract{where(shard_kn, launch)}: {summary.done} image(s) computed, {summary.skipped} already cached, "
-               f"{len(bad or []) + len(summary.bad)} bad{redone}, {summary.windows / max(summary.done, 1):.0f} windows/image, "
-               f"{summary.bytes_written / max(summary.done, 1) / 1e6:.2f} MB/image, "
-               f"{summary.images_per_second:.2f} img/s on {torch_device} -> {out}")
+    click.echo(summary.describe(out, torch_device, where(shard_kn, launch), bad_before=len(bad or [])))
 
 
 @click.command("finetune")
@@ -168,15 +164,12 @@ def finetune_cmd(caches, out, weights, init_head, stop_after, device, force, **p
     from spp_detect.finetune import FinetuneSettings, run_finetune
 
     launch, _, torch_device = job(device=device)
-    if params["batch_size"] < launch.world_size:
-        raise click.BadParameter(f"{params['batch_size']} windows cannot be split over {launch.world_size} processes",
-                                 param_hint="--batch-size")
     with stage_errors(), process_group(launch, torch_device):
         summary = run_finetune(caches, out, settings_from_params(FinetuneSettings, params), device=torch_device, force=force,
                                weights=weights, init_head=init_head, stop_after=stop_after, rank=launch.rank, world_size=launch.world_size,
                                progress=bar("it"))
     if launch.is_main:  # rank 0 reports for the job
-        click.echo(summary.describe(out) + (f" on {launch.world_size} processes" if launch.world_size > 1 else ""))
+        click.echo(summary.describe(out))
 
 
 @click.command("train-svm")
@@ -282,13 +275,10 @@ def combine_cmd(inputs, out, force, **params) -> None:
     """
     from spp_detect.combine import CombineSettings, run_combine
 
-    if len(inputs) < 2:
-        raise click.UsageError("give --detections at least twice: combine joins two or more models")
     with stage_errors():
         settings = settings_from_params(CombineSettings, params)
         summary = run_combine(inputs, out, settings, force=force)
-    click.echo(f"combine: {summary.models} models, {summary.detections} detections after NMS {settings.nms_threshold:g} "
-               f"({settings.scores} scores) -> {out}")
+    click.echo(summary.describe(out))
 
 
 #: registered on the group by cli.py, in this order

@@ -33,7 +33,7 @@ from spp_detect.retrieval.aml import quantize_levels
 from spp_detect.retrieval.descriptors import mac, region_vectors
 from spp_detect.retrieval.regions import LEVELS
 from spp_detect.retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
-from spp_detect.stage_dir import Progress, atomic_write, open_stage, read_manifest, settings_config, track
+from spp_detect.stage_dir import Progress, atomic_write, open_stage, read_manifest, settings_config, track, weights_field
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -63,7 +63,7 @@ class IndexSettings:
     """Everything an index is keyed by (``weights`` and ``whiten_images`` as identities)."""
 
     backbone: str = "squeezenet1_0"
-    weights: str = "imagenet"
+    weights: str = weights_field()
     input_norm: str = "auto"
     levels: int = field(default=LEVELS, metadata={"help": "R-MAC region levels L (paper: 3)."})
     whiten_limit: int = field(default=100, metadata={"help": "Use the first N whitening images."})
