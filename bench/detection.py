@@ -47,7 +47,6 @@ from pathlib import Path
 import torch
 
 from bench.common import SHARED_DATA, WEIGHTS, add_device_option, machine, write_json
-from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
@@ -264,8 +263,7 @@ class Bench:
 
 def evaluate_folder(folder: Path, images):
     """VOC07 AP of a detections folder (detect or combine) on ``images``."""
-    per_class = load_detections(folder, VOC_CLASSES)
-    return evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, images)
+    return evaluate_voc(load_detections(folder, VOC_CLASSES), images)
 
 
 def _auto_C(caches: list[Path]) -> float:

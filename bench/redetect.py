@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from bench.common import SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, smoke_args, write_json
-from eval.results import ClassDetections
 from eval.voc import evaluate_voc
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
@@ -111,7 +110,7 @@ def _grid(width: int, height: int) -> np.ndarray:
 
 
 def _map(folder: Path, images) -> float:
-    dets = {name: ClassDetections(*arrays) for name, arrays in load_detections(folder, VOC_CLASSES).items()}
+    dets = load_detections(folder, VOC_CLASSES)
     return evaluate_voc(dets, images).map
 
 

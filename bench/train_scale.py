@@ -156,7 +156,6 @@ def subset(caches: list[Path], n: int, work: Path) -> list[Path]:
 def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path, device: torch.device) -> float:
     """Detect (with box regression when the model has it) every window of the test cache's
     images on ``device`` and evaluate them (VOC07 11-point mAP) against ``voc_root``'s test annotations."""
-    from eval.results import ClassDetections
     from eval.voc import evaluate_voc
     from spp_detect.cache import FeatureCache
     from spp_detect.datasets import read_voc
@@ -168,8 +167,7 @@ def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path, devic
     run_detect(test_cache, svm_dir, out, DetectSettings(bbox=model.regressor is not None), device=device, model=model)
     ids = set(FeatureCache(test_cache).image_ids)
     images = [im for im in read_voc(voc_root, "test") if im.image_id in ids]
-    per_class = load_detections(out, VOC_CLASSES)
-    return float(evaluate_voc({n: ClassDetections(*a) for n, a in per_class.items()}, images).map)
+    return float(evaluate_voc(load_detections(out, VOC_CLASSES), images).map)
 
 
 def smoke_caches(folder: Path, voc_root: Path, device: torch.device, windows: int = 150) -> tuple[list[Path], Path]:

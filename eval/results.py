@@ -24,7 +24,7 @@ On disk:
   (``"000001"``) and ``category_id = 1 + index`` in the class list (VOC's
   :data:`~spp_detect.datasets.voc.VOC_CLASSES` by default). Readers tell the two apart by
   the type of ``image_id``: an integer is a dataset id when the ids are known (recorded
-  in the ``model.json`` beside the file, or given), a string is an image id string.
+  in the ``detections_info.json`` beside the file, or given), a string is an image id string.
 """
 
 from __future__ import annotations
@@ -251,7 +251,7 @@ def read_voc_results(
 def results_image_set(directory: Path | str, image_set: str, classes: Sequence[str] = VOC_CLASSES) -> str:
     """The image-set name in the devkit result file names of ``directory``: ``image_set``
     when files ``*_det_<image_set>_<class>.txt`` are there, else the name recorded in the
-    folder's ``model.json`` if its files are there (a detect or combine folder names them
+    folder's ``detections_info.json`` if its files are there (a detect or combine folder names them
     after its cache's image set, e.g. a COCO json's stem at extract time, which a renamed
     json no longer has). Returns ``image_set`` when neither has files (the caller reports it)."""
     directory = Path(directory)
@@ -413,17 +413,39 @@ def write_coco_results(
     return path
 
 
+#: What a detections folder (``detect``, ``combine``, ``predict``) records beside its results
+#: (a model folder's own description is ``model.json``, :mod:`spp_detect.model`).
+DETECTIONS_INFO = "detections_info.json"
+
+
 def detections_info(path: Path | str) -> dict:
-    """The ``model.json`` of a detections folder (``path`` the folder or a file in it: what
+    """The ``detections_info.json`` of a detections folder (``path`` the folder or a file in it: what
     ``detect``, ``combine`` and ``predict`` write beside their results: ``classes``,
     ``image_set``, ``result_ids``, ``untrained_classes``, ...), or ``{}``."""
     path = Path(path)
-    info = (path if path.is_dir() else path.parent) / "model.json"
+    info = (path if path.is_dir() else path.parent) / DETECTIONS_INFO
     try:
         recorded = json.loads(info.read_text()) if info.is_file() else {}
     except (UnicodeDecodeError, json.JSONDecodeError):
         return {}
     return recorded if isinstance(recorded, dict) else {}
+
+
+def check_detections_classes(path: Path | str, classes: Sequence[str]) -> None:
+    """Refuse detections whose folder records other classes (:func:`detections_info`) than
+    ``classes``, the ground truth's: their category ids would name other classes.
+
+    Raises:
+        DetectionsError: naming the difference and the file that records it.
+    """
+    from spp_detect.datasets.registry import class_difference
+
+    recorded = detections_info(path).get("classes")
+    difference = class_difference(classes, recorded) if recorded is not None else None
+    if difference is not None:
+        info = (Path(path) if Path(path).is_dir() else Path(path).parent) / DETECTIONS_INFO
+        raise DetectionsError(f"{path} holds detections of other classes than the ground truth ({difference} in {info}): "
+                              "evaluate against the dataset the model was trained for")
 
 
 def recorded_result_ids(path: Path | str) -> ResultIds | None:

@@ -8,8 +8,9 @@ the model's detections on its *training* images (:func:`fit_calibration`); the u
 calibrated scores compares like with like. The paper combined two ZF-5 nets whose SVMs
 were trained the same way and took the plain union (``scores="raw"`` here).
 
-Detections are handled as in :func:`spp_detect.detect.load_detections`: per class,
-``(image_ids [K] str, scores [K] float64, boxes [K, 4] float64)``, boxes 0-based xyxy.
+Detections are the one detections type, per class an :class:`eval.results.ClassDetections`
+(``image_ids [K]``, ``scores [K]``, ``boxes [K, 4]`` 0-based xyxy), as
+:func:`spp_detect.detect.load_detections` reads them.
 
 Both are stages (``spp_detect.stage_dir``): :func:`run_calibrate` fills a keyed folder
 (``calibration.npz``, ``calibration.json``) whose manifest records the detect settings it
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from torchvision.ops import batched_nms
 
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets.registry import class_difference
+from eval.results import DETECTIONS_INFO, ClassDetections, Detections
 from spp_detect.detect import (
     NMS_THRESHOLD,
     DetectSettings,
@@ -63,18 +65,14 @@ __all__ = [
     "CombineSettings",
     "CombineSummary",
     "run_combine",
-    "ClassArrays",
     "ScoreCalibration",
     "union_nms",
     "fit_logistic",
     "fit_calibration",
     "check_compatible",
-    "as_class_arrays",
     "write_per_image",
 ]
 
-#: Per class: ``(image_ids [K] str, scores [K] float64, boxes [K, 4] float64)``.
-ClassArrays = dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]
 #: A detection counts as correct for the calibration at IoU >= 0.5 (the VOC criterion).
 CORRECT_IOU: float = 0.5
 #: ``calibrated``: each model's scores mapped to P(correct) first; ``raw``: the paper's plain union (4.4).
@@ -82,28 +80,28 @@ SCORE_MODES: tuple[str, ...] = ("calibrated", "raw")
 CALIBRATION_FILE = "calibration.npz"
 
 
-def union_nms(models: Sequence[ClassArrays], nms_threshold: float = 0.3) -> ClassArrays:
+def union_nms(models: Sequence[Detections], nms_threshold: float = 0.3) -> Detections:
     """Union of the models' detections, then greedy NMS per image and class.
 
     Returns:
         The kept detections per class, sorted by image id, then decreasing score. Classes
         without detections are left out.
     """
-    out: ClassArrays = {}
+    out: Detections = {}
     names = sorted({name for model in models for name in model})
     for name in names:
-        parts = [m[name] for m in models if name in m and len(m[name][1])]
+        parts = [m[name] for m in models if name in m and len(m[name])]
         if not parts:
             continue
-        ids = np.concatenate([p[0] for p in parts])
-        scores = np.concatenate([p[1] for p in parts])
-        boxes = np.concatenate([p[2] for p in parts]).reshape(-1, 4)
+        ids = np.concatenate([p.image_ids for p in parts])
+        scores = np.concatenate([p.scores for p in parts])
+        boxes = np.concatenate([p.boxes for p in parts]).reshape(-1, 4)
         unique_ids, group = np.unique(ids, return_inverse=True)
         keep = batched_nms(torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(group), nms_threshold)
         keep = keep.numpy()
         order = np.lexsort((-scores[keep], group[keep]))  # by image, then score
         keep = keep[order]
-        out[name] = (ids[keep], scores[keep], boxes[keep])
+        out[name] = ClassDetections(ids[keep], scores[keep], boxes[keep])
     return out
 
 
@@ -138,13 +136,13 @@ class ScoreCalibration:
     fitted: torch.Tensor
     classes: tuple[str, ...]
 
-    def apply(self, arrays: ClassArrays) -> ClassArrays:
+    def apply(self, detections: Detections) -> Detections:
         """The same detections with probabilities for scores."""
-        out: ClassArrays = {}
-        for name, (ids, scores, boxes) in arrays.items():
+        out: Detections = {}
+        for name, d in detections.items():
             c = self.classes.index(name)
-            z = float(self.slope[c]) * scores + float(self.intercept[c])
-            out[name] = (ids, 1.0 / (1.0 + np.exp(-z)), boxes)
+            z = float(self.slope[c]) * d.scores + float(self.intercept[c])
+            out[name] = ClassDetections(d.image_ids, 1.0 / (1.0 + np.exp(-z)), d.boxes)
         return out
 
     def save(self, path: Path | str) -> Path:
@@ -229,19 +227,17 @@ def check_compatible(names: Sequence[str], classes: Sequence[Sequence[str]], ima
             )
 
 
-def as_class_arrays(detections: Mapping[str, object]) -> ClassArrays:
-    """``eval.results`` detections (objects with ``image_ids``, ``scores``, ``boxes``) -> arrays."""
-    return {name: (d.image_ids, d.scores, d.boxes) for name, d in detections.items()}
-
-
-def write_per_image(folder: Path | str, arrays: ClassArrays, classes: Sequence[str], image_ids: set[str] | None = None) -> None:
-    """Write ``arrays`` as ``detect`` does, one ``<id>.npz`` per image (``image_ids``, default
-    the images that have detections), so combined results can be read, shown and combined
-    again like any detect folder."""
-    ids_all = np.concatenate([a[0] for a in arrays.values()]) if arrays else np.zeros(0, str)
-    labels_all = np.concatenate([np.full(len(a[0]), classes.index(n)) for n, a in arrays.items()]) if arrays else np.zeros(0, np.int64)
-    scores_all = np.concatenate([a[1] for a in arrays.values()]) if arrays else np.zeros(0)
-    boxes_all = np.concatenate([a[2].reshape(-1, 4) for a in arrays.values()]) if arrays else np.zeros((0, 4))
+def write_per_image(folder: Path | str, detections: Detections, classes: Sequence[str],
+                    image_ids: set[str] | None = None) -> None:
+    """Write ``detections`` as ``detect`` does, one ``<id>.npz`` per image (``image_ids``,
+    default the images that have detections), so combined results can be read, shown and
+    combined again like any detect folder."""
+    parts = list(detections.values())
+    ids_all = np.concatenate([d.image_ids for d in parts]) if parts else np.zeros(0, str)
+    labels_all = (np.concatenate([np.full(len(d), classes.index(n)) for n, d in detections.items()]) if parts
+                  else np.zeros(0, np.int64))
+    scores_all = np.concatenate([d.scores for d in parts]) if parts else np.zeros(0)
+    boxes_all = np.concatenate([d.boxes for d in parts]) if parts else np.zeros((0, 4))
     order = np.argsort(ids_all, kind="stable")
     ids_sorted = ids_all[order]
     for image_id in sorted(image_ids if image_ids is not None else set(ids_all.tolist())):
@@ -379,17 +375,17 @@ class CombineSummary:
                 f"({self.scores} scores) -> {out}")
 
 
-def _input_detections(path: Path, settings: CombineSettings) -> tuple[tuple[str, ...], set[str] | None, ClassArrays, str | None]:
+def _input_detections(path: Path, settings: CombineSettings) -> tuple[tuple[str, ...], set[str] | None, Detections, str | None]:
     """``(classes, image ids or None, detections, image set)`` of one combine input, its
     calibration applied when ``settings.scores`` is ``calibrated``."""
     from eval.results import read_detections
     from spp_detect.datasets.voc import VOC_CLASSES
 
-    info_path = path / "model.json"
+    info_path = path / DETECTIONS_INFO
     if not (path.is_dir() and info_path.is_file()):
         if settings.scores == "calibrated":
             raise ValueError(f"{path} is not a detect folder: it has no model to calibrate with; use --scores raw")
-        return VOC_CLASSES, None, as_class_arrays(read_detections(path, settings.image_set or "test")), None
+        return VOC_CLASSES, None, read_detections(path, settings.image_set or "test"), None
     info = json.loads(info_path.read_text())
     classes = tuple(info["classes"])
     ids = {p.stem for p in path.glob("*.npz") if not p.name.startswith(".")}
@@ -422,7 +418,7 @@ def _check_calibration(path: Path, folder: Path, detect_config: dict, calibrated
 
 
 def _shared_info(inputs: Sequence[Path]) -> dict:
-    """What the inputs' ``model.json`` files say that the combination inherits: the COCO
+    """What the inputs' ``detections_info.json`` files say that the combination inherits: the COCO
     dataset ids they are named in (``result_ids``; refused if two inputs differ) and the
     classes none of the models had a training example of (``untrained_classes``, when
     every input records them).
@@ -455,7 +451,7 @@ def run_combine(
     force: bool = False,
 ) -> CombineSummary:
     """Combine the detections of two or more models into the detections folder ``out``
-    (per-image ``.npz``, devkit comp4 files, ``detections.json``, ``model.json``).
+    (per-image ``.npz``, devkit comp4 files, ``detections.json``, ``detections_info.json``).
 
     Args:
         inputs: detect (or combine) folders; with ``scores="raw"`` also devkit result

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 from torchvision.ops import batched_nms
 
+from eval.results import DETECTIONS_INFO, ClassDetections, Detections
 from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.device import canonical_device
@@ -243,7 +244,7 @@ def run_detect(
 
     Args:
         svm_folder: the train-svm folder: its manifest key keys ``out`` (with the cache's),
-            and ``model.json`` records it (``combine`` finds the model's calibration there).
+            and ``detections_info.json`` records it (``combine`` finds the model's calibration there).
         model: ``svm_folder``'s model, already loaded (``svm.train.load_svm``), for callers
             that score with it several times; default: loaded here, on ``device``.
         shard: ``(k, n)``, 1-based: this process takes images ``k-1, k-1+n, ...`` of the
@@ -325,23 +326,23 @@ def write_image_detections(folder: Path, image_id: str, boxes: np.ndarray, score
 
 
 def write_result_files(
-    out: Path | str, per_class: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]], classes: Sequence[str],
+    out: Path | str, per_class: Detections, classes: Sequence[str],
     image_set: str, info: dict[str, object],
 ) -> int:
     """The final files of a detections folder from its detections per class (as
     :func:`load_detections` gives them): the devkit's ``comp4_det_<image_set>_<class>.txt``,
-    ``detections.json`` (COCO results) and ``model.json`` (``info``: classes, image set,
+    ``detections.json`` (COCO results) and ``detections_info.json`` (``info``: classes, image set,
     where the scores come from, the classes without training examples and, for a COCO
     dataset, its ``result_ids``: ``detections.json`` is then in the dataset json's own
     image and category ids). Returns the number of detections."""
-    from eval.results import ClassDetections, write_coco_results, write_voc_results
+    from eval.results import write_coco_results, write_voc_results
 
     out = Path(out)
-    detections = {name: ClassDetections(*arrays) for name, arrays in per_class.items()}
+    detections = per_class
     write_voc_results(detections, out, image_set, comp_id="comp4", classes=classes)
     result_ids = ResultIds.from_json(info["result_ids"]) if info.get("result_ids") else None
     write_coco_results(detections, out / "detections.json", classes=classes, result_ids=result_ids)
-    atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+    atomic_write(out / DETECTIONS_INFO, lambda p: p.write_text(json.dumps(info, indent=2)))
     return sum(len(d) for d in detections.values())
 
 
@@ -352,9 +353,10 @@ def untrained_classes(svm_folder: Path | str) -> list[str]:
     return list(json.loads(meta.read_text()).get("untrained_classes") or []) if meta.is_file() else []
 
 
-def load_detections(folder: Path | str, classes: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """All per-image results of a detect folder, per class: ``(image_ids [K] str,
-    scores [K] float64, boxes [K, 4] float64)``, images in id order."""
+def load_detections(folder: Path | str, classes: Sequence[str]) -> Detections:
+    """All per-image results of a detect folder, per class (the one detections type,
+    :class:`eval.results.ClassDetections`: ``image_ids [K]``, ``scores [K]``, ``boxes [K, 4]``
+    0-based xyxy), images in id order; classes without detections left out."""
     folder = Path(folder)
     parts: dict[int, list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = {c: [] for c in range(len(classes))}
     for path in sorted(p for p in folder.glob("*.npz") if not p.name.startswith(".")):
@@ -367,5 +369,5 @@ def load_detections(folder: Path | str, classes: Sequence[str]) -> dict[str, tup
     for c, name in enumerate(classes):
         if parts[c]:
             ids, scores, boxes = (np.concatenate(x) for x in zip(*parts[c]))
-            result[name] = (ids, scores, boxes.reshape(-1, 4))
+            result[name] = ClassDetections(ids, scores, boxes.reshape(-1, 4))
     return result

@@ -405,7 +405,7 @@ def run_predict(
 ) -> PredictSummary:
     """Detect on each image and write ``<out>/<image_id>.png`` (the image with its
     detections drawn as ``settings`` says), ``<out>/detections.json`` (every detection,
-    COCO results, :func:`coco_results`) and ``<out>/model.json`` (the model folder and the
+    COCO results, :func:`coco_results`) and ``<out>/detections_info.json`` (the model folder and the
     class names the category ids index, as a detect folder records them).
 
     The json is rewritten after every image, so what was computed before a failure stays.
@@ -417,7 +417,7 @@ def run_predict(
         skip_bad: an unreadable image is listed in ``bad`` instead of stopping the run.
         progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), or None.
         result_ids: the images' COCO dataset ids (``predict --coco-json``): the json is
-            written in them, and they are recorded in ``model.json``.
+            written in them, and they are recorded in ``detections_info.json``.
 
     Raises:
         ImageReadError: an image cannot be decoded (unless ``skip_bad``).
@@ -434,7 +434,9 @@ def run_predict(
             "untrained_classes": json.loads((model.folder / "model.json").read_text()).get("untrained_classes", [])}
     if result_ids is not None:
         info["result_ids"] = result_ids.to_json()
-    atomic_write(out / "model.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+    from eval.results import DETECTIONS_INFO
+
+    atomic_write(out / DETECTIONS_INFO, lambda p: p.write_text(json.dumps(info, indent=2)))
     results: list[dict] = []
     for image in track(progress, images, "predict"):
         start = time.perf_counter()

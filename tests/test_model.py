@@ -79,7 +79,7 @@ def test_predict_gives_detects_boxes_and_writes_pictures_and_json(trained, photo
     out = tmp_path / "pred"
     summary = run_predict(model, data.images, out, PredictSettings(threshold=-1.0))
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000015.png", "000040.png", "detections.json",
-                                                     "model.json"]
+                                                     "detections_info.json"]
     assert list(summary.seconds) == ["000001", "000015", "000040"] and all(s > 0 for s in summary.seconds.values())
     import cv2
 
@@ -154,7 +154,7 @@ def test_predict_keeps_what_it_did_before_a_broken_image_and_skip_bad_goes_on(tr
               PlainImage("broken", broken, 500, 375)]
     with pytest.raises(ImageReadError, match="broken.jpg"):
         run_predict(model, images, tmp_path / "out")
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001.png", "detections.json", "model.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000001.png", "detections.json", "detections_info.json"]
     kept = json.loads((tmp_path / "out" / "detections.json").read_text())
     assert len(kept) > 0 and {e["image_id"] for e in kept} == {"000001"}
     summary = run_predict(model, images, tmp_path / "again", skip_bad=True)

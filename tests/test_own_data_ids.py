@@ -140,7 +140,7 @@ def test_predict_on_a_coco_json_writes_the_datasets_ids(run, voc_root, tmp_path)
 
 
 def _class_detections(folder, classes):
-    return {n: ClassDetections(*a) for n, a in load_detections(folder, classes).items()}
+    return load_detections(folder, classes)
 
 
 def test_devkit_form_limit_scores_exactly_those_images_and_counts_the_rest(run, tmp_path):

@@ -64,8 +64,8 @@ def test_predict_writes_pictures_and_detects_json_with_per_image_times(demo, tmp
     out = tmp_path / "predicted"
     result = _run("predict", "--model", root / "model", photos, "--out", out, "--threshold", "-1")
     assert sorted(p.name for p in out.iterdir()) == ["000001.png", "000015.png", "000040.png", "detections.json",
-                                                     "model.json"]
-    assert json.loads((out / "model.json").read_text())["classes"] == list(VOC_CLASSES)
+                                                     "detections_info.json"]
+    assert json.loads((out / "detections_info.json").read_text())["classes"] == list(VOC_CLASSES)
     for image_id in PHOTOS:
         assert re.search(rf"^  {image_id}: \d+ detections \(\d+ drawn\), \d+\.\d\d s$", result.output, re.M), result.output
     assert re.search(r"^predict: 3 image\(s\), \d+\.\d\d s/image, \d+ detections", result.output, re.M)

@@ -67,6 +67,7 @@ def ground_truth_report(ctx: click.Context, protocol: str, voc_root: Path | None
                         metric: str | None, rule: str, iou_threshold: float, comp_id: str | None, scores: Path | None):
     """`evaluate --voc2007 / --coco / --voc2007-cls`: detections (or scores) against the dataset's ground truth."""
     from eval.report import coco_report, voc_cls_report, voc_report
+    from eval.results import check_detections_classes, detections_info
 
     _check_protocol_options(ctx, protocol, voc_root or coco_json or (image_paths or None), detections, scores)
     with stage_errors():
@@ -76,10 +77,10 @@ def ground_truth_report(ctx: click.Context, protocol: str, voc_root: Path | None
                                    "(--voc2007-cls: --voc-root)")
         images, name, voc_year = data.images, data.name, data.year or ""
         if detections is not None:
-            _check_classes(detections, data.classes)
+            check_detections_classes(detections, data.classes)
             # detections of the images past --limit are left out; the classes the model never saw are marked
             scope = {"result_ids": data.result_ids, "beyond_limit": data.beyond_limit,
-                     "untrained": _untrained(detections)}
+                     "untrained": list(detections_info(detections).get("untrained_classes") or [])}
         if protocol == "voc":  # a COCO dataset: the --voc2007 (11-point) AP unless --metric says otherwise
             return voc_report(detections, images, year=voc_year, image_set=name, rule=rule,
                               metric=metric or (None if voc_year else "11point"),
@@ -88,30 +89,6 @@ def ground_truth_report(ctx: click.Context, protocol: str, voc_root: Path | None
             return coco_report(detections, images, year=voc_year, image_set=name, comp_id=comp_id,
                                classes=data.classes, coco_json=data.coco_json, **scope)
         return voc_cls_report(scores, images, year=year, image_set=image_set, metric=metric, comp_id=comp_id)
-
-
-def _untrained(detections: Path) -> list[str]:
-    """The classes the model of ``detections`` had no training example of, as its folder's
-    ``model.json`` records them (detect, combine, predict); ``[]`` if it does not."""
-    from eval.results import detections_info
-
-    return list(detections_info(detections).get("untrained_classes") or [])
-
-
-def _check_classes(detections: Path, classes) -> None:
-    """Refuse detections whose folder records other classes (``model.json`` of a detect or
-    predict folder) than the ground truth's: their category ids would name other classes."""
-    import json
-
-    from spp_detect.datasets.registry import class_difference
-
-    info = (detections if detections.is_dir() else detections.parent) / "model.json"
-    if info.is_file():
-        recorded = json.loads(info.read_text()).get("classes")
-        difference = class_difference(classes, recorded) if recorded is not None else None
-        if difference is not None:
-            raise click.ClickException(f"{detections} holds detections of other classes than the ground truth "
-                                       f"({difference} in {info}): evaluate against the dataset the model was trained for")
 
 
 def _check_protocol_options(ctx: click.Context, protocol: str, voc_root, detections, scores) -> None:

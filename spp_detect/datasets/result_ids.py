@@ -8,7 +8,7 @@ json's own ids to load with ``pycocotools.COCO.loadRes`` against that json, or w
 other COCO tool. :class:`ResultIds` holds both mappings; it is made once, where the json
 is read (:func:`spp_detect.datasets.registry.open_dataset`), travels beside the data
 (``extract`` records it in ``<cache>/result_ids.json``, ``detect``, ``combine`` and
-``predict`` in their ``model.json``) and is applied where results are written or read
+``predict`` in their ``detections_info.json``) and is applied where results are written or read
 (:mod:`eval.results`), the one place ids are converted.
 
 VOC and plain images have no such ids: their results keep the file stem as ``image_id``
