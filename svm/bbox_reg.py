@@ -26,6 +26,7 @@ one ``min(n, D + 1)``-square float32 system at a time, never the samples: at mos
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -162,7 +163,8 @@ class BoxSampleStore:
 
     ``folder`` gets one raw file per class (``class-<c>.f16``, rows of ``dim`` float16
     pooled features, unscaled); windows, targets and counts stay in memory. Made empty
-    (any old folder is removed); :meth:`close` deletes it.
+    (any old folder is removed); :meth:`close` deletes it. A checkpoint records
+    :meth:`state` (after :meth:`sync`), and :meth:`reopen` takes the folder up again.
     """
 
     def __init__(self, folder: Path | str, dim: int, num_classes: int) -> None:
@@ -224,6 +226,59 @@ class BoxSampleStore:
             mean[c] = mu.float()
             trained[c] = True
         return BoxRegressor(weights, mean, unwhiten, trained, float(feature_scale))
+
+    def sync(self) -> None:
+        """Flush the class files to disk (``fsync``): called before a checkpoint records
+        :meth:`state`, so that a crash of the machine cannot leave them shorter than it says."""
+        for c in range(self.num_classes):
+            if self.counts[c]:
+                fd = os.open(self._path(c), os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
+    def state(self) -> dict[str, np.ndarray]:
+        """What :meth:`reopen` needs besides the class files: ``counts [C]`` int64 and each
+        class's ``windows`` / ``targets`` ``[N, 4]`` float32, classes one after the other."""
+        def stacked(parts: list[list[Tensor]]) -> np.ndarray:
+            flat = [t for c in range(self.num_classes) for t in parts[c]]
+            return torch.cat(flat).numpy() if flat else np.zeros((0, 4), dtype=np.float32)
+
+        return {"counts": np.asarray(self.counts, dtype=np.int64), "windows": stacked(self._windows),
+                "targets": stacked(self._targets)}
+
+    @classmethod
+    def reopen(cls, folder: Path | str, dim: int, num_classes: int, state: dict[str, np.ndarray]) -> "BoxSampleStore":
+        """The store whose :meth:`state` was ``state``, over its class files in ``folder``
+        (a train-svm run resumed after its first pass); a class file longer than ``state``
+        says is cut back to it.
+
+        Raises:
+            ValueError: a class file is missing or shorter than ``state`` says.
+        """
+        store = cls.__new__(cls)
+        store.folder, store.dim, store.num_classes = Path(folder), dim, num_classes
+        counts = [int(n) for n in np.asarray(state["counts"])]
+        if len(counts) != num_classes:
+            raise ValueError(f"box-regression samples of {len(counts)} classes, not {num_classes}")
+        ends = np.cumsum([0, *counts])
+        if len(state["windows"]) != ends[-1] or len(state["targets"]) != ends[-1]:
+            raise ValueError("box-regression sample state is inconsistent")
+        store.counts = counts
+        store._windows = [[torch.from_numpy(np.array(state["windows"][ends[c]:ends[c + 1]], dtype=np.float32))]
+                          if counts[c] else [] for c in range(num_classes)]
+        store._targets = [[torch.from_numpy(np.array(state["targets"][ends[c]:ends[c + 1]], dtype=np.float32))]
+                          if counts[c] else [] for c in range(num_classes)]
+        for c in range(num_classes):
+            if not counts[c]:
+                continue
+            path, size = store._path(c), counts[c] * 2 * dim
+            if not path.is_file() or path.stat().st_size < size:
+                raise ValueError(f"{path} holds fewer box-regression samples than the checkpoint says")
+            if path.stat().st_size > size:
+                os.truncate(path, size)
+        return store
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
