@@ -53,7 +53,16 @@ from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.device import canonical_device
 from spp_detect.head import FEATURE_LAYERS, SPPHead, check_head_reads, load_head
 from spp_detect.labels import class_overlaps
-from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, read_manifest, settings_config, track, write_npz
+from spp_detect.stage_dir import (
+    BadSetting,
+    Progress,
+    atomic_write,
+    open_stage_dir,
+    read_manifest,
+    settings_config,
+    track,
+    write_npz,
+)
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, distinct_windows, mean_feature_norm, open_caches, window_features
 from svm.bbox_reg import SPP_LAMBDA, SPP_MIN_OVERLAP, BoxRegressor, BoxSampleStore
@@ -182,7 +191,10 @@ class SVMSummary:
                 f"{sum(self.positives.values())} positives, {sum(self.negatives.values())} cached hard negatives "
                 f"({self.distinct_negatives} distinct windows)"
                 + (f", box regression on {self.bbox_samples} windows" if self.bbox_samples else "")
-                + (f", resumed after {self.resumed_from} images" if self.resumed_from is not None else "") + f" -> {out}")
+                + (f", resumed after {self.resumed_from} images" if self.resumed_from is not None else "") + f" -> {out}"
+                + (f"\n  {len(self.untrained)} class(es) with no training examples (no ground truth in the training "
+                   f"caches): {', '.join(self.untrained)}; never detected, and marked so in evaluate's table"
+                   if self.untrained else ""))
 
 
 def run_train_svm(
@@ -215,16 +227,17 @@ def run_train_svm(
 
     Raises:
         SettingsChanged: ``out`` holds another model and ``force`` is false.
-        ValueError: fc6/fc7 without a head, caches that cannot be mixed, a class without
-            positives.
+        BadSetting: fc6/fc7 without a head (``head``).
+        ValueError: caches that cannot be mixed, a class without positives.
     """
     out = Path(out)
     device = canonical_device(device)
+    if settings.layer != "pool" and head_folder is None:
+        raise BadSetting("head", f"--features {settings.layer} reads a fine-tuned head: add --head FOLDER (from finetune), "
+                                 "or use --features pool")
     caches = open_caches(cache_folders)
     head = None
     if settings.layer != "pool":
-        if head_folder is None:
-            raise ValueError(f"--features {settings.layer} needs a fine-tuned head (--head FOLDER from finetune)")
         head = load_head(head_folder).to(device)
         for cache in caches:
             check_head_reads(head, cache.folder, cache.weights)

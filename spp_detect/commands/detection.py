@@ -198,16 +198,10 @@ def train_svm_cmd(caches, head_folder, out, device, force, **params) -> None:
             f"train-svm runs in one process (hard-negative mining goes through the images in order, each pass training on "
             f"the negatives the previous images gave), but {launch.launcher} started {launch.world_size}: run it without a "
             "launcher (under SLURM: srun --ntasks 1; docs/scaling.md)")
-    if params["layer"] != "pool" and head_folder is None:
-        raise click.UsageError(f"--features {params['layer']} reads a fine-tuned head: add --head FOLDER (from finetune), "
-                               "or use --features pool")
     with stage_errors():
         summary = run_train_svm(caches, out, settings_from_params(SVMSettings, params), head_folder=head_folder,
                                 device=pick_device(device), force=force, progress=bar())
     click.echo(summary.describe(out))
-    if summary.untrained:
-        click.echo(f"  {len(summary.untrained)} class(es) with no training examples (no ground truth in the training caches): "
-                   f"{', '.join(summary.untrained)}; never detected, and marked so in evaluate's table")
 
 
 @click.command("detect")
