@@ -27,7 +27,7 @@ from proposals.io import STAGE, boxes_path, load_proposals, write_boxes
 from proposals.selective_search import ENGINE, MODES, R_CNN_MAX_BOXES, R_CNN_MIN_SIZE, VOC_LONGER_SIDE, propose
 from spp_detect.distributed import cpus_per_process
 from spp_detect.images import ImageReadError, read_image
-from spp_detect.stage_dir import Progress, check_file, open_stage, open_stage_dir, settings_config, source_key, track
+from spp_detect.stage_dir import Progress, check_file, open_stage, settings_config, source_key, track
 
 __all__ = [
     "BadImageError",
@@ -299,7 +299,7 @@ def import_proposals(source: Path, out: Path, *, force: bool = False) -> Proposa
         "source_key": source_key(source),  # manifest key of a folder, sha256 of a file
         "boxes": "npy float32 [N, 4] 0-based continuous (x1, y1, x2, y2) image pixels",
     }
-    open_stage_dir(out, STAGE, config, force=force)
+    open_stage(out, STAGE, config, force=force)
     summary = ProposalsSummary(out=out, images=len(proposals), action="imported")
     for image_id, boxes in proposals.items():
         if _finished(boxes_path(out, image_id)):

@@ -53,7 +53,7 @@ from spp_detect.conv_finetune import FC_ONLY
 from spp_detect.device import canonical_device
 from spp_detect.head import DROPOUT, SPPHead, load_head, save_head
 from spp_detect.labels import class_overlaps
-from spp_detect.stage_dir import BadSetting, Progress, atomic_write, open_stage_dir, settings_config, track
+from spp_detect.stage_dir import BadSetting, Progress, atomic_write, open_stage, settings_config, track
 from spp_detect.tensor_io import load_tensors, save_tensors
 from spp_detect.window_features import TARGET_NORM, mean_feature_norm, open_caches
 
@@ -505,10 +505,10 @@ def run_finetune(
     config = {**settings_config(settings), "caches": [c.key for c in caches],
               "init_head": read_manifest(Path(init_head))["key"] if init_head is not None else None}
     if rank == 0:  # the only process that may delete (force) before the others look
-        open_stage_dir(out, "finetune", config, force=force)
+        open_stage(out, "finetune", config, force=force, shard=(1, world_size))
     barrier()
     if rank != 0:
-        open_stage_dir(out, "finetune", config)
+        open_stage(out, "finetune", config, shard=(rank + 1, world_size))
     summary = FinetuneSummary(processes=world_size)
     if (out / "head.npz").is_file():
         summary.already_done = True

@@ -57,7 +57,7 @@ from spp_detect.stage_dir import (
     BadSetting,
     Progress,
     atomic_write,
-    open_stage_dir,
+    open_stage,
     read_manifest,
     settings_config,
     track,
@@ -247,7 +247,7 @@ def run_train_svm(
     num_images = sum(len(c.image_ids) for c in caches)
     svm_c = settings.resolved_c(num_images)
     config = {**settings_config(settings), "caches": [c.key for c in caches], "head": head_key, "resolved_C": svm_c}
-    manifest = open_stage_dir(out, "train-svm", config, force=force)
+    manifest = open_stage(out, "train-svm", config, force=force).manifest
     summary = SVMSummary(C=svm_c)
     if (out / "svm.npz").is_file():
         _remove_checkpoint(out)  # a run killed after writing its model, before removing its checkpoint

@@ -36,7 +36,7 @@ from spp_detect.classification.features import run_by_shape, view_image
 from spp_detect.classification.model import SPPClassifier
 from spp_detect.image_trunk import resize_shorter_side
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import Progress, atomic_write, open_stage_dir, settings_config, track, weights_field
+from spp_detect.stage_dir import Progress, atomic_write, open_stage, settings_config, track, weights_field
 
 __all__ = [
     "TrainSettings",
@@ -209,7 +209,7 @@ def run_training(
     """
     out = Path(out)
     config = {**settings_config(settings), "classes": list(classes), "dataset": dataset or {}}
-    open_stage_dir(out, "train-spp-classifier", config, force=force)
+    open_stage(out, "train-spp-classifier", config, force=force)
     model = build_classifier(settings, len(classes)).to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(
         model.trainable_parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
