@@ -43,3 +43,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def jittered_proposals(images, count: int = 30, seed: int | None = 0, copies: int = 6) -> dict:
+    """Windows for tests: ``count`` random ones per image plus ``copies`` jittered copies of
+    each ground-truth box (so there are positives), ``np.ndarray[M, 4]`` float32 0-based xyxy
+    by image id. One generator seeded ``seed`` for all images, or with ``seed=None`` one per
+    image seeded by its id (the same windows for an image whatever the others)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed) if seed is not None else None
+    out = {}
+    for im in images:
+        gen = rng if rng is not None else np.random.default_rng(int(im.image_id))
+        size = np.array([im.width, im.height], dtype=np.float64)
+        xy = gen.uniform(0, 1, (count, 2)) * (size - 20)
+        wh = 20 + gen.uniform(0, 1, (count, 2)) * (size - 20 - xy)
+        boxes = [np.concatenate([xy, xy + wh], axis=1)]
+        for box in im.boxes:
+            w, h = box[2] - box[0], box[3] - box[1]
+            jitter = gen.uniform(-0.08, 0.08, (copies, 4)) * np.array([w, h, w, h])
+            boxes.append(np.clip(box + jitter, 0, np.concatenate([size, size]) - 1))
+        out[im.image_id] = np.concatenate(boxes).astype(np.float32)
+    return out

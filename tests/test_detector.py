@@ -30,31 +30,14 @@ from svm.dcd import half_scores, solve_dcd
 from svm.feature_store import HalfStore
 from svm.hard_negatives import NegativeCache
 from svm.linear import train_linear_svm
-from tests.conftest import SQUEEZENET_FILE
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals
 
 SCALES = (240, 336)
 
 
-def _proposals(images, count, seed=0):
-    """Random windows plus jittered copies of each ground truth (so there are positives)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for im in images:
-        size = np.array([im.width, im.height], dtype=np.float64)
-        xy = rng.uniform(0, 1, (count, 2)) * (size - 20)
-        wh = 20 + rng.uniform(0, 1, (count, 2)) * (size - 20 - xy)
-        boxes = [np.concatenate([xy, xy + wh], axis=1)]
-        for box in im.boxes:
-            w, h = box[2] - box[0], box[3] - box[1]
-            jitter = rng.uniform(-0.08, 0.08, (6, 4)) * np.array([w, h, w, h])
-            boxes.append(np.clip(box + jitter, 0, np.concatenate([size, size]) - 1))
-        out[im.image_id] = np.concatenate(boxes).astype(np.float32)
-    return out
-
-
 def _extract(images, out, mode="spp", scales=SCALES, count=40):
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=scales, mode=mode)
-    run_extract(images, _proposals(images, count), out, settings, proposals_key="test", image_set="x",
+    run_extract(images, jittered_proposals(images, count), out, settings, proposals_key="test", image_set="x",
                 device=torch.device("cpu"))
     return out
 

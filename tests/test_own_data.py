@@ -21,37 +21,20 @@ from spp_detect.head import load_head
 from spp_detect.window_features import open_caches
 from svm.train import SVMSettings, load_svm, run_train_svm
 from tests.coco_data import RELABEL, THREE_CLASSES, image_list, write_coco
-from tests.conftest import SQUEEZENET_FILE
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCALES = (240,)
 
 
-def _proposals(images, count=30):
-    """Random windows plus jittered copies of each ground truth, seeded by the image id, so
-    that both routes get the same windows for the same image."""
-    out = {}
-    for im in images:
-        rng = np.random.default_rng(int(im.image_id))
-        size = np.array([im.width, im.height], dtype=np.float64)
-        xy = rng.uniform(0, 1, (count, 2)) * (size - 20)
-        wh = 20 + rng.uniform(0, 1, (count, 2)) * (size - 20 - xy)
-        boxes = [np.concatenate([xy, xy + wh], axis=1)]
-        for box in im.boxes:
-            w, h = box[2] - box[0], box[3] - box[1]
-            jitter = rng.uniform(-0.08, 0.08, (4, 4)) * np.array([w, h, w, h])
-            boxes.append(np.clip(box + jitter, 0, np.concatenate([size, size]) - 1))
-        out[im.image_id] = np.concatenate(boxes).astype(np.float32)
-    return out
-
-
 def _train_and_detect(train, test, root):
     """extract -> finetune -> train-svm (fc7, box regression) -> detect, as the CLI runs them."""
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=SCALES)
     for split, data in (("train", train), ("test", test)):
-        run_extract(data.images, _proposals(data.images), root / split, settings, proposals_key="p",
-                    image_set=data.name, device=torch.device("cpu"), classes=data.classes)
+        windows = jittered_proposals(data.images, seed=None, copies=4)  # seeded per image: both routes alike
+        run_extract(data.images, windows, root / split, settings, proposals_key="p", image_set=data.name,
+                    device=torch.device("cpu"), classes=data.classes)
     run_finetune([root / "train"], root / "head",
                  FinetuneSettings(fc_dim=32, iterations=20, round_iterations=10, batch_size=32))
     run_train_svm([root / "train"], root / "svm", SVMSettings(layer="fc7", C=0.1, bbox=True), head_folder=root / "head")
@@ -187,8 +170,9 @@ def test_a_broken_image_stops_extract_keeping_what_was_done_and_skip_bad_skips_i
     out = tmp_path / "cache"
 
     def extract(**kwargs):
-        return run_extract(dataset.images, _proposals(dataset.images), out, settings, proposals_key="p",
-                           image_set=dataset.name, device=torch.device("cpu"), classes=dataset.classes, **kwargs)
+        windows = jittered_proposals(dataset.images, seed=None, copies=4)
+        return run_extract(dataset.images, windows, out, settings, proposals_key="p", image_set=dataset.name,
+                           device=torch.device("cpu"), classes=dataset.classes, **kwargs)
 
     with pytest.raises(ImageReadError, match=r"000015.jpg: truncated or corrupt JPEG"):
         extract()

@@ -13,7 +13,7 @@ import svm.train as train
 from spp_detect.datasets import read_voc
 from spp_detect.extract import ExtractSettings, run_extract
 from svm.train import MINING_STATE, SVMSettings, run_train_svm
-from tests.conftest import SQUEEZENET_FILE
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,29 +22,12 @@ SETTINGS = SVMSettings(layer="pool", C=0.1, bbox=True)
 MODEL_FILES = ("svm.npz", "svm.json", "bbox.npz")
 
 
-def _proposals(images, count=30, seed=0):
-    """Random windows plus jittered copies of each ground truth (so there are positives)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for im in images:
-        size = np.array([im.width, im.height], dtype=np.float64)
-        xy = rng.uniform(0, 1, (count, 2)) * (size - 20)
-        wh = 20 + rng.uniform(0, 1, (count, 2)) * (size - 20 - xy)
-        boxes = [np.concatenate([xy, xy + wh], axis=1)]
-        for box in im.boxes:
-            w, h = box[2] - box[0], box[3] - box[1]
-            jitter = rng.uniform(-0.08, 0.08, (6, 4)) * np.array([w, h, w, h])
-            boxes.append(np.clip(box + jitter, 0, np.concatenate([size, size]) - 1))
-        out[im.image_id] = np.concatenate(boxes).astype(np.float32)
-    return out
-
-
 @pytest.fixture(scope="module")
 def cache(voc_root, tmp_path_factory):
     images = read_voc(voc_root, "trainval")[:IMAGES]
     out = tmp_path_factory.mktemp("feat") / "train"
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(240,))
-    run_extract(images, _proposals(images), out, settings, proposals_key="test", image_set="x", device=torch.device("cpu"))
+    run_extract(images, jittered_proposals(images), out, settings, proposals_key="test", image_set="x", device=torch.device("cpu"))
     return out
 
 
