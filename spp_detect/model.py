@@ -379,6 +379,15 @@ class PredictSummary:
     results_json: Path | None = None
     bad: list[Exception] = field(default_factory=list)
 
+    def describe(self, out: Path | str) -> str:
+        """The lines a command prints: one per image (detections, drawn, time), then the total."""
+        lines = [f"  {image_id}: {self.detections[image_id]} detections ({self.drawn[image_id]} drawn), {seconds:.2f} s"
+                 for image_id, seconds in self.seconds.items()]
+        per_image = sum(self.seconds.values()) / max(len(self.seconds), 1)
+        lines.append(f"predict: {len(self.seconds)} image(s), {per_image:.2f} s/image, {sum(self.detections.values())} "
+                     f"detections -> {out}/detections.json and {len(self.pictures)} PNG(s)")
+        return "\n".join(lines)
+
 
 def coco_results(image_id: str, prediction: Prediction, result_ids: ResultIds | None = None) -> list[dict]:
     """One image's detections as COCO results entries, as ``detect`` writes them in

@@ -24,8 +24,7 @@ from spp_detect.backbones import resolve_normalization
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.windows import scale_factors, windows_to_cells
 from svm.train import SVMSettings, run_train_svm
-from tests.conftest import SQUEEZENET_FILE
-from tests.test_detector import _proposals
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals
 
 SCALES = (240,)
 CONV = dict(fc_dim=32, iterations=4, base_lr=0.001, lr_steps=(3,), batch_size=32, round_iterations=2,
@@ -39,7 +38,7 @@ def images(voc_root):
 
 @pytest.fixture(scope="module")
 def proposals(images):
-    return _proposals(images, 30)
+    return jittered_proposals(images, 30)
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,7 @@ from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.model import ModelError, PredictSettings, coco_results, export_model, load_model, run_predict
 from spp_detect.stage_dir import read_manifest, source_key
 from svm.train import SVMSettings, run_train_svm
-from tests.conftest import SQUEEZENET_FILE
-from tests.test_own_data import _proposals
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +37,8 @@ def trained(voc_root, tmp_path_factory):
     shutil.copy(SQUEEZENET_FILE, weights)
     data = open_dataset(voc_root=voc_root, image_set="trainval", limit=6)
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(weights), scales=SCALES)
-    run_extract(data.images, _proposals(data.images), root / "train", settings, proposals_key="p", image_set=data.name,
+    windows = jittered_proposals(data.images, seed=None, copies=4)
+    run_extract(data.images, windows, root / "train", settings, proposals_key="p", image_set=data.name,
                 device=torch.device("cpu"), classes=data.classes)
     run_finetune([root / "train"], root / "head", FinetuneSettings(fc_dim=32, iterations=20, round_iterations=10, batch_size=32))
     run_train_svm([root / "train"], root / "svm", SVMSettings(layer="fc7", C=0.1, bbox=True), head_folder=root / "head")
@@ -124,7 +124,7 @@ def test_a_model_with_its_weights_copied_moves_to_another_place(trained, voc_roo
     shutil.move(tmp_path / "here", tmp_path / "there")  # e.g. rsync -a to another machine
     model = spp_detect.load_model(tmp_path / "there")
     image = voc_root / "VOC2007" / "JPEGImages" / "000015.jpg"
-    windows = _proposals(open_dataset(images=[image]).images)["000015"]
+    windows = jittered_proposals(open_dataset(images=[image]).images, seed=None, copies=4)["000015"]
     moved = model.predict(image, proposals=windows)
     original = load_model(tmp_path / "there", weights=weights).predict(image, proposals=windows)
     assert moved.boxes.dtype == torch.float32 and moved.boxes.shape[1:] == (4,)

@@ -243,3 +243,21 @@ def test_the_progress_protocol_is_tqdms_call_and_none_shows_nothing(pipeline, tm
     calls.clear()
     run_detect(pipeline / "feat", pipeline / "svm", tmp_path / "dets", DetectSettings(bbox=True), progress=recording)
     assert calls == [("detect", 3, 0)]
+
+
+def test_every_stage_returns_a_summary_that_describes_itself():
+    """Commands print what ``describe()`` says: every ``run_<stage>`` returns a summary with one."""
+    import inspect
+    import typing
+
+    from spp_detect.classification.stages import ClassifierSummary, run_train_classifier
+    from spp_detect.combine import run_combine
+
+    runs = {**_stage_runs(), "combine": run_combine, "train-classifier": run_train_classifier}
+    runs.pop("queries")  # a search, not a stage folder: it returns the rankings themselves
+    for stage, run in runs.items():
+        try:
+            summary = typing.get_type_hints(run)["return"]
+        except NameError:  # annotations naming TYPE_CHECKING-only settings classes
+            summary = {"ClassifierSummary": ClassifierSummary}[inspect.signature(run).return_annotation]
+        assert callable(getattr(summary, "describe", None)), stage

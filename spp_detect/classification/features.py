@@ -51,6 +51,7 @@ __all__ = [
     "image_features",
     "run_by_shape",
     "run_classify_features",
+    "FeaturesSummary",
     "load_features",
 ]
 
@@ -196,6 +197,21 @@ class FeatureSet:
 IMAGES_FILE = "images.json"
 
 
+@dataclass
+class FeaturesSummary:
+    """What a ``classify-features`` run did: images ``done`` (computed) and ``skipped``
+    (already in the folder), ``seconds`` over the computed ones."""
+
+    done: int = 0
+    skipped: int = 0
+    seconds: float = 0.0
+
+    def describe(self, out: Path | str) -> str:
+        """The line a command prints."""
+        rate = f", {self.done / self.seconds:.1f} img/s" if self.done and self.seconds else ""
+        return f"classify-features: {self.done} image(s) computed, {self.skipped} already done{rate} -> {out}"
+
+
 def run_classify_features(
     image_ids: Sequence[str],
     paths: Sequence[Path],
@@ -209,12 +225,12 @@ def run_classify_features(
     force: bool = False,
     batch_size: int = 16,
     progress: Progress | None = None,
-) -> tuple[int, int, float]:
+) -> FeaturesSummary:
     """Fill the stage folder ``out``: ``manifest.json``, ``images.json`` (ids, labels,
     classes) and one ``<n>.npy`` (``float32 [D]``) per image, ``n`` its list position.
     The trunk (``settings``) is built only when there is an image to compute.
 
-    Resumable: images whose file exists are skipped. Returns ``(computed, skipped, seconds)``.
+    Resumable: images whose file exists are skipped.
 
     Raises:
         SettingsChanged: ``out`` holds other settings and ``force`` is false.
@@ -227,7 +243,7 @@ def run_classify_features(
     atomic_write(out / IMAGES_FILE, lambda tmp: tmp.write_text(json.dumps(listing)))
     todo, skipped, _ = stage.todo(range(len(image_ids)), lambda n: out / f"{n}.npy")
     if not todo:
-        return 0, skipped, 0.0
+        return FeaturesSummary(skipped=skipped)
     trunk = prepare_trunk(build_trunk(settings.backbone, settings.weights), device)
     norm = resolve_normalization(settings.backbone, settings.weights, settings.input_norm)
     start = time.perf_counter()
@@ -235,7 +251,7 @@ def run_classify_features(
     features = image_features(trunk, norm, pixels, settings, device, batch_size)
     for index, vector in track(progress, features, "classify-features", total=len(image_ids), initial=skipped):
         atomic_write(out / f"{todo[index]}.npy", lambda tmp, v=vector: np.save(tmp, v))
-    return len(todo), len(image_ids) - len(todo), time.perf_counter() - start
+    return FeaturesSummary(len(todo), len(image_ids) - len(todo), time.perf_counter() - start)
 
 
 def load_features(folder: Path) -> FeatureSet:

@@ -6,7 +6,7 @@ test views scored)."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,7 +18,8 @@ if TYPE_CHECKING:
     from spp_detect.classification.svm import ClassifierSettings
     from spp_detect.classification.train import TrainSettings
 
-__all__ = ["LabelledImages", "labelled_images", "write_scores", "run_train_classifier", "run_train_spp_classifier"]
+__all__ = ["LabelledImages", "labelled_images", "write_scores", "ClassifierSummary", "run_train_classifier",
+           "run_train_spp_classifier"]
 
 
 @dataclass
@@ -71,11 +72,23 @@ def write_scores(scores: np.ndarray, image_ids, classes, folder: Path, image_set
     return line
 
 
+@dataclass
+class ClassifierSummary:
+    """What a classifier stage did, as the lines a command prints (``trained``: what was
+    trained; ``scored``: one line per set of scores written, with its accuracy)."""
+
+    trained: str
+    scored: list[str] = field(default_factory=list)
+
+    def describe(self, out: Path | str | None = None) -> str:
+        """The lines a command prints (``out`` is named in them already)."""
+        return "\n".join([self.trained, *self.scored])
+
+
 def run_train_classifier(features_dir: Path, out: Path, settings: ClassifierSettings | None = None, *,
-                         score: Path | None = None, scores_out: Path | None = None) -> list[str]:
+                         score: Path | None = None, scores_out: Path | None = None) -> ClassifierSummary:
     """Train one linear SVM per class on the features of ``features_dir`` into ``out``
     (``.npz``); with ``score`` and ``scores_out``, score those features into devkit files.
-    Returns the lines to print.
 
     Raises:
         FileNotFoundError: an unfinished features folder; ValueError: ``score`` made with
@@ -88,8 +101,8 @@ def run_train_classifier(features_dir: Path, out: Path, settings: ClassifierSett
     train = load_features(features_dir)
     classifier = train_svms(train.features, train.labels, train.classes, settings, {"features": train.config})
     save_classifier(out, classifier)
-    lines = [f"trained {len(train.classes)} linear SVMs on {len(train.image_ids)} images "
-             f"({train.features.shape[1]}-d, C={settings.C:g}) -> {out}"]
+    summary = ClassifierSummary(f"trained {len(train.classes)} linear SVMs on {len(train.image_ids)} images "
+                                f"({train.features.shape[1]}-d, C={settings.C:g}) -> {out}")
     if score is not None:
         test = load_features(score)
         if test.classes != train.classes:
@@ -99,18 +112,18 @@ def run_train_classifier(features_dir: Path, out: Path, settings: ClassifierSett
             raise ValueError(f"{score} was computed with other feature settings than {features_dir}")
         dataset = test.config.get("dataset", {})
         image_set = str(dataset.get("image_set") or dataset.get("split"))
-        lines.append(write_scores(classifier.scores(test.features), test.image_ids, test.classes, scores_out, image_set,
-                                  test.labels))
-    return lines
+        summary.scored.append(write_scores(classifier.scores(test.features), test.image_ids, test.classes, scores_out,
+                                           image_set, test.labels))
+    return summary
 
 
 def run_train_spp_classifier(images: LabelledImages, out: Path, settings: TrainSettings, *, device, force: bool = False,
                              score: LabelledImages | None = None, score_set: str = "test",
                              progress: Progress | None = None,
-                             on_epoch: Callable[[int, int, float], None] | None = None) -> list[str]:
+                             on_epoch: Callable[[int, int, float], None] | None = None) -> ClassifierSummary:
     """Train an SPP classifier (:func:`spp_detect.classification.train.run_training`) on
     ``images`` in the stage folder ``out``; with ``score``, score those images at both test
-    views into ``out/scores-<view>-<score_set>/``. Returns the lines to print."""
+    views into ``out/scores-<view>-<score_set>/``."""
     from spp_detect.backbones import resolve_normalization
     from spp_detect.classification.train import load_trained, predict, run_training
     from spp_detect.image_trunk import load_image_rgb
@@ -120,12 +133,13 @@ def run_train_spp_classifier(images: LabelledImages, out: Path, settings: TrainS
     state = run_training(pixels, images.labels, images.classes, out, settings, norm, device, dataset=images.dataset,
                          force=force, progress=progress, on_epoch=on_epoch)
     resumed = f" (resumed after epoch {state.resumed_from})" if state.resumed_from else ""
-    lines = [f"trained {len(state.losses) - state.resumed_from} epoch(s){resumed} -> {out}"]
+    summary = ClassifierSummary(f"trained {len(state.losses) - state.resumed_from} epoch(s){resumed} -> {out}")
     if score is not None:
         model = load_trained(out, settings, len(images.classes), device)
         test_pixels = [load_image_rgb(p) for p in score.paths]
         for view in ("crop", "full"):
             scores = predict(model, norm, test_pixels, view, device, size=settings.resize, crop=settings.crop)
             folder = Path(out) / f"scores-{view}-{score_set}"
-            lines.append(f"{view} view: " + write_scores(scores, score.ids, images.classes, folder, score_set, score.labels))
-    return lines
+            summary.scored.append(f"{view} view: " + write_scores(scores, score.ids, images.classes, folder, score_set,
+                                                                  score.labels))
+    return summary

@@ -55,12 +55,11 @@ def classify_features_cmd(out, batch_size, device, force, **params) -> None:
     torch_device = pick_device(device)
     with stage_errors():
         images = _images(params)
-        done, skipped, seconds = run_classify_features(
+        summary = run_classify_features(
             images.ids, images.paths, images.labels, images.classes, out, settings_from_params(FeatureSettings, params),
             images.dataset, device=torch_device, force=force, batch_size=batch_size,
             progress=bar())
-    rate = f", {done / seconds:.1f} img/s" if done and seconds else ""
-    click.echo(f"classify-features: {done} image(s) computed, {skipped} already done{rate} -> {out}")
+    click.echo(summary.describe(out))
 
 
 @click.command("train-classifier")
@@ -86,9 +85,9 @@ def train_classifier_cmd(features_dir: Path, out: Path, score_dir: Path | None, 
     if (score_dir is None) != (scores_out is None):
         raise click.UsageError("--score and --scores-out go together")
     with stage_errors():
-        lines = run_train_classifier(features_dir, out, settings_from_params(ClassifierSettings, params), score=score_dir,
-                                     scores_out=scores_out)
-    click.echo("\n".join(lines))
+        summary = run_train_classifier(features_dir, out, settings_from_params(ClassifierSettings, params),
+                                       score=score_dir, scores_out=scores_out)
+    click.echo(summary.describe(out))
 
 
 @click.command("train-spp-classifier")
@@ -119,12 +118,12 @@ def train_spp_classifier_cmd(out, score_set, device, force, **params) -> None:
     with stage_errors():
         images = _images(params)
         settings = settings_from_params(TrainSettings, params, seed="train_seed")
-        lines = run_train_spp_classifier(
+        summary = run_train_spp_classifier(
             images, out, settings, device=pick_device(device), force=force, score_set=score_set or "test",
             score=labelled_images(voc_root, year, score_set) if score_set is not None else None,
             progress=bar("batch", leave=False),
             on_epoch=lambda e, s, loss: click.echo(f"epoch {e + 1}/{settings.epochs}: size {s}, loss {loss:.4f}"))
-    click.echo("\n".join(lines))
+    click.echo(summary.describe(out))
 
 
 #: registered on the group by cli.py, in this order

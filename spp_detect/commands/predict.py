@@ -76,12 +76,7 @@ def predict_cmd(images, model_folder, out, threshold, top, weights, limit, coco_
     echo_skipped((bad or []) + summary.bad)
     if not summary.seconds and (bad or summary.bad):
         raise nothing_done("predict", len((bad or []) + summary.bad), dataset.image_folder)
-    for image_id, seconds in summary.seconds.items():
-        click.echo(f"  {image_id}: {summary.detections[image_id]} detections ({summary.drawn[image_id]} drawn), {seconds:.2f} s")
-    count = len(summary.seconds)
-    per_image = sum(summary.seconds.values()) / max(count, 1)
-    click.echo(f"predict: {count} image(s), {per_image:.2f} s/image, {sum(summary.detections.values())} detections "
-               f"-> {out}/detections.json and {len(summary.pictures)} PNG(s)")
+    click.echo(summary.describe(out))
 
 
 COMMANDS = (export_model_cmd, predict_cmd)

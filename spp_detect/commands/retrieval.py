@@ -53,9 +53,7 @@ def index_cmd(images_dir: Path, out: Path, whiten_images: Path, limit: int | Non
     with stage_errors():
         summary = run_index(list_images(images_dir, limit), out, settings_from_params(IndexSettings, params),
                             list_images(whiten_images), device=torch_device, force=force, progress=bar())
-    per_image = summary.bytes_written / max(summary.done, 1) / 1e3
-    click.echo(f"index: {summary.done} image(s) described, {summary.skipped} already indexed, "
-               f"{per_image:.0f} kB/image, {summary.seconds:.1f} s -> {out}")
+    click.echo(summary.describe(out))
 
 
 @click.command("search")

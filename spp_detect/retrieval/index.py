@@ -112,6 +112,12 @@ class IndexSummary:
     bytes_written: int = 0
     seconds: float = 0.0
 
+    def describe(self, out: Path | str) -> str:
+        """The line a command prints."""
+        per_image = self.bytes_written / max(self.done, 1) / 1e3
+        return (f"index: {self.done} image(s) described, {self.skipped} already indexed, "
+                f"{per_image:.0f} kB/image, {self.seconds:.1f} s -> {out}")
+
 
 def run_index(
     images: Sequence[Path],
