@@ -21,10 +21,10 @@ maps (zlib, ~0.05 s per image at one scale) while the trunk runs on the next ima
 from __future__ import annotations
 
 import queue
-from concurrent.futures import Future, ThreadPoolExecutor
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch

@@ -24,10 +24,10 @@ learners are imported only where :func:`run_detect` loads a train-svm folder's m
 from __future__ import annotations
 
 import copy
-import time
-from contextlib import closing
-from collections.abc import Sequence
 import json
+import time
+from collections.abc import Sequence
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -38,12 +38,12 @@ from torch import Tensor
 from torchvision.ops import batched_nms
 
 from eval.results import DETECTIONS_INFO, ClassDetections, Detections
+from spp_detect.background_io import Waited, read_ahead, reads_ahead
 from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.device import canonical_device
 from spp_detect.datasets.result_ids import ResultIds, read_result_ids
 from spp_detect.head import SPPHead, check_head_reads
-from spp_detect.background_io import Waited, read_ahead, reads_ahead
 from spp_detect.stage_dir import BadSetting, Progress, atomic_write, open_stage, settings_config, source_key, track, write_npz
 from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
 
@@ -303,8 +303,9 @@ def run_detect(
             summary.detections += len(scores)
     summary.timings["decode"] = waited.seconds
     summary.seconds = time.perf_counter() - start
-    summary.pending = sum(not path_of(i).is_file() for i in cache.image_ids)  # after our last write
-    if stage.all_done(cache.image_ids, path_of):  # the shard that finishes last writes the result files
+    if not stage.all_done(cache.image_ids, path_of):  # after our last write: other shards still run
+        summary.pending = sum(not path_of(i).is_file() for i in cache.image_ids)
+    else:  # the shard that finishes last writes the result files
         info = {"classes": list(model.classes), "image_set": summary.image_set, "svm": str(Path(svm_folder).resolve()),
                 "untrained_classes": untrained_classes(svm_folder)}
         result_ids = read_result_ids(cache_folder)  # a COCO dataset's own ids, recorded by extract
@@ -338,12 +339,11 @@ def write_result_files(
     from eval.results import write_coco_results, write_voc_results
 
     out = Path(out)
-    detections = per_class
-    write_voc_results(detections, out, image_set, comp_id="comp4", classes=classes)
+    write_voc_results(per_class, out, image_set, comp_id="comp4", classes=classes)
     result_ids = ResultIds.from_json(info["result_ids"]) if info.get("result_ids") else None
-    write_coco_results(detections, out / "detections.json", classes=classes, result_ids=result_ids)
+    write_coco_results(per_class, out / "detections.json", classes=classes, result_ids=result_ids)
     atomic_write(out / DETECTIONS_INFO, lambda p: p.write_text(json.dumps(info, indent=2)))
-    return sum(len(d) for d in detections.values())
+    return sum(len(d) for d in per_class.values())
 
 
 def untrained_classes(svm_folder: Path | str) -> list[str]:
