@@ -12,7 +12,16 @@ Modules, by stage:
 This file stays light (no torch import) so that ``spp-detect --help`` is instant.
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# Huge pages for torch's large CPU tensors (PyTorch's CPU allocator reads this once, before
+# its first allocation: docs/sources.md 9.1). Each minibatch of fine-tuning allocates fc6's
+# 105 MB weight gradient afresh; with 4 KB pages, faulting it in costs ~20 ms of the ~90 ms
+# backward pass on this project's 2-core CPU. Set before torch is imported; a user's own
+# setting wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __all__ = ["__version__", "load_model"]
 

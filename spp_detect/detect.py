@@ -43,7 +43,7 @@ from spp_detect.boxes import clip_boxes
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.device import canonical_device
 from spp_detect.datasets.result_ids import ResultIds, read_result_ids
-from spp_detect.head import SPPHead, check_head_reads
+from spp_detect.head import PRECISIONS, SPPHead, at_precision, check_head_reads
 from spp_detect.stage_dir import BadSetting, Progress, atomic_write, open_stage, settings_config, source_key, track, write_npz
 from spp_detect.window_features import PoolBuffer, feature_dim, window_scores
 
@@ -63,7 +63,6 @@ __all__ = [
 SCORE_THRESHOLD: float = -1.5  # spp_test.m: keep z > -1.5
 NMS_THRESHOLD: float = 0.3  # spp_test.m / imdb_eval_voc.m:65
 MAX_PER_IMAGE: int = 100  # spp_test.m: top 100 per class per image
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 class Scorer(Protocol):
@@ -89,12 +88,10 @@ class DetectSettings:
     #: rank of fc6's truncated SVD (Fast R-CNN 3.1), 0 for the exact layer
     svd_rank: int = field(default=0, metadata={"help": (
         "Replace fc6 by its rank-R truncated SVD (Fast R-CNN 3.1): faster, approximate; 0 keeps it exact.")})
-    #: arithmetic of fc6 + fc7: ``fp32``, or ``bf16`` (weights and input rounded to bfloat16,
-    #: float32 accumulation; several times faster where the hardware has bf16 matrix units,
-    #: e.g. AMX on recent Xeons, tensor cores on GPUs; mAP cost measured in bench.redetect)
+    #: arithmetic of fc6 + fc7 (:data:`spp_detect.head.PRECISIONS`)
     precision: str = field(default="fp32", metadata={"help": (
-        "fc6/fc7 arithmetic. bf16 rounds weights and input to bfloat16 (float32 sums): ~5x faster fc on CPUs "
-        "with AMX and on GPU tensor cores, approximate (README: its measured mAP cost).")})
+        "fc6/fc7 arithmetic. bf16 rounds weights and input to bfloat16 (float32 sums): 2-5x faster fc on CPUs "
+        "with bf16 instructions (AVX512-BF16, AMX) and on GPU tensor cores, approximate (README: its measured mAP cost).")})
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -223,7 +220,7 @@ def prepare_scorer(model: Scorer, settings: DetectSettings) -> Scorer:
         if model.head is None:
             raise ValueError("--precision bf16 applies to the fc layers of a fine-tuned head; this model scores pooled features")
         model = copy.copy(model)
-        model.head = copy.deepcopy(model.head).to(torch.bfloat16)
+        model.head = at_precision(model.head, "bf16")
     return model
 
 

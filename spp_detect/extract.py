@@ -38,7 +38,7 @@ from spp_detect.background_io import WriteBehind, reads_ahead
 from spp_detect.cache import FORMAT_VERSION, cached_file_problem, record_image_paths, write_cached_image
 from spp_detect.datasets.result_ids import ResultIds, record_result_ids
 from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
-from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
+from spp_detect.image_trunk import TRUNK_DTYPES, conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.images import ImageReadError
 from spp_detect.spp import PAPER_LEVELS
 from spp_detect.stage_dir import BadSetting, Progress, open_stage, settings_config, track, weights_field
@@ -125,6 +125,12 @@ class ExtractSettings:
     flip: bool = field(default=False, metadata={"help": (
         "Cache the left-right mirror of every image (boxes mirrored, same ids): the release fine-tunes on "
         "flipped images too. Give it to finetune beside the plain cache: --cache feat --cache feat-flip.")})
+    #: the trunk's arithmetic (:data:`spp_detect.image_trunk.TRUNK_DTYPES`); maps are stored
+    #: float16 either way
+    precision: str = field(default="fp32", metadata={"help": (
+        "Conv arithmetic. bf16: weights and activations in bfloat16 (float32 sums), ~2x faster on CPUs with "
+        "AVX512-BF16/AMX and on GPUs, approximate (README: its measured mAP cost). The maps are stored float16 "
+        "either way; predict computes them as the cache was.")})
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "input_norm", normalization_name(self.backbone, self.weights, self.input_norm))
@@ -136,6 +142,8 @@ class ExtractSettings:
             raise BadSetting("levels", f"pyramid levels must be positive integers, got {self.levels}")
         if not self.scales or min(self.scales) <= 0:
             raise BadSetting("scales", f"scales must be positive, got {self.scales}")
+        if self.precision not in TRUNK_DTYPES:
+            raise BadSetting("precision", f"precision must be one of {tuple(TRUNK_DTYPES)}, got {self.precision!r}")
 
 
 def _check_smallest_scale(trunk: nn.Module, norm: Normalization, backbone: str, scale: int, device: torch.device) -> None:
@@ -253,7 +261,7 @@ def run_extract(
         return summary
     backbone, weights = settings.backbone, settings.weights
     try:
-        trunk = prepare_trunk(build_trunk(backbone, weights), device)
+        trunk = prepare_trunk(build_trunk(backbone, weights), device, settings.precision)
     except (RuntimeError, OSError, ValueError, pickle.UnpicklingError, EOFError) as exc:
         if isinstance(exc, pickle.UnpicklingError) or "weights_only" in str(exc):
             first_line = "not a state_dict file (torch.load(weights_only=True) cannot read it)"

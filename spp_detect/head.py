@@ -18,6 +18,7 @@ pooled SPP vector itself), ``fc6`` and ``fc7`` (after their ReLU, as ``spp_poolX
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -27,12 +28,18 @@ from torch import Tensor, nn
 from spp_detect.stage_dir import atomic_write
 from spp_detect.tensor_io import load_tensors, save_tensors
 
-__all__ = ["FEATURE_LAYERS", "SPPHead", "save_head", "load_head", "check_head_reads", "truncate_fc"]
+__all__ = ["FEATURE_LAYERS", "PRECISIONS", "SPPHead", "at_precision", "save_head", "load_head", "check_head_reads",
+           "truncate_fc"]
 
 #: SVM feature layers, in network order (paper Table 6 rows "pool5", "fc6", "fc7").
 FEATURE_LAYERS: tuple[str, ...] = ("pool", "fc6", "fc7")
 #: Dropout ratio after fc6 and fc7 (pascal_finetune_fc_spm_train.prototxt).
 DROPOUT: float = 0.5
+#: Arithmetic of a trained head's fc6 and fc7 when it computes features (``detect`` and
+#: ``train-svm --precision``): ``fp32``, or ``bf16`` (weights and input rounded to bfloat16,
+#: float32 sums: several times faster where the hardware has bf16 matrix instructions, e.g.
+#: AVX512-BF16 and AMX CPUs, GPU tensor cores; the mAP cost is measured in bench.redetect).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 
 
 class SPPHead(nn.Module):
@@ -92,6 +99,14 @@ class SPPHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_dim={self.in_dim}, fc_dim={self.fc_dim}, num_classes={self.num_classes}"
+
+
+def at_precision(head: SPPHead, precision: str) -> SPPHead:
+    """``head`` computing in ``precision`` (:data:`PRECISIONS`): itself for ``fp32``, a
+    bfloat16 copy for ``bf16`` (the caller's head is left as it is)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    return head if precision == "fp32" else copy.deepcopy(head).to(torch.bfloat16)
 
 
 def save_head(folder: Path | str, head: SPPHead, name: str = "head", features_from: str | None = None) -> Path:

@@ -47,9 +47,18 @@ def resize_shorter_side(image: np.ndarray, scale: int) -> np.ndarray:
     return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
 
 
-def prepare_trunk(trunk: nn.Module, device: torch.device) -> nn.Module:
-    """Move a trunk to ``device`` in channels-last layout, in eval mode (for :func:`conv_maps`)."""
-    return trunk.to(device=device, memory_format=torch.channels_last).eval()
+#: The trunk's arithmetic per ``precision`` (``extract --precision``): bfloat16 weights and
+#: activations (the conv sums in float32) run the conv layers ~2x faster on CPUs with
+#: AVX512-BF16 or AMX (SqueezeNet at 688: 92 vs 182 ms here) and on GPU tensor cores.
+TRUNK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def prepare_trunk(trunk: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
+    """Move a trunk to ``device`` in channels-last layout and ``precision``'s dtype
+    (:data:`TRUNK_DTYPES`), in eval mode (for :func:`conv_maps`)."""
+    if precision not in TRUNK_DTYPES:
+        raise ValueError(f"precision must be one of {tuple(TRUNK_DTYPES)}, got {precision!r}")
+    return trunk.to(device=device, dtype=TRUNK_DTYPES[precision], memory_format=torch.channels_last).eval()
 
 
 @torch.inference_mode()
@@ -59,14 +68,17 @@ def conv_maps(
     """Run ``trunk`` once per scale on ``np.ndarray[H, W, 3]`` uint8 RGB.
 
     Returns:
-        One ``Tensor[C, h_s, w_s]`` float32 per scale, on ``device``.
+        One ``Tensor[C, h_s, w_s]`` float32 per scale, on ``device`` (a bfloat16 trunk's
+        maps converted).
 
     The input runs in channels-last layout, which roughly halves the CPU conv time of a
-    channels-last trunk (:func:`prepare_trunk`) and changes no value beyond float rounding.
+    channels-last trunk (:func:`prepare_trunk`) and changes no value beyond float rounding;
+    it is normalised in float32 and then cast to the trunk's dtype.
     """
+    dtype = next(trunk.parameters()).dtype
     maps = []
     for scale in scales:
         pixels = torch.from_numpy(resize_shorter_side(image, scale)).to(device).permute(2, 0, 1)  # [3, h, w]
-        batch = norm(pixels).unsqueeze(0).contiguous(memory_format=torch.channels_last)
-        maps.append(trunk(batch)[0].contiguous())  # [C, h', w'], C-order for pooling and the cache
+        batch = norm(pixels).unsqueeze(0).to(dtype).contiguous(memory_format=torch.channels_last)
+        maps.append(trunk(batch)[0].float().contiguous())  # [C, h', w'], C-order for pooling and the cache
     return maps

@@ -4,7 +4,7 @@ A model folder holds everything ``predict`` needs, with no reference to the stag
 it came from:
 
 * ``model.json``: ``format``; ``backbone``, ``input_norm`` (resolved, by name), ``scales``,
-  ``levels`` (the extract settings); ``weights``: ``{"file", "sha256"}`` (``file`` relative
+  ``levels``, ``precision`` (the extract settings; ``precision`` absent: ``fp32``); ``weights``: ``{"file", "sha256"}`` (``file`` relative
   to the folder when the weights were copied into it, else absolute; or ``"imagenet"`` /
   ``"none"``); ``classes``; ``layer`` (``pool``/``fc6``/``fc7``); ``proposals`` (the
   selective-search settings); ``detect`` (score threshold, NMS, box regression, ...);
@@ -111,6 +111,7 @@ class DetectionModel:
     proposals: object  # proposals.run.ProposalSettings
     settings: DetectSettings
     device: torch.device = torch.device("cpu")
+    precision: str = "fp32"  # the trunk's arithmetic, as the cache was extracted
     _plain_scorer: object = field(default=None, repr=False)  # as trained, for other settings
     _trunk: torch.nn.Module | None = field(default=None, repr=False)
     _buffer: PoolBuffer = field(default_factory=PoolBuffer, repr=False)
@@ -118,7 +119,7 @@ class DetectionModel:
     def trunk(self) -> torch.nn.Module:
         """The conv trunk with the model's weights (built on first use)."""
         if self._trunk is None:
-            self._trunk = prepare_trunk(build_trunk(self.backbone, self.weights), self.device)
+            self._trunk = prepare_trunk(build_trunk(self.backbone, self.weights), self.device, self.precision)
         return self._trunk
 
     def propose(self, image_bgr: np.ndarray) -> np.ndarray:
@@ -283,6 +284,7 @@ def export_model(
         "input_norm": config["input_norm"],
         "scales": list(cache.scales),
         "levels": list(cache.levels),
+        "precision": config.get("precision", "fp32"),
         "classes": list(cache.classes),
         "layer": scorer.layer,
         "proposals": settings_config(proposals or ProposalSettings()),
@@ -351,7 +353,7 @@ def load_model(folder: Path | str, *, weights: Path | str | None = None, device:
         folder=folder, backbone=meta["backbone"], weights=weights_file, input_norm=meta["input_norm"],
         scales=tuple(meta["scales"]), levels=tuple(meta["levels"]), classes=classes,
         scorer=prepare_scorer(scorer, settings), proposals=settings_from_config(ProposalSettings, proposals),
-        settings=settings, device=device, _plain_scorer=scorer,
+        settings=settings, device=device, precision=meta.get("precision", "fp32"), _plain_scorer=scorer,
     )
 
 

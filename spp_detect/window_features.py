@@ -161,8 +161,9 @@ def window_features(
         first, inverse = distinct_windows(image, indices)
         pooled = image.features(indices[first], device)
         return pooled if _is_identity(inverse) else pooled[inverse.to(device)]
-    return _per_window(image, lambda pooled: head.features(pooled, layer, overwrite_input=True),
-                       indices, batch_size, device, buffer, feature_dim(image, layer, head))
+    # a bf16 head (--precision bf16) takes windows pooled straight to bf16
+    return _per_window(image, lambda pooled: head.features(pooled, layer, overwrite_input=True).float(),
+                       indices, batch_size, device, buffer, feature_dim(image, layer, head), dtype=head.dtype)
 
 
 @torch.inference_mode()

@@ -51,7 +51,7 @@ from torch import Tensor
 from spp_detect.boxes import box_iou
 from spp_detect.cache import CachedImage, FeatureCache
 from spp_detect.device import canonical_device
-from spp_detect.head import FEATURE_LAYERS, SPPHead, check_head_reads, load_head
+from spp_detect.head import FEATURE_LAYERS, PRECISIONS, SPPHead, at_precision, check_head_reads, load_head
 from spp_detect.labels import class_overlaps
 from spp_detect.stage_dir import (
     BadSetting,
@@ -105,6 +105,10 @@ class SVMSettings:
     retrain_limit: int = RETRAIN_LIMIT
     include_difficult: bool = field(default=True, metadata={"help": (
         "Difficult ground truths among the positives (the release keeps them).")})
+    #: arithmetic of the head's fc6/fc7 while mining (:data:`spp_detect.head.PRECISIONS`)
+    precision: str = field(default="fp32", metadata={"help": (
+        "fc6/fc7 arithmetic while mining, as detect --precision: bf16 is 2-5x faster where the CPU or GPU has "
+        "bf16 instructions, approximate. The SVMs are float32 either way.")})
     bbox: bool = field(default=False, metadata={"help": "Also fit per-class box regressors on the pooled features."})
     bbox_lambda: float = field(default=SPP_LAMBDA, metadata={"help": "Ridge penalty (SPP-net: 4000; R-CNN: 1000)."})
     bbox_min_overlap: float = field(default=SPP_MIN_OVERLAP, metadata={"help": (
@@ -116,6 +120,10 @@ class SVMSettings:
             raise ValueError(f"unknown feature layer {self.layer!r}; choose from {FEATURE_LAYERS}")
         if self.solver not in SOLVERS:
             raise ValueError(f"unknown SVM solver {self.solver!r}; choose from {SOLVERS}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.precision != "fp32" and self.layer == "pool":
+            raise ValueError("--precision bf16 applies to the fc layers of a fine-tuned head; --features pool has none")
         c = self.C
         if isinstance(c, str) and c != "auto":
             try:  # "0.05" from a command line is the number 0.05 (one key for both spellings)
@@ -243,6 +251,7 @@ def run_train_svm(
             check_head_reads(head, cache.folder, cache.weights)
         if head.in_dim != caches[0].feature_dim:
             raise ValueError(f"the head in {head_folder} takes {head.in_dim}-d features, the caches give {caches[0].feature_dim}")
+        head = at_precision(head, settings.precision)
     head_key = read_manifest(head_folder)["key"] if head is not None else None
     num_images = sum(len(c.image_ids) for c in caches)
     svm_c = settings.resolved_c(num_images)

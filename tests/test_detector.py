@@ -403,3 +403,34 @@ def test_detect_with_svd_rank_runs_and_scores_close_to_the_full_fc6(train_cache,
         assert len(shared) >= 0.9 * len(full_by_box) > 0
         moved = max(abs(full_by_box[k] - svd_by_box[k]) for k in shared)
         assert 0 < moved <= worst[31][0] + 1e-5  # the command scored with the truncated fc6, no worse than measured
+
+
+def test_train_svm_mines_with_a_bf16_head_close_to_fp32_and_checks_the_setting(train_cache, tmp_path):
+    """``train-svm --precision bf16``: fc6/fc7 in bfloat16 while mining gives SVMs whose
+    scores track the float32 run's (same windows, same head), under another manifest key;
+    the setting is refused for pooled features and for an unknown precision."""
+    from svm.train import SVMSettings, load_svm
+
+    runner = CliRunner()
+    head = tmp_path / "head"
+    r = runner.invoke(cli.main, ["-q", "finetune", "--cache", str(train_cache), "--out", str(head), "--fc-dim", "32",
+                                 "--iterations", "20", "--round-iterations", "10", "--batch-size", "32"])
+    assert r.exit_code == 0, r.output
+    models = {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / f"svm-{precision}"
+        r = runner.invoke(cli.main, ["-q", "train-svm", "--cache", str(train_cache), "--head", str(head), "--features", "fc7",
+                                     "--C", "0.1", "--precision", precision, "--out", str(out)])
+        assert r.exit_code == 0, r.output + repr(r.exception)
+        models[precision] = load_svm(out)
+        assert json.loads((out / "manifest.json").read_text())["config"]["precision"] == precision
+    image = FeatureCache(train_cache).load(FeatureCache(train_cache).image_ids[0])
+    exact = window_scores(image, models["fp32"].scores, "fc7", models["fp32"].head)
+    approx = window_scores(image, models["bf16"].scores, "fc7", models["bf16"].head)
+    assert not torch.equal(models["fp32"].weights, models["bf16"].weights)  # it really mined in bf16
+    spread = float(exact.max() - exact.min())
+    assert float((exact - approx).abs().max()) < 0.1 * spread
+    with pytest.raises(ValueError, match="--features pool has none"):
+        SVMSettings(layer="pool", precision="bf16")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        SVMSettings(precision="fp16")

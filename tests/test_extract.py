@@ -170,3 +170,34 @@ def load_mat_dict(path):
     from proposals.io import load_mat
 
     return load_mat(path)
+
+
+def test_bf16_extract_pools_the_bf16_trunks_maps_close_to_fp32(tmp_path, test_images):
+    """``extract --precision bf16``: the cache holds the pooling of a bfloat16 trunk's maps
+    (as :func:`conv_maps` computes them, exactly, through the float16 storage), close to the
+    float32 cache's, under another key; an unknown precision is refused by name."""
+    from spp_detect.stage_dir import BadSetting
+
+    images = test_images[:1]
+    proposals = _random_proposals(images, 30)
+    _run(images, proposals, tmp_path / "fp32")
+    _run(images, proposals, tmp_path / "bf16", precision="bf16")
+    exact, rounded = FeatureCache(tmp_path / "fp32"), FeatureCache(tmp_path / "bf16")
+    assert exact.key != rounded.key and rounded.manifest["config"]["precision"] == "bf16"
+    trunk = prepare_trunk(build_trunk("squeezenet1_0", SQUEEZENET_FILE), torch.device("cpu"), "bf16")
+    assert next(trunk.parameters()).dtype == torch.bfloat16
+    norm = resolve_normalization("squeezenet1_0", SQUEEZENET_FILE)
+    im = images[0]
+    fresh = conv_maps(trunk, norm, load_image_rgb(im.path), SCALES, torch.device("cpu"))
+    assert all(m.dtype == torch.float32 for m in fresh)
+    cached = rounded.load(im.image_id)
+    expected = torch.empty_like(cached.features())
+    for k, fmap in enumerate(fresh):
+        rows = cached.scale_index == k
+        expected[rows] = spatial_pyramid_pool(fmap, cached.cells[rows])
+    assert torch.equal(cached.features(), expected.half().float())
+    a, b = exact.load(im.image_id).features(), cached.features()
+    assert not torch.equal(a, b)
+    assert float((a - b).norm() / a.norm()) < 0.05  # bf16 rounding through 8 fire modules: a few %
+    with pytest.raises(BadSetting, match="precision"):
+        ExtractSettings(precision="fp16")

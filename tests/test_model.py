@@ -182,3 +182,28 @@ def test_a_model_exported_with_bf16_fc_layers_predicts_as_detect_does_with_them(
         fp32 = np.load(through_cache / "dets" / f"{image_id}.npz")
         assert np.array_equal(exact.scores.numpy().astype(np.float64), fp32["scores"])
         assert not np.array_equal(fp32["scores"], cached["scores"])
+
+
+def test_a_model_from_a_bf16_cache_predicts_with_the_bf16_trunk_as_detect_does(voc_root, photos, tmp_path):
+    """``extract --precision bf16`` -> train-svm -> export: the model records the trunk's
+    precision, and ``predict`` computes the maps in bfloat16 too, so its detections equal
+    ``detect``'s through a bf16 cache of the same photo."""
+    data = open_dataset(voc_root=voc_root, image_set="trainval", limit=4)
+    settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=SCALES, precision="bf16")
+    run_extract(data.images, jittered_proposals(data.images, seed=None, copies=4), tmp_path / "train", settings,
+                proposals_key="p", image_set=data.name, device=torch.device("cpu"), classes=data.classes)
+    run_train_svm([tmp_path / "train"], tmp_path / "svm", SVMSettings(layer="pool", C=0.1))
+    model = load_model(export_model(tmp_path / "svm", tmp_path / "train", tmp_path / "model", weights=SQUEEZENET_FILE))
+    assert json.loads((tmp_path / "model" / "model.json").read_text())["precision"] == "bf16"
+    assert next(model.trunk().parameters()).dtype == torch.bfloat16
+    shots = open_dataset(images=[photos])
+    image = next(im for im in shots.images if im.image_id == "000001")
+    windows = jittered_proposals([image], seed=None, copies=4)
+    run_extract([image], windows, tmp_path / "cache", settings, proposals_key="q", image_set=shots.name,
+                device=torch.device("cpu"), classes=shots.classes)
+    run_detect(tmp_path / "cache", tmp_path / "svm", tmp_path / "dets", DetectSettings(score_threshold=-100))
+    cached = np.load(tmp_path / "dets" / "000001.npz")
+    prediction = model.predict(image.path, proposals=windows["000001"],
+                               settings=DetectSettings(score_threshold=-100))
+    assert len(cached["scores"]) > 0 and np.array_equal(prediction.boxes.numpy(), cached["boxes"])
+    assert np.array_equal(prediction.scores.numpy().astype(np.float64), cached["scores"])

@@ -90,7 +90,7 @@ def _search_proposals(out, force, exporting, voc_root, year, image_set, coco_jso
               help="Output folder of `spp-detect proposals`, or an R-CNN selective-search .mat file.")
 @backbone_options(EXTRACT_SETTINGS)
 @settings_options(EXTRACT_SETTINGS, scales=parse_scales, levels=parse_scales, mode=click.Choice(["spp", "crop-warp"]),
-                  flip="--flip/--no-flip")
+                  flip="--flip/--no-flip", precision=click.Choice(["fp32", "bf16"]))
 @click.option("--head", "head_folder", type=IN_DIR, default=None,
               help="Compute the maps with the fine-tuned trunk of this finetune folder (finetune --train-from): "
                    "its backbone, weights and input normalisation replace --backbone/--weights/--input-norm.")
@@ -179,7 +179,7 @@ def finetune_cmd(caches, out, weights, init_head, stop_after, device, force, **p
 @out_option("Model folder (svm.npz, svm.json, bbox.npz).")
 @settings_options(SVM_SETTINGS, bbox="--bbox/--no-bbox", bbox_lambda=POSITIVE_FLOAT, bbox_min_overlap=click.FloatRange(0, 1),
                   include_difficult="--include-difficult/--exclude-difficult", C=(), tol=POSITIVE_FLOAT,
-                  solver=click.Choice(["dcd", "liblinear"]))
+                  solver=click.Choice(["dcd", "liblinear"]), precision=click.Choice(["fp32", "bf16"]))
 @device_option
 @force_option
 def train_svm_cmd(caches, head_folder, out, device, force, **params) -> None:
