@@ -59,6 +59,16 @@ def write_json(path: Path | None, payload: dict[str, object]) -> None:
         print(f"\nwrote {path}")
 
 
+def proposals_file(path: Path, boxes: dict) -> Path:
+    """Windows a benchmark makes itself (image id -> ``np.ndarray[M, 4]`` 0-based xyxy: a
+    grid, a cut or padded list) as an R-CNN ``.mat`` proposals file: what ``run_extract``
+    reads, as ``extract --proposals file.mat`` (the file's SHA-256 keys the cache)."""
+    from proposals.io import save_mat
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save_mat(path, boxes)
+
+
 def add_device_option(parser: argparse.ArgumentParser, default: str = "cpu") -> None:
     """``--device`` on ``parser``, the same in every benchmark: a main resolves it once with
     :func:`spp_detect.device.resolve_device` (the one device rule: a canonical ``torch.device``,

@@ -42,27 +42,34 @@ def main() -> None:
     parser.add_argument("--fc-dim", type=int, default=RECIPE.finetune.fc_dim)
     parser.add_argument("--iterations", type=int, default=RECIPE.finetune.iterations)
     parser.add_argument("--no-flip", action="store_true", help="fine-tune without the mirrored images")
+    parser.add_argument("--extract-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="the trunk's arithmetic (extract --precision)")
+    parser.add_argument("--fc-precision", choices=("fp32", "bf16"), default="fp32",
+                        help="fc6/fc7's arithmetic in train-svm and detect (their --precision)")
+    parser.add_argument("--batch-size", type=int, default=RECIPE.finetune.batch_size, help="windows per minibatch")
+    parser.add_argument("--lr", type=float, default=RECIPE.finetune.base_lr, help="base learning rate")
     add_device_option(parser)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     limit = None
-    recipe = Recipe(replace(RECIPE.finetune, fc_dim=args.fc_dim, iterations=args.iterations,
-                            lr_steps=(round(args.iterations * 0.75),)), flip=not args.no_flip)
+    recipe = Recipe(replace(RECIPE.finetune, fc_dim=args.fc_dim, iterations=args.iterations, batch_size=args.batch_size,
+                            base_lr=args.lr, lr_steps=(round(args.iterations * 0.75),)), flip=not args.no_flip)
     if args.smoke:
         limit, args.train_images = 2, 2
         recipe = Recipe(replace(RECIPE.finetune, fc_dim=64, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
         if args.work == parser.get_default("work"):
             args.work = Path(tempfile.mkdtemp(prefix="bench-demo-recipe-smoke-"))
-    bench = Bench(args.work, resolve_device(args.device), limit, 2, None)
+    bench = Bench(args.work, resolve_device(args.device), limit, 2, None, extract_precision=args.extract_precision,
+                  fc_precision=args.fc_precision)
     start = time.perf_counter()
     val_images = bench.images(*VALIDATION)
     val = bench.cache("1-scale", "spp", (688,), *VALIDATION, windows=args.windows)
     train, flipped = _train_caches(bench, "1-scale", "spp", (688,), (TRAIN,), recipe, limit=args.train_images,
                                    windows=args.windows)
     rows = args.rows.split(",")
-    tag = f"demo{args.train_images}" + (f"-w{args.windows}" if args.windows else "")
+    tag = f"demo{args.train_images}" + (f"-w{args.windows}" if args.windows else "") + bench.extract_tag
     head = bench.head(train, recipe, tag, flipped) if any(r != "pool" for r in rows) else None
     cells = {}
     for row in rows:
@@ -75,7 +82,8 @@ def main() -> None:
         "setting": (f"train on the first {len(bench.images(*TRAIN, limit=args.train_images))} images of {'/'.join(TRAIN)}"
                     f" (+ mirrors for the head), validate on {'/'.join(VALIDATION)} ({len(val_images)} images), "
                     f"1 scale (688), {f'the first {args.windows} windows' if args.windows else 'every window'}"),
-        "windows_per_image": args.windows,
+        "windows_per_image": args.windows, "extract_precision": args.extract_precision,
+        "fc_precision": args.fc_precision,
         "rows": cells, "map": {r: c["map"] for r, c in cells.items()}, "best": best,
         "stage_seconds": bench.times, "wall_seconds": time.perf_counter() - start,
     }

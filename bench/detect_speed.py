@@ -48,7 +48,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
+from bench.common import (SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, proposals_file, smoke_args,
+                          write_json)
 from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.backbones import build_trunk, resolve_normalization
@@ -90,11 +91,11 @@ def _proposals(work: Path, split: str, images, windows: int) -> dict[str, dict[s
 
 def _train_model(work: Path, images, windows: int, device: torch.device, iterations: int = 200) -> Path:
     """A small fc7 model with box regression (keyed folders under ``work``)."""
-    props = _proposals(work, "trainval", images, windows)["measured"]
+    measured = _proposals(work, "trainval", images, windows)["measured"]
+    props = proposals_file(work / f"proposals-trainval-measured-{windows}.mat", measured)
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(688,))
     cache = work / f"feat-trainval-{len(images)}"
-    run_extract(images, props, cache, settings, proposals_key=f"bench-detect-speed-{windows}", image_set="trainval",
-                device=device)
+    run_extract(images, props, cache, settings, image_set="trainval", device=device)
     head_dir = work / f"head-{len(images)}"
     run_finetune([cache], head_dir, FinetuneSettings(fc_dim=1024, iterations=iterations, base_lr=0.02,
                                                      lr_steps=(iterations * 3 // 4,)),
@@ -156,8 +157,8 @@ def main() -> None:
             tag = f"{name}" if count_name == "padded" else f"{name}_at_measured"
             cache_dir = work / f"feat-test-{len(images)}-{name}-{count_name}"
             shutil.rmtree(cache_dir, ignore_errors=True)  # timed afresh every run
-            summary = run_extract(images, boxes, cache_dir, settings, proposals_key=f"bench-{count_name}-{args.windows}",
-                                  image_set="test", device=device)
+            windows = proposals_file(work / f"proposals-test-{count_name}-{args.windows}.mat", boxes)
+            summary = run_extract(images, windows, cache_dir, settings, image_set="test", device=device)
             extract = summary.seconds / summary.done
             det_dir = work / f"dets-{name}-{count_name}"
             shutil.rmtree(det_dir, ignore_errors=True)

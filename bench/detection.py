@@ -48,7 +48,6 @@ import torch
 
 from bench.common import SHARED_DATA, WEIGHTS, add_device_option, machine, write_json
 from eval.voc import evaluate_voc
-from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
@@ -155,8 +154,14 @@ class Bench:
     """The stages of one benchmark run, every folder under ``work`` and keyed."""
 
     def __init__(self, work: Path, device: torch.device, limit: int | None, workers: int,
-                 json_path: Path | None = None) -> None:
+                 json_path: Path | None = None, extract_precision: str = "fp32", fc_precision: str = "fp32") -> None:
+        """``extract_precision``: the trunk's arithmetic (``extract --precision``);
+        ``fc_precision``: the head's in train-svm and detect (their ``--precision``; rows on
+        pooled features have no head). Folders of other precisions carry them in their name."""
         self.work, self.device, self.limit, self.workers = work, device, limit, workers
+        self.extract_precision, self.fc_precision = extract_precision, fc_precision
+        self.extract_tag = "" if extract_precision == "fp32" else f"-x{extract_precision}"
+        self.fc_tag = "" if fc_precision == "fp32" else f"-fc{fc_precision}"
         self.json_path = json_path
         self.times: dict[str, float | None] = {}
         self.seconds_per_iteration: dict[str, float | None] = {}  # finetune folder -> this run's mean
@@ -171,20 +176,16 @@ class Bench:
         limit = min(x for x in (limit, self.limit, 10**9) if x is not None)
         return read_voc(SHARED_DATA / dataset, image_set, limit=limit)
 
-    def proposals(self, dataset: str, image_set: str, images, windows: int | None = None):
-        """Default proposals of ``images`` (computed once per dataset list, all images of
-        it), optionally cut to the first ``windows`` (best first)."""
+    def proposals(self, dataset: str, image_set: str, images) -> Path:
+        """The proposals folder of ``images``: default selective search (one folder per
+        dataset list, computed once)."""
         folder = self.work / f"proposals-{dataset}-{image_set}"
         t0 = time.perf_counter()
         summary = run_proposals(images, folder, ProposalSettings(), {"dataset": dataset, "image_set": image_set},
                                 workers=self.workers)
         if summary.done:
             self.times[f"proposals {dataset} {image_set}"] = time.perf_counter() - t0
-        boxes = load_proposals(folder, [im.image_id for im in images])
-        key = read_manifest(folder)["key"]
-        if windows is not None:
-            return {k: v[:windows] for k, v in boxes.items()}, f"{key}-first{windows}"
-        return boxes, key
+        return folder
 
     def cache(self, column: str, mode: str, scales, dataset: str, image_set: str, limit: int | None = None,
               windows: int | None = None, flip: bool = False, backbone: str = BACKBONE, trunk_of: Path | None = None) -> Path:
@@ -192,16 +193,16 @@ class Bench:
         ``backbone`` than :data:`BACKBONE` must have a name of its own); ``trunk_of``: a head
         folder whose fine-tuned trunk computes the maps (``extract --head``)."""
         images = self.images(dataset, image_set, limit)
-        props, key = self.proposals(dataset, image_set, images, windows)
+        props = self.proposals(dataset, image_set, images)
         settings = ExtractSettings(backbone=backbone, weights=str(WEIGHTS[backbone]), scales=tuple(scales), mode=mode,
-                                   flip=flip)
+                                   flip=flip, max_proposals=windows, precision=self.extract_precision)
         if trunk_of is not None:
             settings = with_trunk_of(settings, trunk_of)
         name = (f"feat-{column}-{dataset}-{image_set}-{len(images)}" + (f"-w{windows}" if windows else "")
-                + ("-flip" if flip else "") + (f"-trunk-{trunk_of.name}" if trunk_of is not None else ""))
+                + ("-flip" if flip else "") + (f"-trunk-{trunk_of.name}" if trunk_of is not None else "") + self.extract_tag)
         folder = self.work / name
         t0 = time.perf_counter()
-        summary = run_extract(images, props, folder, settings, proposals_key=key, image_set=image_set, device=self.device)
+        summary = run_extract(images, props, folder, settings, image_set=image_set, device=self.device)
         self.times[f"extract {name}"] = (time.perf_counter() - t0) / summary.done if summary.done else None
         return folder
 
@@ -234,18 +235,20 @@ class Bench:
             C = _auto_C(caches) * C_factor
         # fc7 SVMs are trained once, with box regressors: rows ftfc7 and ftfc7 bb differ only in
         # whether detect applies them (the SVMs do not depend on it)
-        svm_settings = SVMSettings(layer=layer, bbox=layer == "fc7", C=C)
+        precision = self.fc_precision if layer != "pool" else "fp32"
+        svm_settings = SVMSettings(layer=layer, bbox=layer == "fc7", C=C, precision=precision)
         head_tag = head.name if head is not None and layer != "pool" else "nohead"
-        svm_dir = self.work / f"svm-{tag}-{layer}{'-bb' if svm_settings.bbox else ''}-C{C_factor:g}-{head_tag}"
+        svm_dir = self.work / f"svm-{tag}-{layer}{'-bb' if svm_settings.bbox else ''}-C{C_factor:g}-{head_tag}{self.fc_tag if layer != 'pool' else ''}"
         record: dict[str, object] = {}
         t0 = time.perf_counter()
         with peak_rss(record):
             summary = run_train_svm(caches, svm_dir, svm_settings, head_folder=None if layer == "pool" else head,
                                     device=self.device)
         train_s = None if summary.already_done else time.perf_counter() - t0
-        det_dir = self.work / f"dets-{tag}-{row.replace(' ', '')}-C{C_factor:g}-{head_tag}-{test_cache.name}"
+        det_dir = self.work / (f"dets-{tag}-{row.replace(' ', '')}-C{C_factor:g}-{head_tag}-{test_cache.name}"
+                               + (self.fc_tag if layer != "pool" else ""))
         t0 = time.perf_counter()
-        det = run_detect(test_cache, svm_dir, det_dir, DetectSettings(bbox=bbox), device=self.device)
+        det = run_detect(test_cache, svm_dir, det_dir, DetectSettings(bbox=bbox, precision=precision), device=self.device)
         detect_s = (time.perf_counter() - t0) / det.done if det.done else None
         evaluation = evaluate_folder(det_dir, test_images)
         return {

@@ -122,8 +122,7 @@ def main() -> None:
 
         out = work / f"cache-{name}"
         extract_settings = ExtractSettings(backbone="squeezenet1_0", weights=weights, scales=scales, levels=PAPER_LEVELS)
-        summary = run_extract(images, proposals, out, extract_settings, proposals_key="bench", image_set="test",
-                              device=device)
+        summary = run_extract(images, proposals_dir, out, extract_settings, image_set="test", device=device)
         results[f"spp_extract_s_per_image_{name}"] = summary.seconds / len(images)
         results[f"cache_bytes_per_image_{name}"] = summary.bytes_written / len(images)
 

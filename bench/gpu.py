@@ -244,9 +244,9 @@ class Bench:
 
     def extract(self, name: str) -> Callable[[], object]:
         scales = self.scales[name]
-        settings = ExtractSettings(backbone=BACKBONE, weights=str(self.weights), scales=scales)
-        return lambda: run_extract(self.images, self.proposals, self.folder(f"feat-{name}"), settings,
-                                   proposals_key=f"bench-gpu-{self.args.windows}", image_set=IMAGE_SET, device=self.device)
+        settings = ExtractSettings(backbone=BACKBONE, weights=str(self.weights), scales=scales, max_proposals=self.args.windows)
+        return lambda: run_extract(self.images, Path(self.args.data) / "proposals", self.folder(f"feat-{name}"), settings,
+                                   image_set=IMAGE_SET, device=self.device)
 
     def finetune(self) -> object:
         steps = (self.args.iterations * 3 // 4,)  # bench.detect_speed's schedule

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, smoke_args, write_json
+from bench.common import SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, proposals_file, smoke_args, write_json
 from eval.voc import evaluate_voc
 from spp_detect.datasets.voc import VOC_CLASSES, read_voc
 from spp_detect.detect import DetectSettings, load_detections, run_detect
@@ -90,9 +90,9 @@ def _smoke_work(work: Path, device: torch.device) -> None:
     settings = ExtractSettings(weights=str(SQUEEZENET_FILE), scales=(240,))
     for split in ("trainval", "test"):
         images = read_voc(VOC_ROOT, split)[:2]
-        windows = {im.image_id: _grid(im.width, im.height) for im in images}
-        run_extract(images, windows, work / f"feat-{split}", settings, proposals_key="grid-30", image_set=split,
-                    device=device)
+        grid = {im.image_id: _grid(im.width, im.height) for im in images}
+        windows = proposals_file(work / f"proposals-{split}-grid30.mat", grid)
+        run_extract(images, windows, work / f"feat-{split}", settings, image_set=split, device=device)
     run_train_svm([work / "feat-trainval"], work / "svm-pool", SVMSettings(layer="pool", C=0.1), device=device)
     run_detect(work / "feat-test", work / "svm-pool", work / "dets-pool", DetectSettings(), device=device)
 

@@ -36,7 +36,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, smoke_args, write_json
+from bench.common import (REPO_ROOT, SQUEEZENET_FILE, VOC_ROOT, add_device_option, machine, print_table, proposals_file,
+                          smoke_args, write_json)
 from spp_detect.cache import FeatureCache
 from spp_detect.datasets.voc import read_voc
 from spp_detect.detect import DetectSettings, run_detect
@@ -84,17 +85,17 @@ def main() -> None:
     device = resolve_device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     images = read_voc(VOC_ROOT, "test")[: args.images]
-    windows = _windows(images, args.windows)
     work = Path(tempfile.mkdtemp(prefix="bench-scaling-"))
+    windows = proposals_file(work / "proposals.mat", _windows(images, args.windows))
     per_image: dict[str, float] = {}
     mb_per_image: dict[str, float] = {}
     caches = {}
     for name, scales in {"1scale": (688,), "5scale": PAPER_SCALES}.items():
         caches[name] = work / f"feat-{name}"
         settings = ExtractSettings(weights=str(SQUEEZENET_FILE), scales=scales)
-        run_extract(images[:1], windows, work / f"warm-{name}", settings, proposals_key="bench", image_set="test", device=device)
+        run_extract(images[:1], windows, work / f"warm-{name}", settings, image_set="test", device=device)
         sync()
-        summary = run_extract(images, windows, caches[name], settings, proposals_key="bench", image_set="test", device=device)
+        summary = run_extract(images, windows, caches[name], settings, image_set="test", device=device)
         sync()
         per_image[f"extract_{name}"] = summary.seconds / summary.done
         mb_per_image[name] = summary.bytes_written / summary.done / 1e6

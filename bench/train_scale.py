@@ -173,7 +173,6 @@ def detect_map(test_cache: Path, svm_dir: Path, out: Path, voc_root: Path, devic
 def smoke_caches(folder: Path, voc_root: Path, device: torch.device, windows: int = 150) -> tuple[list[Path], Path]:
     """Tiny one-scale caches for ``--smoke``: 3 trainval and 2 test images of ``voc_root``,
     the first ``windows`` selective-search boxes of each, extracted on ``device``."""
-    from proposals.io import load_proposals
     from proposals.run import ProposalSettings, run_proposals
     from spp_detect.datasets import read_voc
     from spp_detect.extract import ExtractSettings, run_extract
@@ -183,11 +182,10 @@ def smoke_caches(folder: Path, voc_root: Path, device: torch.device, windows: in
         images = read_voc(voc_root, split, limit=count)
         props = folder / f"proposals-{split}"
         run_proposals(images, props, ProposalSettings(), {"year": "2007", "image_set": split}, workers=1)
-        boxes = {k: v[:windows] for k, v in load_proposals(props, [im.image_id for im in images]).items()}
-        settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(688,))
+        settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(688,),
+                                   max_proposals=windows)
         cache = folder / f"feat-{split}"
-        run_extract(images, boxes, cache, settings, proposals_key=f"bench-train-scale-smoke-{windows}", image_set=split,
-                    device=device)
+        run_extract(images, props, cache, settings, image_set=split, device=device)
         out.append(cache)
     return [out[0]], out[1]
 

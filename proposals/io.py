@@ -243,11 +243,16 @@ def save_mat(path: Path | str, proposals: Mapping[str, np.ndarray], image_ids: I
     Returns:
         ``path``. ``images`` is a 1 x M cell of char ids; ``boxes`` a 1 x M cell of
         ``[N, 4]`` double arrays, 1-based inclusive ``(y1, x1, y2, x2)``.
+
+    A ``path`` that already holds exactly these proposals is left as it is: a ``.mat``
+    header records when it was written, and the file's SHA-256 keys the caches made from it.
     """
     import scipy.io
 
     path = Path(path)
     ids = list(proposals) if image_ids is None else list(image_ids)
+    if path.is_file() and _holds(path, ids, proposals):
+        return path
     images = np.empty(len(ids), dtype=object)
     boxes = np.empty(len(ids), dtype=object)
     for i, image_id in enumerate(ids):
@@ -255,6 +260,16 @@ def save_mat(path: Path | str, proposals: Mapping[str, np.ndarray], image_ids: I
         boxes[i] = xyxy_to_mat(proposals[image_id])
     atomic_write(path, lambda tmp: scipy.io.savemat(str(tmp), {"images": images, "boxes": boxes}, do_compression=True))
     return path
+
+
+def _holds(path: Path, ids: list[str], proposals: Mapping[str, np.ndarray]) -> bool:
+    """Whether the ``.mat`` at ``path`` holds exactly ``proposals`` of ``ids``, in that order."""
+    try:
+        existing = load_mat(path)
+    except (ValueError, OSError):
+        return False
+    return list(existing) == ids and all(
+        np.array_equal(existing[i], np.asarray(proposals[i], dtype=np.float32).reshape(-1, 4)) for i in ids)
 
 
 def _load_folder(folder: Path, image_ids: list[str] | None, errors: list[ProposalsError]) -> dict[str, np.ndarray]:

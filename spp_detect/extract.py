@@ -41,7 +41,8 @@ from spp_detect.datasets.voc import VOC_CLASSES, VOCImage
 from spp_detect.image_trunk import TRUNK_DTYPES, conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.images import ImageReadError
 from spp_detect.spp import PAPER_LEVELS
-from spp_detect.stage_dir import BadSetting, Progress, open_stage, settings_config, track, weights_field
+from proposals.io import load_proposals
+from spp_detect.stage_dir import BadSetting, Progress, open_stage, settings_config, source_key, track, weights_field
 from spp_detect.windows import PAPER_SCALES, choose_scales, scale_factors, windows_to_cells
 
 __all__ = [
@@ -107,6 +108,8 @@ class ExtractSettings:
             image ids. The release fine-tunes on flipped images as well as the originals
             (``flip_finetune = true``, docs/sources.md 1.6) and trains the SVMs without them: give a
             flipped cache to ``finetune`` beside the plain one (``--cache A --cache A-flip``).
+        max_proposals: only each image's first K proposals (None: all of them).
+        precision: the trunk's arithmetic, ``fp32`` or ``bf16``.
     """
 
     backbone: str = "squeezenet1_0"
@@ -125,6 +128,10 @@ class ExtractSettings:
     flip: bool = field(default=False, metadata={"help": (
         "Cache the left-right mirror of every image (boxes mirrored, same ids): the release fine-tunes on "
         "flipped images too. Give it to finetune beside the plain cache: --cache feat --cache feat-flip.")})
+    #: only each image's first proposals (their ranking order, best first), or all (None)
+    max_proposals: int | None = field(default=None, metadata={"help": (
+        "Use only each image's first K proposals (best first), e.g. R-CNN's comparisons on the first 100 or "
+        "2,000; default: all.")})
     #: the trunk's arithmetic (:data:`spp_detect.image_trunk.TRUNK_DTYPES`); maps are stored
     #: float16 either way
     precision: str = field(default="fp32", metadata={"help": (
@@ -142,6 +149,8 @@ class ExtractSettings:
             raise BadSetting("levels", f"pyramid levels must be positive integers, got {self.levels}")
         if not self.scales or min(self.scales) <= 0:
             raise BadSetting("scales", f"scales must be positive, got {self.scales}")
+        if self.max_proposals is not None and self.max_proposals < 1:
+            raise BadSetting("max-proposals", f"max-proposals must be at least 1, got {self.max_proposals}")
         if self.precision not in TRUNK_DTYPES:
             raise BadSetting("precision", f"precision must be one of {tuple(TRUNK_DTYPES)}, got {self.precision!r}")
 
@@ -187,11 +196,10 @@ class ExtractSummary:
 
 def run_extract(
     images: Sequence[VOCImage],
-    proposals: dict[str, np.ndarray],
+    proposals: Path | str,
     out: Path,
     settings: ExtractSettings,
     *,
-    proposals_key: str,
     image_set: str,
     device: torch.device,
     force: bool = False,
@@ -206,10 +214,12 @@ def run_extract(
     Args:
         images: the VOC images (their ground-truth boxes, labels and difficult flags are
             stored with the windows, so later stages need only the cache).
-        proposals: image id -> ``np.ndarray[M, 4]`` float32 0-based xyxy (``proposals.io``).
+        proposals: a ``proposals`` stage folder or an R-CNN selective-search ``.mat`` file
+            (:func:`proposals.io.load_proposals`: ``np.ndarray[M, 4]`` 0-based xyxy per image,
+            best first; ``settings.max_proposals`` keeps the first M). Its manifest key (a
+            file's SHA-256) enters the cache's key.
         out: cache folder. Images whose file exists are skipped.
         settings: what to compute (:class:`ExtractSettings`).
-        proposals_key: identifies the proposals (their manifest key or file hash).
         image_set: recorded in the manifest.
         device: where the trunk runs.
         force: recompute even if ``out`` was made with other settings (in a sharded run,
@@ -218,7 +228,7 @@ def run_extract(
             shards may run at once into the same ``out`` (:mod:`spp_detect.distributed`).
         progress: the progress protocol (:class:`spp_detect.stage_dir.Progress`), or None.
         skip_bad: skip (and list in ``summary.bad``) images that cannot be read or have no
-            proposals, instead of raising.
+            usable proposals, instead of raising.
         classes: the class names the images' ``labels`` index (the dataset's,
             :class:`spp_detect.datasets.registry.Dataset`); stored in the manifest, from
             which every later stage reads it. The default is what ``read_voc`` labels with.
@@ -232,12 +242,16 @@ def run_extract(
     Raises:
         SettingsChanged: ``out`` holds another configuration and ``force`` is false.
         KeyError: an image has no proposals entry (unless ``skip_bad``).
+        ValueError: ``proposals`` is not a proposals folder or ``.mat`` file, or an image's
+            proposals are damaged (unless ``skip_bad``).
         ImageReadError: an image cannot be decoded (unless ``skip_bad``).
         StageWriteError: a cache file cannot be written (e.g. disk full); finished files stay.
     """
-    missing = [im.image_id for im in images if im.image_id not in proposals]
-    if missing and not skip_bad:
-        raise KeyError(f"no proposals for {len(missing)} image(s), e.g. {missing[:5]}")
+    bad_proposals: list[Exception] | None = [] if skip_bad else None
+    proposals_key = source_key(Path(proposals))
+    windows = load_proposals(proposals, [im.image_id for im in images], bad=bad_proposals)
+    if settings.max_proposals is not None:
+        windows = {image_id: boxes[: settings.max_proposals] for image_id, boxes in windows.items()}
     config = {**settings_config(settings), "proposals": proposals_key, "image_set": image_set,
               "format": FORMAT_VERSION, "classes": list(classes)}
     stage = open_stage(out, "extract", config, force=force, shard=shard)
@@ -254,8 +268,9 @@ def run_extract(
     todo, skipped, redone = stage.todo(images, lambda im: Path(out) / f"{im.image_id}.npz",
                                        lambda path: cached_file_problem(path, stage.key))
     summary = ExtractSummary(skipped=skipped, redone=redone)
-    summary.bad = [KeyError(f"no proposals for image {im.image_id}") for im in todo if im.image_id not in proposals]
-    todo = [im for im in todo if im.image_id in proposals]
+    unusable = {e.image_id: e for e in bad_proposals or []}
+    summary.bad = [unusable[im.image_id] for im in todo if im.image_id in unusable]
+    todo = [im for im in todo if im.image_id in windows]
     if not todo:
         record_sidecars()
         return summary
@@ -273,7 +288,7 @@ def run_extract(
     start = time.perf_counter()
     with WriteBehind(background=reads_ahead(device)) as writes:  # on a GPU: compress beside the next conv pass
         for image in track(progress, todo, "extract", initial=skipped):
-            if _extract_image(image, proposals[image.image_id], trunk, norm, spec, settings, device, stage.key, out,
+            if _extract_image(image, windows[image.image_id], trunk, norm, spec, settings, device, stage.key, out,
                               writes, summary, skip_bad):
                 summary.done += 1
                 summary.image_ids.append(image.image_id)

@@ -66,3 +66,16 @@ def jittered_proposals(images, count: int = 30, seed: int | None = 0, copies: in
             boxes.append(np.clip(box + jitter, 0, np.concatenate([size, size]) - 1))
         out[im.image_id] = np.concatenate(boxes).astype(np.float32)
     return out
+
+
+def proposals_mat(boxes: dict, folder) -> "Path":
+    """``boxes`` (image id -> ``np.ndarray[M, 4]`` 0-based xyxy, e.g. :func:`jittered_proposals`)
+    written as an R-CNN selective-search ``.mat`` in ``folder``: the proposals input
+    ``run_extract`` reads (its SHA-256 keys the cache), as ``extract --proposals file.mat``."""
+    from pathlib import Path
+
+    from proposals.io import save_mat
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return save_mat(folder / "proposals.mat", boxes)

@@ -4,6 +4,7 @@ with the head through extract, train-svm, detect, export-model and predict."""
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 
 import numpy as np
@@ -24,7 +25,7 @@ from spp_detect.backbones import resolve_normalization
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.windows import scale_factors, windows_to_cells
 from svm.train import SVMSettings, run_train_svm
-from tests.conftest import SQUEEZENET_FILE, jittered_proposals
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals, proposals_mat
 
 SCALES = (240,)
 CONV = dict(fc_dim=32, iterations=4, base_lr=0.001, lr_steps=(3,), batch_size=32, round_iterations=2,
@@ -48,7 +49,8 @@ def caches(images, proposals, tmp_path_factory):
     for flip in (False, True):
         settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=SCALES, flip=flip)
         folder = root / ("feat-flip" if flip else "feat")
-        run_extract(images, proposals, folder, settings, proposals_key="t", image_set="trainval", device=torch.device("cpu"))
+        run_extract(images, proposals_mat(proposals, Path(f"{folder}-proposals")), folder, settings, image_set="trainval",
+                    device=torch.device("cpu"))
         out.append(folder)
     return out
 

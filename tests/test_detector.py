@@ -3,6 +3,7 @@ fine-tuning, detection, and the crop-warp baseline."""
 
 from __future__ import annotations
 
+from pathlib import Path
 import copy
 
 import json
@@ -30,14 +31,14 @@ from svm.dcd import half_scores, solve_dcd
 from svm.feature_store import HalfStore
 from svm.hard_negatives import NegativeCache
 from svm.linear import train_linear_svm
-from tests.conftest import SQUEEZENET_FILE, jittered_proposals
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals, proposals_mat
 
 SCALES = (240, 336)
 
 
 def _extract(images, out, mode="spp", scales=SCALES, count=40):
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=scales, mode=mode)
-    run_extract(images, jittered_proposals(images, count), out, settings, proposals_key="test", image_set="x",
+    run_extract(images, proposals_mat(jittered_proposals(images, count), Path(f"{out}-proposals")), out, settings, image_set="x",
                 device=torch.device("cpu"))
     return out
 

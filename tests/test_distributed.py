@@ -28,9 +28,9 @@ from spp_detect.distributed import Launch, launch_from_env, parse_shard, resolve
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, _dropout_masks, _round_batches, collect_training_windows, run_finetune
 from spp_detect.head import load_head
-from spp_detect.stage_dir import SettingsChanged, open_stage_dir, source_key
+from spp_detect.stage_dir import SettingsChanged, open_stage_dir
 from spp_detect.window_features import open_caches
-from tests.conftest import SQUEEZENET_FILE
+from tests.conftest import SQUEEZENET_FILE, proposals_mat
 
 REPO = Path(cli.__file__).resolve().parent
 SCALES = "240,336"
@@ -118,8 +118,7 @@ def voc6(voc_root, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as torchrun's workers (OMP_NUM_THREADS=1): the conv sums in the same order
     try:
-        run_extract(images, proposals, single, settings, proposals_key=source_key(mat), image_set="test",
-                    device=torch.device("cpu"))
+        run_extract(images, mat, single, settings, image_set="test", device=torch.device("cpu"))
     finally:
         torch.set_num_threads(threads)
     return tmp / "voc", mat, ids, single
@@ -203,7 +202,8 @@ def train_cache(voc_root, tmp_path_factory):
         proposals[im.image_id] = np.concatenate(jitter).astype(np.float32)
     out = tmp_path_factory.mktemp("ft") / "cache"
     settings = ExtractSettings(weights=str(SQUEEZENET_FILE), scales=(240, 336))
-    run_extract(images, proposals, out, settings, proposals_key="test", image_set="x", device=torch.device("cpu"))
+    run_extract(images, proposals_mat(proposals, Path(f"{out}-proposals")), out, settings, image_set="x",
+                device=torch.device("cpu"))
     return out
 
 

@@ -23,7 +23,7 @@ from spp_detect.extract import ExtractSettings, assign_windows, run_extract
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.stage_dir import SettingsChanged, source_key
-from tests.conftest import SQUEEZENET_FILE
+from tests.conftest import SQUEEZENET_FILE, proposals_mat
 
 SCALES = (240, 336)  # small scales keep the tests fast; the code path is the same
 
@@ -45,10 +45,11 @@ def test_images(voc_root):
     return read_voc(voc_root, "test")[:3]
 
 
-def _run(images, proposals, out, proposals_key="test", image_set="test", force=False, **kw):
+def _run(images, proposals, out, image_set="test", force=False, **kw):
     settings = ExtractSettings(**{"backbone": "squeezenet1_0", "weights": str(SQUEEZENET_FILE), "scales": SCALES, **kw})
     return run_extract(
-        images, proposals, out, settings, proposals_key=proposals_key, image_set=image_set,
+        images, proposals_mat(proposals, Path(f"{out}-proposals")) if isinstance(proposals, dict) else proposals, out,
+        settings, image_set=image_set,
         device=torch.device("cpu"), force=force,
     )
 
@@ -157,8 +158,7 @@ def test_cli_refuses_changed_settings_naming_them(tmp_path, voc_root):
     images = read_voc(voc_root, "test")
     mat = save_mat(tmp_path / "ss.mat", _random_proposals(images, 5))
     out = tmp_path / "feat"
-    _run(images[:1], load_mat_dict(mat), out, proposals_key=source_key(mat), image_set="test",
-         scales=(480, 688))
+    _run(images[:1], mat, out, image_set="test", scales=(480, 688))
     args = _cli_args(voc_root, mat, out)
     args[args.index("480,688")] = "688"
     result = CliRunner().invoke(cli.main, args)
@@ -166,10 +166,6 @@ def test_cli_refuses_changed_settings_naming_them(tmp_path, voc_root):
     assert "scales: [480, 688] -> [688]" in result.output and "--force" in result.output
 
 
-def load_mat_dict(path):
-    from proposals.io import load_mat
-
-    return load_mat(path)
 
 
 def test_bf16_extract_pools_the_bf16_trunks_maps_close_to_fp32(tmp_path, test_images):

@@ -20,7 +20,7 @@ from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.image_trunk import conv_maps, load_image_rgb, prepare_trunk
 from spp_detect.spp import spatial_pyramid_pool
 from spp_detect.windows import windows_to_cells
-from tests.conftest import SQUEEZENET_FILE
+from tests.conftest import SQUEEZENET_FILE, proposals_mat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 SCALE = 240
@@ -45,7 +45,7 @@ def test_flipped_cache_is_the_mirrored_image_with_mirrored_windows(tmp_path, voc
     caches = {}
     for flip in (False, True):
         settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(SCALE,), flip=flip)
-        run_extract(images, proposals, tmp_path / f"feat-{flip}", settings, proposals_key="p", image_set="test",
+        run_extract(images, proposals_mat(proposals, tmp_path), tmp_path / f"feat-{flip}", settings, image_set="test",
                     device=torch.device("cpu"))
         caches[flip] = FeatureCache(tmp_path / f"feat-{flip}")
     assert caches[True].key != caches[False].key

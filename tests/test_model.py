@@ -11,16 +11,15 @@ import pytest
 import torch
 
 import spp_detect
-from proposals.io import load_proposals
 from proposals.run import ProposalSettings, run_proposals
 from spp_detect.datasets import open_dataset
 from spp_detect.detect import DetectSettings, run_detect
 from spp_detect.extract import ExtractSettings, run_extract
 from spp_detect.finetune import FinetuneSettings, run_finetune
 from spp_detect.model import ModelError, PredictSettings, coco_results, export_model, load_model, run_predict
-from spp_detect.stage_dir import read_manifest, source_key
+from spp_detect.stage_dir import read_manifest
 from svm.train import SVMSettings, run_train_svm
-from tests.conftest import SQUEEZENET_FILE, jittered_proposals
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals, proposals_mat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -38,7 +37,7 @@ def trained(voc_root, tmp_path_factory):
     data = open_dataset(voc_root=voc_root, image_set="trainval", limit=6)
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(weights), scales=SCALES)
     windows = jittered_proposals(data.images, seed=None, copies=4)
-    run_extract(data.images, windows, root / "train", settings, proposals_key="p", image_set=data.name,
+    run_extract(data.images, proposals_mat(windows, root), root / "train", settings, image_set=data.name,
                 device=torch.device("cpu"), classes=data.classes)
     run_finetune([root / "train"], root / "head", FinetuneSettings(fc_dim=32, iterations=20, round_iterations=10, batch_size=32))
     run_train_svm([root / "train"], root / "svm", SVMSettings(layer="fc7", C=0.1, bbox=True), head_folder=root / "head")
@@ -60,8 +59,7 @@ def through_cache(trained, photos, tmp_path_factory):
     out = tmp_path_factory.mktemp("cache_route")
     data = open_dataset(images=[photos])
     run_proposals(data.images, out / "props", ProposalSettings(), {"image_set": data.name}, workers=1)
-    boxes = load_proposals(out / "props", [im.image_id for im in data.images])
-    run_extract(data.images, boxes, out / "cache", settings, proposals_key=source_key(out / "props"), image_set=data.name,
+    run_extract(data.images, out / "props", out / "cache", settings, image_set=data.name,
                 device=torch.device("cpu"), classes=data.classes)
     run_detect(out / "cache", root / "svm", out / "dets", DetectSettings(bbox=True))
     return out
@@ -190,8 +188,8 @@ def test_a_model_from_a_bf16_cache_predicts_with_the_bf16_trunk_as_detect_does(v
     ``detect``'s through a bf16 cache of the same photo."""
     data = open_dataset(voc_root=voc_root, image_set="trainval", limit=4)
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=SCALES, precision="bf16")
-    run_extract(data.images, jittered_proposals(data.images, seed=None, copies=4), tmp_path / "train", settings,
-                proposals_key="p", image_set=data.name, device=torch.device("cpu"), classes=data.classes)
+    run_extract(data.images, proposals_mat(jittered_proposals(data.images, seed=None, copies=4), tmp_path / "p-train"),
+                tmp_path / "train", settings, image_set=data.name, device=torch.device("cpu"), classes=data.classes)
     run_train_svm([tmp_path / "train"], tmp_path / "svm", SVMSettings(layer="pool", C=0.1))
     model = load_model(export_model(tmp_path / "svm", tmp_path / "train", tmp_path / "model", weights=SQUEEZENET_FILE))
     assert json.loads((tmp_path / "model" / "model.json").read_text())["precision"] == "bf16"
@@ -199,7 +197,7 @@ def test_a_model_from_a_bf16_cache_predicts_with_the_bf16_trunk_as_detect_does(v
     shots = open_dataset(images=[photos])
     image = next(im for im in shots.images if im.image_id == "000001")
     windows = jittered_proposals([image], seed=None, copies=4)
-    run_extract([image], windows, tmp_path / "cache", settings, proposals_key="q", image_set=shots.name,
+    run_extract([image], proposals_mat(windows, tmp_path / "p-photo"), tmp_path / "cache", settings, image_set=shots.name,
                 device=torch.device("cpu"), classes=shots.classes)
     run_detect(tmp_path / "cache", tmp_path / "svm", tmp_path / "dets", DetectSettings(score_threshold=-100))
     cached = np.load(tmp_path / "dets" / "000001.npz")

@@ -3,6 +3,7 @@ a trained model folder that detects on plain images (``spp_detect.model``)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 import json
 import shutil
 
@@ -21,7 +22,7 @@ from spp_detect.head import load_head
 from spp_detect.window_features import open_caches
 from svm.train import SVMSettings, load_svm, run_train_svm
 from tests.coco_data import RELABEL, THREE_CLASSES, image_list, write_coco
-from tests.conftest import SQUEEZENET_FILE, jittered_proposals
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals, proposals_mat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -33,7 +34,7 @@ def _train_and_detect(train, test, root):
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=SCALES)
     for split, data in (("train", train), ("test", test)):
         windows = jittered_proposals(data.images, seed=None, copies=4)  # seeded per image: both routes alike
-        run_extract(data.images, windows, root / split, settings, proposals_key="p", image_set=data.name,
+        run_extract(data.images, proposals_mat(windows, root / f"p-{split}"), root / split, settings, image_set=data.name,
                     device=torch.device("cpu"), classes=data.classes)
     run_finetune([root / "train"], root / "head",
                  FinetuneSettings(fc_dim=32, iterations=20, round_iterations=10, batch_size=32))
@@ -171,7 +172,7 @@ def test_a_broken_image_stops_extract_keeping_what_was_done_and_skip_bad_skips_i
 
     def extract(**kwargs):
         windows = jittered_proposals(dataset.images, seed=None, copies=4)
-        return run_extract(dataset.images, windows, out, settings, proposals_key="p", image_set=dataset.name,
+        return run_extract(dataset.images, proposals_mat(windows, Path(f"{out}-proposals")), out, settings, image_set=dataset.name,
                            device=torch.device("cpu"), classes=dataset.classes, **kwargs)
 
     with pytest.raises(ImageReadError, match=r"000015.jpg: truncated or corrupt JPEG"):

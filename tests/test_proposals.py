@@ -30,7 +30,7 @@ from proposals import (
 )
 from proposals.io import mat_to_xyxy, xyxy_to_mat
 from spp_detect.datasets.voc import read_voc
-from spp_detect.stage_dir import SettingsChanged, config_key
+from spp_detect.stage_dir import SettingsChanged, config_key, file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NUM_IMAGES = 4
@@ -184,6 +184,14 @@ def test_mat_round_trip_hand_built(tmp_path: Path):
     for got, want in zip(data["boxes"].ravel(), raw.values()):
         assert got.dtype == np.float64
         np.testing.assert_array_equal(got.reshape(-1, 4), want)
+    # the same proposals again leave the file (and so its SHA-256, a cache's key) as it is;
+    # other proposals replace it
+    digest = file_sha256(back)
+    time.sleep(1.1)  # the .mat header's time stamp has a resolution of seconds
+    save_mat(back, dict(loaded))
+    assert file_sha256(back) == digest
+    save_mat(back, {**loaded, "000003": np.array([[2, 1, 6, 4]], np.float32)})
+    assert file_sha256(back) != digest and load_proposals(back)["000003"].tolist() == [[2, 1, 6, 4]]
 
 
 def test_mat_conversion_is_exact_inverse():

@@ -261,3 +261,32 @@ def test_every_stage_returns_a_summary_that_describes_itself():
         except NameError:  # annotations naming TYPE_CHECKING-only settings classes
             summary = {"ClassifierSummary": ClassifierSummary}[inspect.signature(run).return_annotation]
         assert callable(getattr(summary, "describe", None)), stage
+
+
+#: every stage that reads stage folders: the config entry holding their keys, and the folders
+INPUTS = {
+    "extract": {"proposals": "ss"},
+    "finetune": {"caches": ["feat"]},
+    "train-svm": {"caches": ["feat"], "head": "head"},
+    "detect": {"cache": "feat", "model": "svm"},
+    "calibrate": {"caches": ["feat"], "model": "svm"},
+    "combine": {"inputs": ["dets", "dets"]},
+}
+
+
+def test_every_stage_derives_its_input_keys_from_its_input_folders(pipeline):
+    """Each stage records the manifest keys of the folders it read, found by itself: no
+    ``run_<stage>`` takes a key from its caller (a benchmark or a test cannot invent one)."""
+    import inspect
+
+    from spp_detect.combine import run_combine
+
+    for stage, entries in INPUTS.items():
+        config = read_manifest(pipeline / STAGES[stage][0])["config"]
+        for entry, folders in entries.items():
+            keys = ([read_manifest(pipeline / f)["key"] for f in folders] if isinstance(folders, list)
+                    else read_manifest(pipeline / folders)["key"])
+            assert config[entry] == keys, (stage, entry)
+    for stage, run in {**_stage_runs(), "combine": run_combine}.items():
+        taken = [p for p in inspect.signature(run).parameters if p.endswith("_key") or p == "key"]
+        assert not taken, f"run_{stage.replace('-', '_')} takes {taken} from its caller"

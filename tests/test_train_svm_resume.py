@@ -5,6 +5,7 @@ Real features: a 1-scale SqueezeNet cache of 5 VOC2007 trainval images."""
 
 from __future__ import annotations
 
+from pathlib import Path
 import numpy as np
 import pytest
 import torch
@@ -13,7 +14,7 @@ import svm.train as train
 from spp_detect.datasets import read_voc
 from spp_detect.extract import ExtractSettings, run_extract
 from svm.train import MINING_STATE, SVMSettings, run_train_svm
-from tests.conftest import SQUEEZENET_FILE, jittered_proposals
+from tests.conftest import SQUEEZENET_FILE, jittered_proposals, proposals_mat
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -27,7 +28,8 @@ def cache(voc_root, tmp_path_factory):
     images = read_voc(voc_root, "trainval")[:IMAGES]
     out = tmp_path_factory.mktemp("feat") / "train"
     settings = ExtractSettings(backbone="squeezenet1_0", weights=str(SQUEEZENET_FILE), scales=(240,))
-    run_extract(images, jittered_proposals(images), out, settings, proposals_key="test", image_set="x", device=torch.device("cpu"))
+    run_extract(images, proposals_mat(jittered_proposals(images), Path(f"{out}-proposals")), out, settings, image_set="x",
+                device=torch.device("cpu"))
     return out
 
 

@@ -90,7 +90,7 @@ def _search_proposals(out, force, exporting, voc_root, year, image_set, coco_jso
               help="Output folder of `spp-detect proposals`, or an R-CNN selective-search .mat file.")
 @backbone_options(EXTRACT_SETTINGS)
 @settings_options(EXTRACT_SETTINGS, scales=parse_scales, levels=parse_scales, mode=click.Choice(["spp", "crop-warp"]),
-                  flip="--flip/--no-flip", precision=click.Choice(["fp32", "bf16"]))
+                  flip="--flip/--no-flip", max_proposals=POSITIVE_INT, precision=click.Choice(["fp32", "bf16"]))
 @click.option("--head", "head_folder", type=IN_DIR, default=None,
               help="Compute the maps with the fine-tuned trunk of this finetune folder (finetune --train-from): "
                    "its backbone, weights and input normalisation replace --backbone/--weights/--input-norm.")
@@ -108,9 +108,7 @@ def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, propos
       spp-detect extract --voc-root VOCdevkit --image-set test --proposals runs/ss-test \\
           --backbone squeezenet1_0 --weights squeezenet.pth --out runs/feat-test
     """
-    from proposals.io import load_proposals
     from spp_detect.extract import ExtractSettings, run_extract
-    from spp_detect.stage_dir import source_key
 
     launch, shard_kn, torch_device = job(shard, device)
     bad: list | None = [] if skip_bad else None
@@ -121,9 +119,7 @@ def extract_cmd(voc_root, year, image_set, coco_json, image_paths, limit, propos
 
             settings = with_trunk_of(settings, head_folder)
         dataset = open_dataset_or_usage_error(voc_root, image_set, year, coco_json, image_paths, limit, bad)
-        boxes = load_proposals(proposals_path, [im.image_id for im in dataset.images], bad=bad)
-        images = [im for im in dataset.images if im.image_id in boxes] if bad else dataset.images
-        summary = run_extract(images, boxes, out, settings, proposals_key=source_key(proposals_path), image_set=dataset.name,
+        summary = run_extract(dataset.images, proposals_path, out, settings, image_set=dataset.name,
                               device=torch_device, force=force, shard=shard_kn, skip_bad=skip_bad, classes=dataset.classes,
                               result_ids=dataset.result_ids, progress=bar(suffix=where(shard_kn, launch)))
     echo_skipped([*(bad or []), *summary.bad])
