@@ -62,7 +62,7 @@ __all__ = [
 
 SCORE_THRESHOLD: float = -1.5  # spp_test.m: keep z > -1.5
 NMS_THRESHOLD: float = 0.3  # spp_test.m / imdb_eval_voc.m:65
-MAX_PER_IMAGE: int = 100  # spp_test.m: top 100 per class per image
+MAX_PER_CLASS: int = 100  # spp_test.m: top 100 per class per image
 
 
 class Scorer(Protocol):
@@ -82,7 +82,7 @@ class DetectSettings:
     score_threshold: float = field(default=SCORE_THRESHOLD, metadata={"help": (
         "Keep SVM scores above this (release: -1.5).")})
     nms_threshold: float = field(default=NMS_THRESHOLD, metadata={"help": "Per-class NMS IoU (release: 0.3)."})
-    max_per_image: int = field(default=MAX_PER_IMAGE, metadata={"help": (
+    max_per_class: int = field(default=MAX_PER_CLASS, metadata={"help": (
         "Detections per class per image (release: 100).")})
     bbox: bool = field(default=False, metadata={"help": "Apply the model's box regressors (train-svm --bbox)."})
     #: rank of fc6's truncated SVD (Fast R-CNN 3.1), 0 for the exact layer
@@ -177,14 +177,14 @@ def detect_image(
     boxes = image.boxes[windows].to(device)
     rows, labels = torch.nonzero(scores > settings.score_threshold, as_tuple=True)
     cand_boxes, cand_scores = boxes[rows], scores[rows, labels]
-    keep = _per_class_nms(cand_boxes, cand_scores, labels, settings.nms_threshold, settings.max_per_image)
+    keep = _per_class_nms(cand_boxes, cand_scores, labels, settings.nms_threshold, settings.max_per_class)
     rows, labels, out_boxes, out_scores = rows[keep], labels[keep], cand_boxes[keep], cand_scores[keep]
     if settings.bbox:
         check_box_regression(model, settings.bbox)
         kept = windows[rows.cpu()]
         pooled = image.features(kept, device, out=buffer.get(len(kept), feature_dim(image, "pool", None), device))
         out_boxes = clip_boxes(model.regressor.predict(pooled, out_boxes, labels).float(), image.width, image.height)
-        keep = _per_class_nms(out_boxes, out_scores, labels, settings.nms_threshold, settings.max_per_image)
+        keep = _per_class_nms(out_boxes, out_scores, labels, settings.nms_threshold, settings.max_per_class)
         out_boxes, out_scores, labels = out_boxes[keep], out_scores[keep], labels[keep]
     order = torch.argsort(labels.double() * 1e6 - out_scores.double(), stable=True)  # class, then score
     out_boxes, out_scores, labels = out_boxes[order].cpu(), out_scores[order].cpu(), labels[order].cpu()

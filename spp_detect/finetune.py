@@ -519,19 +519,8 @@ def run_finetune(
         summary.already_done = True
         return summary
 
-    torch.manual_seed(settings.seed)  # initial weights
-    # fc8: background + the classes the caches' data carries (open_caches checked they agree)
-    if init_head is not None:
-        head = load_head(init_head)
-        shape = (caches[0].feature_dim, settings.fc_dim, len(caches[0].classes) + 1)
-        if (head.in_dim, head.fc_dim, head.num_classes) != shape:
-            raise ValueError(f"the head in {init_head} is {head.in_dim} -> {head.fc_dim} -> {head.num_classes}; "
-                             f"these caches and settings need {shape[0]} -> {shape[1]} -> {shape[2]}")
-        head = head.to(device)
-        scale = float(head.input_scale)
-    else:
-        scale = TARGET_NORM / mean_feature_norm(caches, "pool", seed=settings.seed, device=device)
-        head = SPPHead(caches[0].feature_dim, settings.fc_dim, len(caches[0].classes) + 1, input_scale=scale).to(device)
+    head = _initial_head(caches, settings, init_head, device)
+    scale = float(head.input_scale)
     training = (_ConvTraining(caches, settings, head, trunk_weights, device, rank, world_size) if conv
                 else _FcTraining(caches, settings, head, device, rank, world_size))
     optimizer = _optimizer(training.module, settings)
@@ -564,28 +553,8 @@ def run_finetune(
         count = min(settings.round_iterations * (round_index + 1), settings.iterations) - iteration
         round_start = time.perf_counter()
         training.start_round(round_index, count)
-        # [loss sum, windows, fg hits, fg windows] over the round, summed over the processes at its end
-        totals = torch.zeros(4, dtype=torch.float64, device=device)
-        for _ in range(count):
-            next(ticks, None)
-            lr = _set_lr(optimizer, settings, iteration)
-            logits, labels, multiplier = training.step(model, iteration)
-            loss_sum = nn.functional.cross_entropy(logits, labels, reduction="sum")
-            optimizer.zero_grad(set_to_none=True)
-            (loss_sum * multiplier).backward()
-            optimizer.step()
-            iteration += 1
-            fg = labels > 0
-            hits = (logits.argmax(1)[fg] == labels[fg]).sum()
-            totals += torch.stack([loss_sum.detach().double(), torch.tensor(float(len(labels)), device=device,
-                                   dtype=torch.float64), hits.double(), fg.sum().double()])
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{float(loss_sum.detach()) / max(len(labels), 1):.3f}", lr=f"{lr:g}")
-        if parallel:
-            dist.all_reduce(totals)
-        loss_sum_round, windows_round, fg_hits, fg_total = (float(v) for v in totals.cpu())
-        rounds.append({"iteration": iteration, "loss": loss_sum_round / max(windows_round, 1),
-                       "fg_accuracy": fg_hits / max(fg_total, 1)})
+        rounds.append(_train_round(training, model, optimizer, settings, iteration, count, ticks, bar, device, parallel))
+        iteration += count
         summary.round_seconds.append(time.perf_counter() - round_start)  # not in the log: a rerun writes equal bytes
         if rank == 0:
             _save_checkpoint(out, training.module, optimizer, iteration)
@@ -596,15 +565,67 @@ def run_finetune(
     summary.seconds = time.perf_counter() - start_time
     summary.rounds = rounds
     if iteration >= settings.iterations and rank == 0:
-        if conv:
-            from spp_detect.conv_finetune import save_trunk
-
-            record = save_trunk(out, training.model, caches[0].backbone, caches[0].manifest["config"]["input_norm"],
-                                trunk_weights, settings.train_from)
-            features_from = record.identity
-        else:
-            features_from = caches[0].weights
-        save_head(out, head.eval(), features_from=features_from)
-        (out / CHECKPOINT).unlink(missing_ok=True)
+        _save_trained(out, training, head, caches, settings, trunk_weights)
     barrier()  # the head (or checkpoint) is on disk when any process returns
     return summary
+
+
+def _initial_head(caches: Sequence[FeatureCache], settings: FinetuneSettings, init_head: Path | str | None,
+                  device: torch.device) -> SPPHead:
+    """The head training starts from: ``init_head``'s (checked against the caches' shape),
+    or fc6-fc8 at their initialisation with the input scale the training features need;
+    fc8 has background + the classes the caches' data carries (open_caches checked they agree)."""
+    torch.manual_seed(settings.seed)  # initial weights
+    shape = (caches[0].feature_dim, settings.fc_dim, len(caches[0].classes) + 1)
+    if init_head is not None:
+        head = load_head(init_head)
+        if (head.in_dim, head.fc_dim, head.num_classes) != shape:
+            raise ValueError(f"the head in {init_head} is {head.in_dim} -> {head.fc_dim} -> {head.num_classes}; "
+                             f"these caches and settings need {shape[0]} -> {shape[1]} -> {shape[2]}")
+        return head.to(device)
+    scale = TARGET_NORM / mean_feature_norm(caches, "pool", seed=settings.seed, device=device)
+    return SPPHead(*shape, input_scale=scale).to(device)
+
+
+def _train_round(training, model: nn.Module, optimizer: torch.optim.SGD, settings: FinetuneSettings, first: int,
+                 count: int, ticks, bar, device: torch.device, parallel: bool) -> dict[str, float]:
+    """SGD on minibatches ``first .. first + count - 1`` of a prepared round; its log entry
+    (``iteration`` after it, mean ``loss``, ``fg_accuracy``), summed over the processes."""
+    # [loss sum, windows, fg hits, fg windows] over the round
+    totals = torch.zeros(4, dtype=torch.float64, device=device)
+    for iteration in range(first, first + count):
+        next(ticks, None)
+        lr = _set_lr(optimizer, settings, iteration)
+        logits, labels, multiplier = training.step(model, iteration)
+        loss_sum = nn.functional.cross_entropy(logits, labels, reduction="sum")
+        optimizer.zero_grad(set_to_none=True)
+        (loss_sum * multiplier).backward()
+        optimizer.step()
+        fg = labels > 0
+        hits = (logits.argmax(1)[fg] == labels[fg]).sum()
+        totals += torch.stack([loss_sum.detach().double(), torch.tensor(float(len(labels)), device=device,
+                               dtype=torch.float64), hits.double(), fg.sum().double()])
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{float(loss_sum.detach()) / max(len(labels), 1):.3f}", lr=f"{lr:g}")
+    if parallel:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    loss_sum_round, windows_round, fg_hits, fg_total = (float(v) for v in totals.cpu())
+    return {"iteration": first + count, "loss": loss_sum_round / max(windows_round, 1),
+            "fg_accuracy": fg_hits / max(fg_total, 1)}
+
+
+def _save_trained(out: Path, training, head: SPPHead, caches: Sequence[FeatureCache], settings: FinetuneSettings,
+                  trunk_weights: str | None) -> None:
+    """Write the finished head (and a trained trunk, keyed by its identity) and drop the checkpoint."""
+    if settings.train_from != FC_ONLY:
+        from spp_detect.conv_finetune import save_trunk
+
+        record = save_trunk(out, training.model, caches[0].backbone, caches[0].manifest["config"]["input_norm"],
+                            trunk_weights, settings.train_from)
+        features_from = record.identity
+    else:
+        features_from = caches[0].weights
+    save_head(out, head.eval(), features_from=features_from)
+    (out / CHECKPOINT).unlink(missing_ok=True)

@@ -88,10 +88,8 @@ log = logging.getLogger(__name__)
 
 #: A short tag of this machine, in temp names (a pid only says something on its own host).
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:16] or "host"
-#: ``.<stem>.tmp-<pid>-<host>-<random><suffix>``; older versions wrote ``.<stem>.<random>.tmp<suffix>``.
+#: ``.<stem>.tmp-<pid>-<host>-<random><suffix>``: the temp files :func:`atomic_write` names.
 _TEMP_RE = re.compile(r"^\..*\.tmp-(?P<pid>\d+)-(?P<host>[A-Za-z0-9]*)-")
-#: Temp files of the old naming (no pid) count as stale when older than this process.
-_PROCESS_START = time.time()
 
 
 class SettingsChanged(RuntimeError):
@@ -297,20 +295,17 @@ def check_file(path: Path) -> str | None:
 def remove_stale_temp_files(folder: Path) -> list[Path]:
     """Remove temporary files of writers that no longer run; returns the removed paths.
 
-    A temp file of a process on this host that is dead goes; one of a live process stays
-    (a concurrent ``--shard`` worker may be writing it). A file of the older naming
-    (no pid) goes when it is older than this process; one of another host when it is
-    over a day old.
+    Only files of :func:`atomic_write`'s naming are considered: one of a process on this
+    host that is dead goes; one of a live process stays (a concurrent ``--shard`` worker may
+    be writing it); one of another host goes when it is over a day old.
     """
     removed = []
     for entry in Path(folder).glob(".*"):
-        if ".tmp" not in entry.name or not entry.is_file():
-            continue
         match = _TEMP_RE.match(entry.name)
+        if match is None or not entry.is_file():
+            continue
         try:
-            if match is None:
-                stale = entry.stat().st_mtime < _PROCESS_START
-            elif match["host"] == _HOST:
+            if match["host"] == _HOST:
                 stale = not _pid_alive(int(match["pid"]))
             else:
                 stale = entry.stat().st_mtime < time.time() - 86400

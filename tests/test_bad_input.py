@@ -538,12 +538,18 @@ def test_temp_files_of_dead_writers_are_removed_and_live_ones_kept(cache_run, tm
     try:
         dead = out / f".{BAD}.tmp-{dead_pid.pid}-{_HOST}-abc123.npz"
         alive = out / f".{GOOD}.tmp-{live.pid}-{_HOST}-def456.npz"
-        legacy = out / f".{BAD}.k3j2l1.tmp.npz"  # the older naming, from a run before this process
-        for path in (dead, alive, legacy):
+        other_host = out / f".{BAD}.tmp-{dead_pid.pid}-otherhost-ghi789.npz"
+        stranger = out / f".{BAD}.k3j2l1.tmp.npz"  # not a name atomic_write gives: not ours to remove
+        for path in (dead, alive, other_host, stranger):
             path.write_bytes(b"half a file")
-        os.utime(legacy, (time.time() - 3600, time.time() - 3600))
+        os.utime(stranger, (time.time() - 3600, time.time() - 3600))
         assert invoke(stage_args("extract", root, out, mat)).exit_code == 0
-        assert not dead.exists() and not legacy.exists() and alive.exists()  # a --shard sibling may own it
+        assert not dead.exists() and alive.exists()  # a --shard sibling may own it
+        assert other_host.exists() and stranger.exists()  # another host's writer may still run (a day)
+        os.utime(other_host, (time.time() - 2 * 86400, time.time() - 2 * 86400))
+        assert invoke(stage_args("extract", root, out, mat)).exit_code == 0
+        assert not other_host.exists() and stranger.exists()
+        stranger.unlink()
     finally:
         live.kill()
         live.wait()

@@ -94,6 +94,21 @@ def test_search_bad_input(index_dir):
     assert bad.exit_code == 2 and "--rerank" in bad.output
 
 
+def test_index_refuses_whitening_on_the_indexed_images(tmp_path):
+    """Whitening is learned on another dataset: the stage refuses any image in both lists,
+    the same folder given twice or one image linked into both, naming the option."""
+    db, other = tmp_path / "db", tmp_path / "other"
+    db.mkdir(), other.mkdir()
+    for name in DATABASE[:2]:
+        (db / f"{name}.jpg").symlink_to(PARIS / "jpg" / f"{name}.jpg")
+    (other / "x.jpg").symlink_to(PARIS / "jpg" / f"{DATABASE[0]}.jpg")  # one image of the database again
+    (other / "y.jpg").symlink_to(PARIS / "jpg" / f"{DATABASE[2]}.jpg")
+    for whiten in (db, other):
+        r = CliRunner().invoke(main, ["index", str(db), "--out", str(tmp_path / "idx"), "--weights", str(SQUEEZENET_FILE),
+                                      "--whiten-images", str(whiten)])
+        assert r.exit_code != 0 and "--whiten-images" in r.output and "another dataset" in r.output, r.output
+
+
 def test_evaluate_retrieval(index_dir, tmp_path):
     gnd = {"imlist": DATABASE, "qnames": ["louvre_1"], "qimlist": ["paris_louvre_000081"],
            "gnd": [{"ok": [2, 3], "junk": [], "bbx": [107.0, 69.0, 936.0, 445.0]}]}

@@ -99,7 +99,7 @@ def detect_settings_options(settings: str = "spp_detect.detect:DetectSettings", 
     """The detect settings as options (detect and calibrate, which must detect alike), with
     the defaults of ``settings``' fields ``prefix + name`` (calibrate: ``detect.``)."""
     return settings_options(settings, prefix, bbox="--bbox/--no-bbox", score_threshold=float,
-                            nms_threshold=("--nms", click.FloatRange(0, 1)), max_per_image=POSITIVE_INT,
+                            nms_threshold=("--nms", click.FloatRange(0, 1)), max_per_class=POSITIVE_INT,
                             svd_rank=click.IntRange(min=0), precision=click.Choice(["fp32", "bf16"]))
 
 

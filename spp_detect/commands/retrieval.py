@@ -48,8 +48,6 @@ def index_cmd(images_dir: Path, out: Path, whiten_images: Path, limit: int | Non
     from spp_detect.retrieval.index import IndexSettings, list_images, run_index
 
     torch_device = pick_device(device)
-    if images_dir.resolve() == whiten_images.resolve():
-        raise click.BadParameter("whitening must be learned on another dataset than the indexed one", param_hint="--whiten-images")
     with stage_errors():
         summary = run_index(list_images(images_dir, limit), out, settings_from_params(IndexSettings, params),
                             list_images(whiten_images), device=torch_device, force=force, progress=bar())

@@ -33,7 +33,7 @@ from spp_detect.retrieval.aml import quantize_levels
 from spp_detect.retrieval.descriptors import mac, region_vectors
 from spp_detect.retrieval.regions import LEVELS
 from spp_detect.retrieval.whitening import Whitening, l2_normalize, learn_pca_whitening
-from spp_detect.stage_dir import Progress, atomic_write, open_stage, read_manifest, settings_config, track, weights_field
+from spp_detect.stage_dir import BadSetting, Progress, atomic_write, open_stage, read_manifest, settings_config, track, weights_field
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -143,10 +143,16 @@ def run_index(
 
     Raises:
         SettingsChanged, ImageReadError, ValueError (duplicate stems, no whitening images).
+        BadSetting: a whitening image is also a database image (``whiten-images``): whitening
+            must be learned on another dataset (R-MAC's protocol, docs/sources.md 5.1).
     """
     stems = [p.stem for p in images]
     if len(set(stems)) != len(stems):
         raise ValueError("image names must be unique without their extension")
+    shared = {Path(p).resolve() for p in images} & {Path(p).resolve() for p in whiten_images}
+    if shared:
+        raise BadSetting("whiten-images", f"whitening must be learned on another dataset than the indexed one; "
+                                          f"{len(shared)} image(s) are in both, e.g. {sorted(shared)[0]}")
     whiten_files = list(whiten_images)[: settings.whiten_limit]
     if len(whiten_files) < 2:
         raise ValueError("need at least 2 whitening images")
