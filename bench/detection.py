@@ -270,10 +270,10 @@ def evaluate_folder(folder: Path, images):
 
 
 def _auto_C(caches: list[Path]) -> float:
+    """What ``train-svm --C auto`` resolves to on ``caches`` (:meth:`svm.train.SVMSettings.resolved_c`)."""
     from spp_detect.cache import FeatureCache
 
-    images = sum(len(FeatureCache(c).image_ids) for c in caches)
-    return 1e-3 * 5011 / images  # train-svm --C auto (spp_train.m -c 0.001 on VOC07's 5,011 images)
+    return SVMSettings().resolved_c(sum(len(FeatureCache(c).image_ids) for c in caches))
 
 
 def _short(recipe: FinetuneSettings) -> str:
