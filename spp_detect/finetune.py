@@ -325,7 +325,9 @@ def _load_checkpoint(out: Path, module: nn.Module, optimizer: torch.optim.SGD) -
         for param_index, param in enumerate(group["params"]):
             buf = tensors.get(f"momentum.{group_index}.{param_index}")
             if buf is not None:
-                optimizer.state[param]["momentum_buffer"] = buf.to(device)
+                # in the parameter's own layout (a channels-last conv weight): the fused step
+                # walks parameter, gradient and buffer in memory order
+                optimizer.state[param]["momentum_buffer"] = torch.empty_like(param).copy_(buf.to(device))
     return int(tensors["iteration"])
 
 
