@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from spp_detect.backbones import Normalization
+from spp_detect.head import PRECISIONS
 from spp_detect.images import read_image
 
 __all__ = ["load_image_rgb", "resize_shorter_side", "prepare_trunk", "conv_maps"]
@@ -50,7 +51,7 @@ def resize_shorter_side(image: np.ndarray, scale: int) -> np.ndarray:
 #: The trunk's arithmetic per ``precision`` (``extract --precision``): bfloat16 weights and
 #: activations (the conv sums in float32) run the conv layers ~2x faster on CPUs with
 #: AVX512-BF16 or AMX (SqueezeNet at 688: 92 vs 182 ms here) and on GPU tensor cores.
-TRUNK_DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TRUNK_DTYPES: dict[str, torch.dtype] = dict(zip(PRECISIONS, (torch.float32, torch.bfloat16), strict=True))
 
 
 def prepare_trunk(trunk: nn.Module, device: torch.device, precision: str = "fp32") -> nn.Module:
