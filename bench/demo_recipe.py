@@ -24,13 +24,15 @@ from pathlib import Path
 
 
 from bench.common import add_device_option, machine, write_json
-from bench.detection import RECIPE, Bench, Recipe, _train_caches
+from bench.detection import BACKBONE, RECIPE, WEIGHTS, Bench, Recipe, _train_caches, load_detections
+from spp_detect.datasets.voc import VOC_CLASSES
+from spp_detect.show import sheet_counts
 from spp_detect.device import resolve_device
 
 TRAIN = ("voc2007-trainval-plus", "trainval")
 VALIDATION = ("voc2007-mini", "trainval")
 TRAIN_IMAGES = 200  # the demo's training-set size (voc2007-mini trainval)
-ROWS = ("ftfc7 bb", "ftfc7", "pool")
+ROWS = ("ftfc7 bb", "ftfc7", "pool", "pool bb")
 
 
 def main() -> None:
@@ -48,6 +50,9 @@ def main() -> None:
                         help="fc6/fc7's arithmetic in train-svm and detect (their --precision)")
     parser.add_argument("--batch-size", type=int, default=RECIPE.finetune.batch_size, help="windows per minibatch")
     parser.add_argument("--lr", type=float, default=RECIPE.finetune.base_lr, help="base learning rate")
+    parser.add_argument("--C-factor", type=float, default=1.0, help="the SVMs' C: this times what --C auto gives")
+    parser.add_argument("--backbone", choices=tuple(WEIGHTS), default=BACKBONE,
+                        help="the trunk (its ImageNet weights in ../shared/data/weights)")
     add_device_option(parser)
     parser.add_argument("--work", type=Path, default=Path("runs/bench-detection"))
     parser.add_argument("--smoke", action="store_true")
@@ -65,24 +70,35 @@ def main() -> None:
                   fc_precision=args.fc_precision)
     start = time.perf_counter()
     val_images = bench.images(*VALIDATION)
-    val = bench.cache("1-scale", "spp", (688,), *VALIDATION, windows=args.windows)
-    train, flipped = _train_caches(bench, "1-scale", "spp", (688,), (TRAIN,), recipe, limit=args.train_images,
-                                   windows=args.windows)
+    column = "1-scale" + ("" if args.backbone == BACKBONE else f"-{args.backbone}")
+    val = bench.cache(column, "spp", (688,), *VALIDATION, windows=args.windows, backbone=args.backbone)
     rows = args.rows.split(",")
-    tag = f"demo{args.train_images}" + (f"-w{args.windows}" if args.windows else "") + bench.extract_tag
-    head = bench.head(train, recipe, tag, flipped) if any(r != "pool" for r in rows) else None
+    needs_head = any(not r.startswith("pool") for r in rows)
+    if not needs_head:
+        recipe = replace(recipe, flip=False)  # rows on pooled features: no head, no mirrored caches
+    train, flipped = _train_caches(bench, column, "spp", (688,), (TRAIN,), recipe, limit=args.train_images,
+                                   windows=args.windows, backbone=args.backbone)
+    tag = (f"demo{args.train_images}" + ("" if args.backbone == BACKBONE else f"-{args.backbone}")
+           + (f"-w{args.windows}" if args.windows else "") + bench.extract_tag)
+    head = bench.head(train, recipe, tag, flipped) if needs_head else None
     cells = {}
     for row in rows:
-        cells[row] = bench.row(train, head if row != "pool" else None, val, val_images, row, tag)
-        print(f"{row:>9}: validation mAP {100 * cells[row]['map']:5.1f}, train-svm {cells[row]['train_svm_seconds'] or 0:.0f} s",
-              flush=True)
+        cells[row] = bench.row(train, head if not row.startswith("pool") else None, val, val_images, row, tag,
+                               C_factor=args.C_factor)
+        # what the demo's contact sheet would show on these images (score > 0, the best 3 each)
+        cells[row]["sheet"] = sheet_counts(load_detections(bench.work / cells[row]["detections_folder"], VOC_CLASSES),
+                                           val_images, VOC_CLASSES, threshold=0.0, top=3)
+        sheet = cells[row]["sheet"]
+        print(f"{row:>9}: validation mAP {100 * cells[row]['map']:5.1f}, train-svm {cells[row]['train_svm_seconds'] or 0:.0f} s,"
+              f" sheet: {sheet['images_with_detections']}/{sheet['images']} images with a detection > 0,"
+              f" {sheet['correct']}/{sheet['drawn']} drawn correct", flush=True)
     best = max(cells, key=lambda r: cells[r]["map"])
     result = {
         "machine": machine(), "smoke": args.smoke, "recipe": {"finetune": asdict(recipe.finetune), "flip": recipe.flip},
         "setting": (f"train on the first {len(bench.images(*TRAIN, limit=args.train_images))} images of {'/'.join(TRAIN)}"
                     f" (+ mirrors for the head), validate on {'/'.join(VALIDATION)} ({len(val_images)} images), "
                     f"1 scale (688), {f'the first {args.windows} windows' if args.windows else 'every window'}"),
-        "windows_per_image": args.windows, "extract_precision": args.extract_precision,
+        "backbone": args.backbone, "windows_per_image": args.windows, "extract_precision": args.extract_precision,
         "fc_precision": args.fc_precision,
         "rows": cells, "map": {r: c["map"] for r, c in cells.items()}, "best": best,
         "stage_seconds": bench.times, "wall_seconds": time.perf_counter() - start,

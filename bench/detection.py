@@ -66,8 +66,8 @@ COLUMNS = {"1-scale": ("spp", (688,)), "5-scale": ("spp", PAPER_SCALES)}
 PAIR_COLUMNS = {"rcnn-style": ("crop-warp", (224,)), "1-scale-same-windows": ("spp", (688,)),
                 "5-scale-same-windows": ("spp", PAPER_SCALES)}
 #: row -> (SVM feature layer, box regression)
-ROWS = {"pool": ("pool", False), "ftfc6": ("fc6", False), "ftfc7": ("fc7", False), "ftfc7 bb": ("fc7", True),
-        "ftconv fc7": ("fc7", False), "ftconv fc7 bb": ("fc7", True)}
+ROWS = {"pool": ("pool", False), "pool bb": ("pool", True), "ftfc6": ("fc6", False), "ftfc7": ("fc7", False),
+        "ftfc7 bb": ("fc7", True), "ftconv fc7": ("fc7", False), "ftconv fc7 bb": ("fc7", True)}
 #: Rows whose head trains the trunk through SPP too (CONV_RECIPE, the 1-scale column only): their
 #: SVMs train on caches extracted with that head's fine-tuned trunk.
 CONV_ROWS = ("ftconv fc7 bb", "ftconv fc7")
@@ -103,11 +103,6 @@ _BASE = Recipe(RECIPE.finetune, flip=False)
 #: flipped images included; learning rate 0.002 (the RECIPE head's last), divided by 10 at 80%.
 CONV_RECIPE = Recipe(FinetuneSettings(fc_dim=1024, iterations=1500, base_lr=0.002, lr_steps=(1200,), train_from="fire5",
                                       images_per_batch=2, train_scales=(576, 688)), flip=True)
-#: Fine-tuning rounds at 5 scales: each round decodes the cached maps of every training image
-#: it draws windows from (all 1,800 here), and 5-scale maps take ~7x as long as 1-scale ones,
-#: so rounds of 100 minibatches (the default) spent ~3 minutes of each 100 iterations decoding.
-#: Rounds of 500 hold 500 x 128 pooled windows in float16 (3.3 GB at 25,600-d).
-MULTISCALE_ROUND_ITERATIONS = 500
 #: The pair's recipe, the same for both of its columns: R-CNN-style features cost one trunk
 #: pass per window, so the pair trains on fewer images, without flips, for fewer iterations.
 PAIR_RECIPE = Recipe(replace(RECIPE.finetune, iterations=500, lr_steps=(375,)), flip=False)
@@ -168,7 +163,8 @@ class Bench:
 
     def checkpoint(self, result: dict) -> None:
         """Write the JSON so far (a long run keeps what it measured if it is stopped)."""
-        result["map"] = {row: {c: cells[row]["map"] for c, cells in result["columns"].items() if row in cells} for row in ROWS}
+        result["map"] = {row: {c: cells[row]["map"] for c, cells in result["columns"].items() if row in cells} for row in ROWS
+                         if any(row in cells for cells in result["columns"].values())}
         result["stage_seconds"].update(self.times)
         write_json(self.json_path, result)
 
@@ -236,7 +232,7 @@ class Bench:
         # fc7 SVMs are trained once, with box regressors: rows ftfc7 and ftfc7 bb differ only in
         # whether detect applies them (the SVMs do not depend on it)
         precision = self.fc_precision if layer != "pool" else "fp32"
-        svm_settings = SVMSettings(layer=layer, bbox=layer == "fc7", C=C, precision=precision)
+        svm_settings = SVMSettings(layer=layer, bbox=layer == "fc7" or bbox, C=C, precision=precision)
         head_tag = head.name if head is not None and layer != "pool" else "nohead"
         svm_dir = self.work / f"svm-{tag}-{layer}{'-bb' if svm_settings.bbox else ''}-C{C_factor:g}-{head_tag}{self.fc_tag if layer != 'pool' else ''}"
         record: dict[str, object] = {}
@@ -345,11 +341,8 @@ def _conv_rows(bench: Bench, name: str, mode: str, scales, train_sets, test_set,
 def run_columns(bench: Bench, columns: list[str], result: dict, rows=tuple(ROWS)) -> None:
     for column in columns:
         mode, scales = COLUMNS[column]
-        recipe = RECIPE
-        if len(scales) > 1:  # the same minibatches' distribution, drawn in fewer, larger rounds
-            recipe = replace(RECIPE, finetune=replace(RECIPE.finetune, round_iterations=MULTISCALE_ROUND_ITERATIONS))
         column_rows = rows if column == CONV_COLUMN else tuple(r for r in rows if r not in CONV_ROWS)
-        _column(bench, column, mode, scales, TRAIN_SETS, TEST_SET, recipe, result, rows=column_rows)
+        _column(bench, column, mode, scales, TRAIN_SETS, TEST_SET, RECIPE, result, rows=column_rows)
 
 
 def run_pair(bench: Bench, args, result: dict) -> None:
@@ -446,7 +439,7 @@ def _print_table(result: dict) -> None:
     for c in columns:
         print(f"  {c}: {result['train_images'][c]} / {result['test_images'][c]}, {result['windows_per_image'][c]}")
     print(f"{'':>14} " + " ".join(f"{c:>21}" for c in columns))
-    for row in ROWS:
+    for row in result["map"]:
         print(f"{row:>14} " + " ".join(f"{100 * result['map'][row].get(c, float('nan')):>21.1f}" for c in columns))
     if result["ablation"]:
         print(f"\nablation ({result['ablation_setting']}):")

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 
 __all__ = ["MIN_PICTURE_SIDE", "CORRECT_COLOUR", "WRONG_COLOUR", "IGNORED_COLOUR", "draw_boxes", "picture",
-           "contact_sheet", "show_detections"]
+           "contact_sheet", "show_detections", "judged_rows", "sheet_counts"]
 
 #: Pictures of smaller images (longer side, pixels) are drawn on an enlarged copy: VOC's
 #: 500 px images take captions at the smallest font (0.4) without crowding.
@@ -199,14 +199,7 @@ def show_detections(detections: Path, images: Sequence, out: Path, image_set: st
     dets = read_detections(detections, image_set, classes=classes, result_ids=result_ids)
     pictures, counts = [], []
     for image in images:
-        rows = []
-        for c, name in enumerate(classes):
-            d = dets.get(name)
-            if d is not None:
-                mine = (d.image_ids == image.image_id) & (d.scores > threshold)
-                rows += [(float(s), c, name, b) for s, b in zip(d.scores[mine], d.boxes[mine])]
-        rows = sorted(rows, key=lambda r: -r[0])[:top]
-        status = _judge(image, rows)
+        rows, status = judged_rows(dets, image, classes, threshold, top)
         colours = [{CORRECT: CORRECT_COLOUR, WRONG: WRONG_COLOUR}.get(v, IGNORED_COLOUR) for v in status.tolist()]
         pictures.append(picture(load_image_rgb(image.path), np.array([r[3] for r in rows]).reshape(-1, 4),
                                 [f"{r[2]} {r[0]:.2f}" for r in rows], [r[1] for r in rows],
@@ -217,6 +210,35 @@ def show_detections(detections: Path, images: Sequence, out: Path, image_set: st
     if not cv2.imwrite(str(out), canvas[:, :, ::-1]):
         raise ValueError(f"cannot write {out} (is the extension .png or .jpg?)")
     return counts
+
+
+def judged_rows(dets, image, classes: Sequence[str], threshold: float, top: int) -> tuple[list[tuple], np.ndarray]:
+    """What ``show`` draws on ``image``: its detections in ``dets`` (``{class name:
+    ClassDetections}``) scoring above ``threshold``, at most ``top``, best first, as rows
+    ``(score, class index, name, box)`` (box 0-based xyxy), and each row's
+    :data:`~eval.voc.CORRECT` / ``WRONG`` / ``IGNORED`` status (:func:`_judge`)."""
+    rows = []
+    for c, name in enumerate(classes):
+        d = dets.get(name)
+        if d is not None:
+            mine = (d.image_ids == image.image_id) & (d.scores > threshold)
+            rows += [(float(s), c, name, b) for s, b in zip(d.scores[mine], d.boxes[mine])]
+    rows = sorted(rows, key=lambda r: -r[0])[:top]
+    return rows, _judge(image, rows)
+
+
+def sheet_counts(dets, images: Sequence, classes: Sequence[str], threshold: float = 0.0, top: int = 3) -> dict[str, int]:
+    """What a ``show`` sheet of ``images`` would count, without drawing it: images with at
+    least one detection drawn, detections drawn, correct ones (:func:`judged_rows`)."""
+    from eval.voc import CORRECT
+
+    shown = drawn = correct = 0
+    for image in images:
+        rows, status = judged_rows(dets, image, classes, threshold, top)
+        shown += bool(rows)
+        drawn += len(rows)
+        correct += int((status == CORRECT).sum())
+    return {"images": len(images), "images_with_detections": shown, "drawn": drawn, "correct": correct}
 
 
 def _judge(image, rows: Sequence[tuple]) -> np.ndarray:

@@ -86,6 +86,30 @@ def test_show_draws_a_matching_box_green_and_a_wrong_one_red_and_counts_them(tmp
     assert tuple(rgb[320, 350]) == WRONG_COLOUR
 
 
+def test_sheet_counts_what_show_would_draw_threshold_and_top_included():
+    from types import SimpleNamespace
+
+    from eval.results import ClassDetections
+    from spp_detect.show import sheet_counts
+
+    classes = ("cat", "dog")
+    cat = SimpleNamespace(image_id="a", boxes=np.array([[100.0, 100, 300, 250]]), labels=np.array([0]),
+                          difficult=np.array([False]))
+    empty = SimpleNamespace(image_id="b", boxes=np.array([[0.0, 0, 50, 50]]), labels=np.array([1]),
+                            difficult=np.array([False]))
+    dets = {"cat": ClassDetections(np.array(["a", "a", "a", "b"]), np.array([2.0, 1.0, -0.5, -1.0]),
+                                   np.array([[105.0, 102, 300, 252], [350, 250, 450, 350], [100, 100, 300, 250],
+                                             [0, 0, 50, 50]])),
+            "dog": ClassDetections(np.array(["a"]), np.array([0.5]), np.array([[100.0, 100, 300, 250]]))}
+    # above 0 on "a": cat 2.0 (IoU 0.9: correct), dog 0.5 (no dog: wrong), cat 1.0 (no object: wrong);
+    # the cat at -0.5 and everything on "b" score below 0
+    assert sheet_counts(dets, [cat, empty], classes) == {"images": 2, "images_with_detections": 1, "drawn": 3,
+                                                         "correct": 1}
+    assert sheet_counts(dets, [cat, empty], classes, top=1) == {"images": 2, "images_with_detections": 1,
+                                                                "drawn": 1, "correct": 1}
+    assert sheet_counts(dets, [cat, empty], classes, threshold=-2.0, top=5)["drawn"] == 5
+
+
 def test_pictures_of_small_images_are_enlarged_and_captions_stay_inside_and_apart():
     from spp_detect.show import _place_caption, picture
 
