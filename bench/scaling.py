@@ -152,7 +152,7 @@ def main() -> None:
         "machine": machine(),
         "load_average_1min": {"start": load_before, "end": os.getloadavg()[0], "cpus": os.cpu_count()},
         "images": len(images),
-        "windows_per_image": float(np.mean([len(FeatureCache(cache).load(i.image_id, with_maps=False).boxes) for i in images])),
+        "windows_per_image": float(np.mean([len(FeatureCache(cache).load(i.image_id, scales=()).boxes) for i in images])),
         "fc_dim": args.fc_dim,
         "seconds_per_image": per_image,
         "seconds_per_finetune_iteration": seconds_per_iteration,

@@ -5,11 +5,14 @@ On a GPU, a stage's own work on an image (pooling, fc layers, SVM scores, NMS) t
 milliseconds, while decoding the image's cached maps on the CPU takes ~0.02 s at one
 scale and ~0.1 s at five (zlib + fp16 -> fp32, ``bench/results/detect_speed.json``): done
 in turn, the GPU would wait for the CPU most of the time. :func:`read_ahead` decodes the
-next ``depth`` images in one background thread (``zlib.decompress`` and the numpy / torch
+next ``depth`` images in background threads (``zlib.decompress`` and the numpy / torch
 copies release the GIL) and uploads each one once, from pinned memory
 (:meth:`spp_detect.cache.CachedImage.to`), while the main thread works on the current
 one. On the CPU the stages read in turn: a reading thread would only take one of the
 cores the pooling and fc layers already use, and the results are the same either way.
+Fine-tuning's passes are the exception (:data:`spp_detect.finetune.DECODE_THREADS`): a
+pass only decodes and pools, decoding is most of it, and two decoding threads halve it on
+a 2-core CPU.
 
 The time the consumer spends waiting for the next item is what a stage reports as its
 ``decode`` time: on a GPU it is the share of the stage spent waiting on the CPU.
@@ -20,9 +23,8 @@ maps (zlib, ~0.05 s per image at one scale) while the trunk runs on the next ima
 
 from __future__ import annotations
 
-import queue
-import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
@@ -58,21 +60,22 @@ def read_ahead(
     *,
     background: bool,
     depth: int = 2,
+    threads: int = 1,
     waited: Waited | None = None,
 ) -> Iterator[tuple[T, R]]:
     """``(item, prepare(item))`` for each of ``items``, in order.
 
     Args:
-        prepare: e.g. decode an image's cache file and upload it to the device; runs in one
-            background thread when ``background``, at most ``depth`` items ahead of the
-            consumer (so at most ``depth + 1`` prepared items are alive at once), else in
-            the caller's thread when the item is reached.
+        prepare: e.g. decode an image's cache file and upload it to the device; runs in
+            ``threads`` background threads when ``background``, at most ``max(depth,
+            threads)`` items ahead of the consumer (so at most that many plus one prepared
+            items are alive at once), else in the caller's thread when the item is reached.
         waited: accumulates the seconds the caller waited for prepared items (in turn:
             the whole ``prepare`` time).
 
     An exception raised by ``prepare`` is raised here, at the item it failed on, after the
     items before it were yielded. Stopping early (``break``, an exception in the consumer)
-    stops the thread after its current item.
+    lets the threads finish their current items and prepares no more.
     """
     waited = waited if waited is not None else Waited()
     if not background:
@@ -82,45 +85,26 @@ def read_ahead(
             waited.seconds += time.perf_counter() - start
             yield item, prepared
         return
-    ready: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                result = (item, prepare(item), None)
-                while not stop.is_set():
-                    try:
-                        ready.put(result, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-        except BaseException as exc:  # noqa: BLE001 - handed to the consumer, raised there
-            ready.put((None, None, exc))
-            return
-        ready.put((_END, None, None))
-
-    thread = threading.Thread(target=work, name="read-ahead", daemon=True)
-    thread.start()
+    ahead = max(1, depth, threads)
+    pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="read-ahead")
+    pending: deque[tuple[T, Future]] = deque()
+    remaining = iter(items)
     try:
         while True:
-            start = time.perf_counter()
-            item, prepared, error = ready.get()
-            waited.seconds += time.perf_counter() - start
-            if error is not None:
-                raise error
-            if item is _END:
+            while len(pending) < ahead:
+                item = next(remaining, _END)
+                if item is _END:
+                    break
+                pending.append((item, pool.submit(prepare, item)))
+            if not pending:
                 return
+            item, future = pending.popleft()
+            start = time.perf_counter()
+            prepared = future.result()
+            waited.seconds += time.perf_counter() - start
             yield item, prepared
     finally:
-        stop.set()
-        while thread.is_alive():  # unblock a put() and let the thread see stop
-            try:
-                ready.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
+        pool.shutdown(wait=True, cancel_futures=True)  # the threads' current items finish, no more start
 
 
 class WriteBehind:

@@ -22,7 +22,8 @@ atomically through :func:`spp_detect.stage_dir.atomic_write`:
 * ``cells``: int64 ``[N, 4]``, inclusive conv-cell ranges on that scale's map;
 * ``gt_labels``: int64 ``[G]``, class index (into the manifest's ``classes``) of each of
   the first ``G`` windows, the ground-truth boxes; ``gt_difficult``: bool ``[G]``;
-* ``map_shapes``: int64 ``[S, 3]``; ``map_<k>``: uint8, zlib of the C-order fp16 map.
+* ``map_shapes``: int64 ``[S, 3]``; ``map_<k>``: uint8, zlib of the C-order fp16 map (read
+  and decoded only for the scales :meth:`FeatureCache.load` is asked for).
 """
 
 from __future__ import annotations
@@ -160,7 +161,10 @@ class CachedImage:
         is_gt: ``Tensor[N]`` bool, ground-truth windows (first) vs proposals.
         scale_index: ``Tensor[N]`` int64, index into the cache's scales.
         cells: ``Tensor[N, 4]`` int64, inclusive conv cells on that scale's map.
-        maps: one float32 ``Tensor[C, h_k, w_k]`` per scale.
+        maps: one entry per scale ``k``: its float32 ``Tensor[C, h_k, w_k]`` map, or ``None``
+            where the map was not decoded (:meth:`FeatureCache.load` with ``scales``).
+        map_shapes: ``Tensor[S, 3]`` int64 ``(C, h_k, w_k)`` of every scale's map, decoded
+            or not (:meth:`cells_at` needs the sizes).
         levels: the pyramid levels the cache was made for.
         gt_labels: ``Tensor[G]`` int64 class indices of the ``G`` ground-truth windows
             (the first ``G``; ``G == is_gt.sum()``).
@@ -177,13 +181,28 @@ class CachedImage:
     is_gt: Tensor
     scale_index: Tensor
     cells: Tensor
-    maps: list[Tensor]
+    maps: list[Tensor | None]
+    map_shapes: Tensor
     levels: tuple[int, ...]
     gt_labels: Tensor
     gt_difficult: Tensor
     scale_factors: Tensor
     stride: int
     offset: float
+
+    def __post_init__(self) -> None:
+        assert len(self.maps) == len(self.map_shapes), "one map_shapes row per map"
+        assert all(m is None or tuple(m.shape) == tuple(s) for m, s in zip(self.maps, self.map_shapes.tolist()))
+
+    @property
+    def channels(self) -> int:
+        """``C``, the maps' channel count."""
+        return int(self.map_shapes[0, 0])
+
+    @property
+    def decoded_scales(self) -> tuple[int, ...]:
+        """Indices of the scales whose map is decoded (all of them unless loaded with ``scales``)."""
+        return tuple(k for k, m in enumerate(self.maps) if m is not None)
 
     @property
     def gt_boxes(self) -> Tensor:
@@ -193,8 +212,9 @@ class CachedImage:
     def cells_at(self, indices: Tensor, scale_index: Tensor) -> Tensor:
         """Inclusive cells ``Tensor[K, 4]`` of windows ``indices`` (``Tensor[K]``) on the maps of
         ``scale_index`` (``Tensor[K]``), e.g. a random scale per window while fine-tuning
-        (the release's ``random_scale``). Equal to :attr:`cells` at the windows' own scales."""
-        sizes = torch.tensor([tuple(m.shape[1:]) for m in self.maps], dtype=torch.int64).reshape(-1, 2)
+        (the release's ``random_scale``). Equal to :attr:`cells` at the windows' own scales.
+        Needs only the maps' sizes, not the maps."""
+        sizes = self.map_shapes[:, 1:]  # [S, 2] (h_k, w_k)
         return windows_to_cells(
             self.boxes[indices], self.scale_factors[scale_index], self.stride, self.offset, sizes[scale_index]
         )
@@ -207,12 +227,15 @@ class CachedImage:
         labels stay on the CPU: they index and are small). On a GPU each map goes through
         pinned memory, in its channels-last layout, without blocking the calling thread;
         on the CPU it is ``self``. Pooled values are the same on every device
-        (:func:`spp_detect.spp.spatial_pyramid_pool`)."""
+        (:func:`spp_detect.spp.spatial_pyramid_pool`). Maps not decoded stay ``None``."""
         device = canonical_device(device)
-        if all(same_device(m.device, device) for m in self.maps):
+        if all(m is None or same_device(m.device, device) for m in self.maps):
             return self
-        maps = []
+        maps: list[Tensor | None] = []
         for fmap in self.maps:
+            if fmap is None:
+                maps.append(None)
+                continue
             hwc = fmap.permute(1, 2, 0)  # contiguous for maps from decode_map
             if device.type == "cuda" and hwc.device.type == "cpu":
                 hwc = hwc.contiguous().pin_memory()
@@ -234,12 +257,19 @@ class CachedImage:
         an optional float32 (or bfloat16: values rounded) buffer on ``device`` with at least
         ``K`` rows; its first ``K`` rows are written and returned (a reused buffer spares allocating and page-faulting
         ~100 MB per 1,000 windows).
+
+        Raises:
+            ValueError: a window would be pooled on a scale whose map was not decoded
+                (:meth:`FeatureCache.load` with ``scales``), or a bad ``out``.
         """
-        device = canonical_device(device) if device is not None else self.maps[0].device
+        if device is None:
+            decoded = [m for m in self.maps if m is not None]
+            device = decoded[0].device if decoded else torch.device("cpu")
+        device = canonical_device(device)
         if indices is None:
             indices = torch.arange(len(self))
         indices = indices.to(torch.int64).cpu()
-        dim = self.maps[0].shape[0] * sum(n * n for n in self.levels)
+        dim = self.channels * sum(n * n for n in self.levels)
         if out is None:
             out = torch.empty((len(indices), dim), device=device)
         elif (out.shape[0] < len(indices) or out.shape[1:] != (dim,) or not same_device(out.device, device)
@@ -252,17 +282,21 @@ class CachedImage:
         else:
             chosen = scale_index.to(torch.int64).cpu()
             cells = self.cells_at(indices, chosen)
+        missing = sorted({int(k) for k in chosen.unique()} - set(self.decoded_scales))
+        if missing:
+            raise ValueError(f"CachedImage.features: {self.image_id} has windows to pool at scale(s) {missing}, whose "
+                             f"maps were not decoded (decoded: {list(self.decoded_scales)}); load it with those scales")
         if len(chosen) < 2 or bool((chosen[1:] >= chosen[:-1]).all()):
             # windows grouped by scale (always so for window_features): pool into slices of out
             bounds = torch.searchsorted(chosen, torch.arange(len(self.maps) + 1)).tolist()
             for k, fmap in enumerate(self.maps):
-                if bounds[k + 1] > bounds[k]:
+                if bounds[k + 1] > bounds[k]:  # fmap is decoded: checked above
                     rows = slice(bounds[k], bounds[k + 1])
                     spatial_pyramid_pool(fmap.to(device), cells[rows].to(device), self.levels, out=out[rows])
             return out
         for k, fmap in enumerate(self.maps):
             rows = torch.nonzero(chosen == k).flatten()
-            if len(rows):
+            if len(rows):  # fmap is decoded: checked above
                 out[rows.to(device)] = spatial_pyramid_pool(fmap.to(device), cells[rows].to(device), self.levels)
         return out
 
@@ -319,33 +353,44 @@ class FeatureCache:
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.npz"
 
-    def load(self, image_id: str, with_maps: bool = True) -> CachedImage:
-        """Read one image (maps decoded to float32 on the CPU; ``with_maps=False`` reads only the
-        windows and ground truth, for labelling, and leaves ``maps`` empty).
+    def load(self, image_id: str, scales: Sequence[int] | None = None) -> CachedImage:
+        """Read one image, its maps decoded to float32 on the CPU.
+
+        Args:
+            scales: indices into :attr:`scales` of the maps to decode (the others are left
+                ``None`` in :attr:`CachedImage.maps`; only the decoded ones are read from the
+                file), e.g. ``()`` for the windows and ground truth alone (labelling) or
+                ``(0, 3)`` for the scales a fine-tuning pass pools at; ``None``: every map.
 
         Raises:
+            ValueError: a scale index out of range.
             FileNotFoundError: the image is not in the cache (not extracted yet).
             DamagedFile: the file is damaged, cut short or was written under another
                 manifest key (stale); one line naming it and ``spp-detect extract``, which
                 redoes it on a rerun.
         """
+        wanted = range(len(self.scales)) if scales is None else sorted({int(k) for k in scales})
+        if any(not 0 <= k < len(self.scales) for k in wanted):
+            raise ValueError(f"FeatureCache.load: scale indices must be in [0, {len(self.scales)}) for the scales "
+                             f"{self.scales} of {self.folder}, got {list(scales)}")
         path = self.path(image_id)
         if not path.is_file():
             raise FileNotFoundError(f"{image_id} is not in the feature cache {self.folder}; run extract first")
         try:
-            return self._read(path, image_id, with_maps)
+            return self._read(path, image_id, wanted)
         except DamagedFile:
             raise
         except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DamagedFile(path, reason, "extract") from None
 
-    def _read(self, path: Path, image_id: str, with_maps: bool) -> CachedImage:
-        with np.load(path, allow_pickle=False) as data:
+    def _read(self, path: Path, image_id: str, scales: Sequence[int]) -> CachedImage:
+        with np.load(path, allow_pickle=False) as data:  # members are read when indexed
             if str(data["key"]) != self.key:
                 raise DamagedFile(path, f"written under other settings than {self.folder}/manifest.json", "extract")
             width, height = (int(v) for v in data["image_size"])
-            maps = [decode_map(data[f"map_{k}"], shape) for k, shape in enumerate(data["map_shapes"])] if with_maps else []
+            shapes = data["map_shapes"]  # [S, 3]
+            maps = [decode_map(data[f"map_{k}"], shape) if k in scales else None for k, shape in enumerate(shapes)]
             if self.mode == "spp":
                 factors = scale_factors(width, height, self.scales)
             else:  # crop-warp: one tiled map, no rescaling
@@ -359,6 +404,7 @@ class FeatureCache:
                 scale_index=torch.from_numpy(data["scale_index"]),
                 cells=torch.from_numpy(data["cells"]),
                 maps=maps,
+                map_shapes=torch.from_numpy(shapes),
                 levels=self.levels,
                 gt_labels=torch.from_numpy(data["gt_labels"]),
                 gt_difficult=torch.from_numpy(data["gt_difficult"]),

@@ -13,9 +13,12 @@ no conv layer runs. Sampling:
 * SGD, momentum 0.9, weight decay 5e-4, bias learning rate x2 (``blobs_lr 1 / 2``), the
   learning rate divided by 10 at each step (``lr_policy "vstep"``: 1e-3, 1e-4, 1e-5).
 
-Batches are prepared a round at a time (the release prepared 500 iterations at once): the
-round's windows are drawn with a generator seeded by ``(seed, round)``, pooled, and kept
-in fp16; the dropout masks of each minibatch come from a generator seeded by
+Minibatches are drawn a round at a time (the release prepared 500 iterations at once): the
+round's windows are drawn with a generator seeded by ``(seed, round)``. The draws do not
+depend on the model, so they are pooled a *pass* of several rounds at once (as many as
+their fp16 rows fit in :func:`pass_budget`), each image drawn in the pass decoded once, at
+the scales its rows use, instead of every round; the pooled rows are kept in fp16 until
+their round comes. The dropout masks of each minibatch come from a generator seeded by
 ``(seed, iteration)``. Under ``torchrun`` the minibatches are split over the processes
 (DistributedDataParallel, :func:`run_finetune`) with the same result as one process. A checkpoint after every round holds the
 weights, the momentum buffers and the iteration, so a resumed run continues to exactly
@@ -39,7 +42,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,8 +50,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from spp_detect.background_io import read_ahead, reads_ahead
-from spp_detect.cache import CachedImage, FeatureCache
+from spp_detect.background_io import Waited, read_ahead
+from spp_detect.cache import FeatureCache
 from spp_detect.conv_finetune import FC_ONLY
 from spp_detect.device import canonical_device
 from spp_detect.head import DROPOUT, SPPHead, load_head, save_head
@@ -120,16 +123,19 @@ class FinetuneSettings:
 
 @dataclass
 class TrainingWindows:
-    """Fine-tuning candidates over all training images: parallel arrays of
-    ``pairs`` (``(cache, image id)`` list), ``image [M]`` index into it, ``window [M]``
-    index in that image, ``label [M]`` (0 = background)."""
+    """Fine-tuning candidates over all training images: ``pairs`` (``(cache, image id)``
+    list) and, for the fg and for the bg windows, parallel arrays of ``image [M]`` index
+    into it, ``window [M]`` index in that image, ``label [M]`` (fg only; bg is 0) and
+    ``scale [M]`` the window's own scale index (extract's choice by size)."""
 
     pairs: list[tuple[int, str]]
     fg_image: np.ndarray
     fg_window: np.ndarray
     fg_label: np.ndarray
+    fg_scale: np.ndarray
     bg_image: np.ndarray
     bg_window: np.ndarray
+    bg_scale: np.ndarray
 
 
 def collect_training_windows(
@@ -137,17 +143,19 @@ def collect_training_windows(
 ) -> TrainingWindows:
     """Foreground and background windows of every image (maps are not decoded)."""
     pairs = [(i, im) for i, c in enumerate(caches) for im in c.image_ids]
-    fg_image, fg_window, fg_label, bg_image, bg_window = [], [], [], [], []
+    fg_image, fg_window, fg_label, fg_scale, bg_image, bg_window, bg_scale = [], [], [], [], [], [], []
     for n, (index, image_id) in enumerate(pairs):
-        image = caches[index].load(image_id, with_maps=False)
+        image = caches[index].load(image_id, scales=())
         overlaps = class_overlaps(image.boxes, image.gt_boxes, image.gt_labels, len(caches[index].classes))
         best, cls = overlaps.max(dim=1)  # [N]
         fg = torch.nonzero(best >= fg_threshold).flatten()
         bg = torch.nonzero((best >= bg_low) & (best < fg_threshold)).flatten()
         fg_image.append(np.full(len(fg), n)), fg_window.append(fg.numpy()), fg_label.append(cls[fg].numpy() + 1)
         bg_image.append(np.full(len(bg), n)), bg_window.append(bg.numpy())
+        fg_scale.append(image.scale_index[fg].numpy()), bg_scale.append(image.scale_index[bg].numpy())
     cat = lambda parts: np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)  # noqa: E731
-    return TrainingWindows(pairs, cat(fg_image), cat(fg_window), cat(fg_label), cat(bg_image), cat(bg_window))
+    return TrainingWindows(pairs, cat(fg_image), cat(fg_window), cat(fg_label), cat(fg_scale), cat(bg_image),
+                           cat(bg_window), cat(bg_scale))
 
 
 @dataclass
@@ -159,6 +167,8 @@ class FinetuneSummary:
     round_seconds: list[float] = field(default_factory=list)  # wall seconds of each round this call ran
     already_done: bool = False
     processes: int = 1  # torchrun's world size
+    #: fc-only training: one entry per pass this call pooled (:meth:`_FcTraining.pool_pass`)
+    passes: list[dict[str, float]] = field(default_factory=list)
 
     @property
     def seconds_per_iteration(self) -> float | None:
@@ -177,29 +187,43 @@ class FinetuneSummary:
                 f"{state} -> {out}" + (f" on {self.processes} processes" if self.processes > 1 else ""))
 
 
-def _round_batches(
+@dataclass
+class _Rows:
+    """This process's rows of one or more rounds' minibatches, drawn (:func:`_draw_round`)
+    but not pooled: parallel arrays ``[R]`` of ``image`` (index into
+    :attr:`TrainingWindows.pairs`), ``window`` (index in that image), ``label`` (0 =
+    background), ``scale`` (the scale index the row is pooled at) and ``random`` (whether
+    that scale was drawn at random, else it is the window's own)."""
+
+    image: np.ndarray
+    window: np.ndarray
+    label: np.ndarray
+    scale: np.ndarray
+    random: np.ndarray
+
+    @staticmethod
+    def cat(parts: Sequence["_Rows"]) -> "_Rows":
+        fields = ("image", "window", "label", "scale", "random")
+        return _Rows(*(np.concatenate([getattr(p, f) for p in parts]) for f in fields))
+
+
+def _draw_round(
     caches: Sequence[FeatureCache],
     windows: TrainingWindows,
     settings: FinetuneSettings,
     round_index: int,
     iterations: int,
-    device: torch.device,
     rank: int = 0,
     world_size: int = 1,
-    store: "DecodedMaps | None" = None,
-) -> tuple[Tensor, Tensor]:
-    """Pooled features (fp16) and labels of this process's rows of a round's minibatches.
-
-    Each image of the round is decoded once (in a background thread on a GPU,
-    :func:`spp_detect.background_io.read_ahead`), or taken from ``store``, which keeps
-    decoded maps on the device between rounds while they fit.
+) -> _Rows:
+    """This process's rows of a round's ``iterations`` minibatches (nothing decoded).
 
     The round's windows (and each window's random scale) are drawn from a generator
     seeded by ``(seed, round)``, identically in every process; minibatch ``i`` is rows
     ``[i B, (i + 1) B)`` of that draw, with exactly ``round(fg_fraction B)`` fg first.
-    Process ``rank`` of ``world_size`` keeps rows ``rank::world_size`` of each minibatch
-    and pools only those, so it returns ``Tensor[iterations * b, D]`` with
-    ``b = len(range(rank, B, world_size))``, minibatch ``i`` at rows ``[i b, (i + 1) b)``.
+    Process ``rank`` of ``world_size`` keeps rows ``rank::world_size`` of each minibatch,
+    so it gets ``iterations * b`` rows with ``b = len(range(rank, B, world_size))``,
+    minibatch ``i`` at rows ``[i b, (i + 1) b)``.
     """
     rng = np.random.default_rng([settings.seed, round_index])
     per_fg = round(settings.batch_size * settings.fg_fraction)
@@ -211,62 +235,104 @@ def _round_batches(
     image = np.concatenate([windows.fg_image[fg], windows.bg_image[bg]])
     window = np.concatenate([windows.fg_window[fg], windows.bg_window[bg]])
     label = np.concatenate([windows.fg_label[fg], np.zeros(len(bg), np.int64)])
+    own = np.concatenate([windows.fg_scale[fg], windows.bg_scale[bg]])
     # batch i takes fg rows i*per_fg.. and bg rows i*per_bg..; build the row order once
     batches = np.arange(iterations)[:, None]
     order = np.concatenate(
         [batches * per_fg + np.arange(per_fg), len(fg) + batches * per_bg + np.arange(per_bg)], axis=1
     ).ravel()
-    image, window, label = image[order], window[order], label[order]
+    image, window, label, own = image[order], window[order], label[order], own[order]
     uniform = rng.random(len(image))  # each row's random scale, drawn for all rows in every process
     mine = (batches * settings.batch_size + np.arange(rank, settings.batch_size, world_size)).ravel()
-    image, window, label, uniform = image[mine], window[mine], label[mine], uniform[mine]
-    feats = torch.empty((len(image), caches[0].feature_dim), dtype=torch.float16, device=device)
-    store = store if store is not None else DecodedMaps(0)
-    load = lambda n: store.get(n, lambda: caches[windows.pairs[n][0]].load(windows.pairs[n][1]).to(device))  # noqa: E731
-    for n, cached in read_ahead(np.unique(image).tolist(), load, background=reads_ahead(device)):
-        rows = np.nonzero(image == n)[0]
-        cache = caches[windows.pairs[n][0]]
-        idx = torch.from_numpy(window[rows])
-        scale = None
-        if settings.random_scale and len(cache.scales) > 1:
-            pick = np.minimum((uniform[rows] * len(cache.scales)).astype(np.int64), len(cache.scales) - 1)
-            scale = torch.from_numpy(pick)
-        feats[torch.from_numpy(rows).to(device)] = cached.features(idx, device, scale_index=scale).half()
-    return feats, torch.from_numpy(label).to(device)
+    image, window, label, own, uniform = image[mine], window[mine], label[mine], own[mine], uniform[mine]
+    num_scales = np.array([len(caches[c].scales) for c, _ in windows.pairs], dtype=np.int64)[image]  # [R]
+    random = np.full(len(image), settings.random_scale) & (num_scales > 1)
+    pick = np.minimum((uniform * num_scales).astype(np.int64), num_scales - 1)
+    return _Rows(image, window, label, np.where(random, pick, own), random)
 
 
-class DecodedMaps:
-    """Images' decoded maps kept on the device from one round to the next, up to
-    ``budget_bytes`` in all (first come, first kept; an image beyond it is decoded again
-    each round it is drawn). Rounds draw windows from every training image, so without it
-    each round decodes every image's maps again (~0.02 s at one scale, ~0.1 s at five).
+#: Rows pooled at once (in float32, then stored in fp16): 100 MB at 25,600-d.
+_POOL_ROWS = 1024
 
-    :func:`store_budget` sizes it: on a GPU, half the memory free when training starts; on
-    the CPU, a quarter of the RAM available (1,800 SqueezeNet images at one scale take ~5 GB
-    in float32). Decoding is exact, so the result is the same whatever the budget.
+#: Threads decoding a pass's images while the caller pools (``zlib.decompress`` and the
+#: fp16 -> fp32 copy release the GIL), on every device. Measured on a 2-core CPU with other
+#: jobs running, a 5-scale pass of 200 images (38,400 rows) in alternated runs: 65-67 s
+#: decoding in turn, 40-45 s with one thread, 34-37 s with two.
+DECODE_THREADS = 2
+
+
+@dataclass
+class _PooledRows:
+    """Pooled rows (:func:`_pool_rows`), stored image by image: row ``i``'s features are
+    ``features[position[i]]``.
+
+    Attributes:
+        features: ``Tensor[R, D]`` fp16 on the training device, in image order.
+        position: ``Tensor[R]`` int64 on that device, each row's place in ``features``.
+        labels: ``Tensor[R]`` int64 on that device, in row order (0 = background).
     """
 
-    def __init__(self, budget_bytes: int) -> None:
-        self.budget_bytes, self.used_bytes = int(budget_bytes), 0
-        self._images: dict[int, CachedImage] = {}
+    features: Tensor
+    position: Tensor
+    labels: Tensor
 
-    def get(self, key: int, load: Callable[[], CachedImage]) -> CachedImage:
-        """The image stored under ``key``, else ``load()``, kept if it fits."""
-        image = self._images.get(key)
-        if image is None:
-            image = load()
-            size = sum(m.numel() * m.element_size() for m in image.maps)
-            if self.used_bytes + size <= self.budget_bytes:
-                self._images[key], self.used_bytes = image, self.used_bytes + size
-        return image
-
-    def __len__(self) -> int:
-        return len(self._images)
+    def rows(self, rows: slice) -> tuple[Tensor, Tensor]:
+        """Features ``Tensor[n, D]`` (fp16) and labels ``Tensor[n]`` of rows ``rows``, in row order."""
+        return self.features.index_select(0, self.position[rows]), self.labels[rows]
 
 
-def store_budget(device: torch.device) -> int:
-    """Bytes :class:`DecodedMaps` may keep on ``device``: half its free memory on a GPU, a
-    quarter of the available RAM on the CPU (0 where the system does not say)."""
+def _pool_rows(
+    caches: Sequence[FeatureCache],
+    windows: TrainingWindows,
+    rows: _Rows,
+    device: torch.device,
+    stats: dict[str, float] | None = None,
+) -> _PooledRows:
+    """Pool ``rows`` on ``device``, keeping the features in fp16.
+
+    Each image of ``rows`` is decoded once, only at the scales its rows are pooled at, in
+    :data:`DECODE_THREADS` background threads (:func:`spp_detect.background_io.read_ahead`),
+    and all its rows are pooled at once, grouped by scale, into consecutive rows of the
+    store (no scattered writes). Pooling is a max per row, so a row's features do not
+    depend on which other rows are pooled with it, nor on the order. ``stats`` gets ``images``,
+    ``decode_seconds`` (reading and decoding, summed over the images) and
+    ``waited_seconds`` (the time pooling waited for decoded images).
+    """
+    features = torch.empty((len(rows.image), caches[0].feature_dim), dtype=torch.float16, device=device)
+    order = np.lexsort((rows.scale, rows.image))  # [R] the rows image by image, each image's by scale
+    images, starts = np.unique(rows.image[order], return_index=True)
+    bounds = np.append(starts, len(order))  # image j's rows are order[bounds[j]:bounds[j + 1]]
+    decode_seconds = [0.0] * len(images)  # each image's, written by the thread that decodes it
+
+    def load(j: int):
+        start = time.perf_counter()
+        cache_index, image_id = windows.pairs[images[j]]
+        scales = np.unique(rows.scale[order[bounds[j]:bounds[j + 1]]]).tolist()
+        cached = caches[cache_index].load(image_id, scales=scales).to(device)
+        decode_seconds[j] = time.perf_counter() - start
+        return cached
+
+    waited = Waited()
+    buffer = torch.empty((min(_POOL_ROWS, len(rows.image)), caches[0].feature_dim), device=device)  # float32
+    for j, cached in read_ahead(range(len(images)), load, background=True, threads=DECODE_THREADS, waited=waited):
+        random = bool(rows.random[order[bounds[j]]])  # one cache: all of the image's rows or none
+        for first in range(bounds[j], bounds[j + 1], _POOL_ROWS):
+            last = min(first + _POOL_ROWS, bounds[j + 1])
+            mine = order[first:last]
+            scale = torch.from_numpy(rows.scale[mine]) if random else None
+            pooled = cached.features(torch.from_numpy(rows.window[mine]), device, scale_index=scale, out=buffer)
+            features[first:last].copy_(pooled)  # rounded to fp16
+    if stats is not None:
+        stats.update(images=len(images), decode_seconds=sum(decode_seconds), waited_seconds=waited.seconds)
+    position = np.empty(len(order), dtype=np.int64)
+    position[order] = np.arange(len(order))
+    return _PooledRows(features, torch.from_numpy(position).to(device), torch.from_numpy(rows.label).to(device))
+
+
+def pass_budget(device: torch.device) -> int:
+    """Bytes the pooled fp16 rows of a fine-tuning pass may take on ``device``: half its free
+    memory on a GPU, a quarter of the available RAM on the CPU (0 where the system does not
+    say: a pass is then one round)."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free) // 2
@@ -360,29 +426,67 @@ def trunk_weights_for(caches: Sequence[FeatureCache], weights: str | Path | None
 
 
 class _FcTraining:
-    """The paper's fine-tuning: fc6-fc8 on windows pooled from the cached maps, a round of
-    minibatches prepared at once (:func:`_round_batches`)."""
+    """The paper's fine-tuning: fc6-fc8 on windows pooled from the cached maps.
 
-    def __init__(self, caches, settings: FinetuneSettings, head: SPPHead, device, rank: int, world_size: int) -> None:
+    Rounds are drawn as :func:`_draw_round` says and pooled a pass at a time
+    (:meth:`pool_pass`): when a round starts whose rows are not pooled yet, it and the next
+    rounds, ``rounds_per_pass`` in all (as many as :func:`pass_budget` holds, at least one,
+    none beyond ``end``), are pooled at once. A resumed run starts a new pass at its round:
+    the rows are the same whatever the passes, so is the result.
+    """
+
+    def __init__(self, caches, settings: FinetuneSettings, head: SPPHead, device, rank: int, world_size: int,
+                 end: int) -> None:
+        """``end``: the iteration the run stops at (its last round is the one holding ``end - 1``)."""
         self.caches, self.settings, self.device, self.rank, self.world_size = caches, settings, device, rank, world_size
         self.module: nn.Module = head
         self.windows = collect_training_windows(caches, settings.fg_threshold, settings.bg_low)
-        self.store = DecodedMaps(store_budget(canonical_device(device)))
+        self.last_round = (end - 1) // settings.round_iterations
+        self.local = len(range(rank, settings.batch_size, world_size))  # this process's rows of each minibatch
+        round_bytes = settings.round_iterations * self.local * caches[0].feature_dim * 2  # fp16 rows
+        self.rounds_per_pass = max(1, pass_budget(canonical_device(device)) // round_bytes)
+        self.passes: list[dict[str, float]] = []
+        self._pass: _PooledRows | None = None
+        self._rounds: dict[int, int] = {}  # round -> its first row in the pass
+
+    def round_count(self, round_index: int) -> int:
+        """Minibatches of round ``round_index`` (the last one of the settings may be short)."""
+        ri = self.settings.round_iterations
+        return min(ri * (round_index + 1), self.settings.iterations) - ri * round_index
+
+    def pool_pass(self, first: int) -> None:
+        """Draw and pool rounds ``first ..`` (``rounds_per_pass`` of them, up to the last
+        round of the run), replacing the previous pass; records its entry in :attr:`passes`."""
+        start = time.perf_counter()
+        self._pass, self._rounds = None, {}  # the previous pass's memory goes first
+        rounds = range(first, min(first + self.rounds_per_pass, self.last_round + 1))
+        drawn = [_draw_round(self.caches, self.windows, self.settings, r, self.round_count(r), self.rank,
+                             self.world_size) for r in rounds]
+        stats: dict[str, float] = {}
+        self._pass = _pool_rows(self.caches, self.windows, _Rows.cat(drawn), self.device, stats)
+        bounds = np.cumsum([0] + [len(d.image) for d in drawn])
+        self._rounds = dict(zip(rounds, bounds[:-1].tolist()))
+        entry = {"first_round": first, "rounds": len(rounds), "rows": int(bounds[-1]), **stats,
+                 "seconds": time.perf_counter() - start}
+        self.passes.append(entry)
+        log.info("finetune: pooled rounds %d-%d (%d rows of %d images) in %.1f s, %.1f s of it waiting for maps",
+                 first, rounds[-1], entry["rows"], entry["images"], entry["seconds"], entry["waited_seconds"])
 
     def start_round(self, round_index: int, count: int) -> None:
-        self.feats, self.labels = _round_batches(self.caches, self.windows, self.settings, round_index, count,
-                                                 self.device, self.rank, self.world_size, self.store)
-        self.local = len(self.labels) // count  # this process's rows of each minibatch
+        if round_index not in self._rounds:
+            self.pool_pass(round_index)
+        assert count == self.round_count(round_index), "rounds start at multiples of round_iterations"
+        self.first_row = self._rounds[round_index]
         self.first = round_index * self.settings.round_iterations
 
     def step(self, model: nn.Module, iteration: int) -> tuple[Tensor, Tensor, float]:
         """``(logits, labels, loss multiplier)`` of this process's rows of minibatch ``iteration``."""
-        i = iteration - self.first
-        rows = slice(i * self.local, (i + 1) * self.local)
+        start = self.first_row + (iteration - self.first) * self.local
+        feats, labels = self._pass.rows(slice(start, start + self.local))
         masks = _dropout_masks(self.settings, iteration, self.device, self.rank, self.world_size)
-        logits = model(self.feats[rows].float(), dropout_masks=masks)
+        logits = model(feats.float(), dropout_masks=masks)
         # mean over the whole minibatch: DDP averages over processes, so scale by world_size
-        return logits, self.labels[rows], self.world_size / self.settings.batch_size
+        return logits, labels, self.world_size / self.settings.batch_size
 
 
 class _ConvTraining:
@@ -414,6 +518,7 @@ class _ConvTraining:
         self.fg = split(self.windows.fg_image, self.windows.fg_window)
         self.fg_label = split(self.windows.fg_image, self.windows.fg_label)
         self.bg = split(self.windows.bg_image, self.windows.bg_window)
+        self.passes: list[dict[str, float]] = []  # none: every minibatch runs the trunk on its images
 
     def start_round(self, round_index: int, count: int) -> None:
         pass
@@ -432,7 +537,7 @@ class _ConvTraining:
             b = batch[j]
             cache_index, image_id = self.windows.pairs[b.pair]
             cache = self.caches[cache_index]
-            cached = cache.load(image_id, with_maps=False)
+            cached = cache.load(image_id, scales=())
             pixels = load_training_pixels(cache, self.paths[cache_index][image_id], cached.width, cached.height)
             x, factor = scaled_input(pixels, b.scale, self.norm, self.device)
             inputs.append(x), factors.append(factor), boxes.append(cached.boxes[torch.from_numpy(b.window)])
@@ -523,8 +628,9 @@ def run_finetune(
 
     head = _initial_head(caches, settings, init_head, device)
     scale = float(head.input_scale)
+    end = settings.iterations if stop_after is None else min(settings.iterations, stop_after)
     training = (_ConvTraining(caches, settings, head, trunk_weights, device, rank, world_size) if conv
-                else _FcTraining(caches, settings, head, device, rank, world_size))
+                else _FcTraining(caches, settings, head, device, rank, world_size, end))
     optimizer = _optimizer(training.module, settings)
     iteration = 0
     if (out / CHECKPOINT).is_file():
@@ -544,7 +650,6 @@ def run_finetune(
         "finetune: %d images, %d fg / %d bg candidate windows, input scale %.4g, training from %s, rank %d of %d",
         len(windows.pairs), len(windows.fg_image), len(windows.bg_image), scale, settings.train_from, rank, world_size,
     )
-    end = settings.iterations if stop_after is None else min(settings.iterations, stop_after)
     bar = track(progress if rank == 0 else None, range(iteration, end), "finetune", total=settings.iterations,
                 initial=iteration)
     ticks = iter(bar)  # one tick per iteration started; the bar counts the ones done
@@ -566,6 +671,7 @@ def run_finetune(
         pass
     summary.seconds = time.perf_counter() - start_time
     summary.rounds = rounds
+    summary.passes = training.passes
     if iteration >= settings.iterations and rank == 0:
         _save_trained(out, training, head, caches, settings, trunk_weights)
     barrier()  # the head (or checkpoint) is on disk when any process returns

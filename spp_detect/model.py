@@ -181,6 +181,7 @@ class DetectionModel:
         return CachedImage(
             image_id=image_id, width=width, height=height, boxes=boxes,
             is_gt=torch.zeros(len(boxes), dtype=torch.bool), scale_index=scale_index, cells=cells, maps=maps,
+            map_shapes=torch.tensor([tuple(m.shape) for m in maps], dtype=torch.int64).reshape(-1, 3),
             levels=self.levels, gt_labels=torch.zeros(0, dtype=torch.int64), gt_difficult=torch.zeros(0, dtype=torch.bool),
             scale_factors=scale_factors(width, height, self.scales), stride=spec.stride, offset=spec.offset,
         )

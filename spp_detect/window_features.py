@@ -251,9 +251,7 @@ def feature_dim(image_or_cache: CachedImage | FeatureCache, layer: str, head: SP
     """Length of a ``layer`` feature: the pooled length, or the head's ``fc_dim``."""
     if layer != "pool":
         return head.fc_dim
-    if isinstance(image_or_cache, FeatureCache):
-        return image_or_cache.feature_dim
-    return image_or_cache.maps[0].shape[0] * sum(n * n for n in image_or_cache.levels)
+    return image_or_cache.channels * sum(n * n for n in image_or_cache.levels)
 
 
 def mean_feature_norm(

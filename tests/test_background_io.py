@@ -51,7 +51,7 @@ def test_read_ahead_prepares_at_most_depth_items_ahead_and_stops_when_the_consum
     count = len(prepared)
     time.sleep(0.2)
     assert len(prepared) == count <= 5
-    assert not any(t.name == "read-ahead" and t.is_alive() for t in threading.enumerate())
+    assert not any(t.name.startswith("read-ahead") and t.is_alive() for t in threading.enumerate())
 
 
 def test_waited_is_the_whole_prepare_time_in_turn():

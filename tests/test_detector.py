@@ -21,7 +21,7 @@ from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
 from spp_detect.detect import DetectSettings, _per_class_nms
 from spp_detect.extract import ExtractSettings, run_extract
-from spp_detect.finetune import FinetuneSettings, _round_batches, collect_training_windows, run_finetune
+from spp_detect.finetune import FinetuneSettings, _draw_round, _pool_rows, collect_training_windows, run_finetune
 from spp_detect.head import SPPHead, load_head
 from spp_detect.labels import class_overlaps
 from spp_detect.spp import spatial_pyramid_pool
@@ -263,7 +263,8 @@ def test_finetune_lowers_the_loss_and_resumes_to_the_same_state(train_cache, tmp
     settings = FinetuneSettings(fc_dim=64, iterations=40, base_lr=0.01, lr_steps=(30,), batch_size=32, round_iterations=10)
     caches = open_caches([train_cache])
     windows = collect_training_windows(caches)
-    feats, labels = _round_batches(caches, windows, settings, round_index=99, iterations=4, device=torch.device("cpu"))
+    feats, labels = _pool_rows(caches, windows, _draw_round(caches, windows, settings, round_index=99, iterations=4),
+                               torch.device("cpu")).rows(slice(None))
     assert int((labels > 0).sum()) == 4 * 8  # exactly 25% foreground per minibatch
 
     straight = tmp_path / "straight"

@@ -133,12 +133,12 @@ def stages(voc_root, tmp_path_factory):
         export_model(out / "svm", out / "feat", out / "model", weights=SQUEEZENET_FILE,
                      proposals=ProposalSettings(max_pixels=60_000, max_boxes=60))
         _run("predict", "--model", out / "model", photos, "--threshold", "-1", *device, "--out", out / "pred")
-    # the GPU data path (read ahead, write behind, decoded maps kept between rounds), forced on the CPU
+    # the GPU data path (read ahead, write behind), forced on the CPU; finetune pools its 2 rounds in one pass
     out = folders["background"] = root / "background"
     with pytest.MonkeyPatch.context() as patch:
-        for module in (spp_detect.extract, spp_detect.detect, spp_detect.finetune):
+        for module in (spp_detect.extract, spp_detect.detect):  # finetune decodes in the background everywhere
             patch.setattr(module, "reads_ahead", lambda device: True)
-        patch.setattr(spp_detect.finetune, "store_budget", lambda device: 1 << 40)
+        patch.setattr(spp_detect.finetune, "pass_budget", lambda device: 1 << 40)
         _run("extract", *voc, "--proposals", root / "ss", "--weights", SQUEEZENET_FILE, "--scales", 240, "--out", out / "feat")
         _run("finetune", "--cache", out / "feat", "--out", out / "head", "--fc-dim", 32, "--iterations", 20,
              "--round-iterations", 10, "--batch-size", 32)
@@ -172,7 +172,7 @@ def test_stages_with_cpu0_give_the_files_of_cpu(stages):
 
 
 def test_the_gpu_data_path_forced_on_the_cpu_gives_the_files_of_the_cpu_path(stages):
-    """extract writing behind, finetune keeping decoded maps between rounds and reading ahead,
+    """extract writing behind, finetune pooling its rounds in one pass and reading ahead,
     detect reading ahead (what CUDA does) give the bytes of the in-turn CPU path."""
     a, b = stages["cpu"], stages["background"]
     assert len(_same_files(a / "feat", b / "feat", "0*.npz")) == 3

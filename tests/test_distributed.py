@@ -26,7 +26,8 @@ from spp_detect.cache import FeatureCache
 from spp_detect.datasets import read_voc
 from spp_detect.distributed import Launch, launch_from_env, parse_shard, resolve_shard
 from spp_detect.extract import ExtractSettings, run_extract
-from spp_detect.finetune import FinetuneSettings, _dropout_masks, _round_batches, collect_training_windows, run_finetune
+from spp_detect.finetune import (FinetuneSettings, _draw_round, _dropout_masks, _pool_rows, collect_training_windows,
+                                 run_finetune)
 from spp_detect.head import load_head
 from spp_detect.stage_dir import SettingsChanged, open_stage_dir
 from spp_detect.window_features import open_caches
@@ -211,9 +212,10 @@ def test_each_rank_gets_its_rows_of_the_global_minibatch_and_its_dropout_masks(t
     caches = open_caches([train_cache])
     windows = collect_training_windows(caches)
     cpu = torch.device("cpu")
-    feats, labels = _round_batches(caches, windows, FT, 0, 3, cpu)
+    feats, labels = _pool_rows(caches, windows, _draw_round(caches, windows, FT, 0, 3), cpu).rows(slice(None))
     for rank in (0, 1):
-        part, part_labels = _round_batches(caches, windows, FT, 0, 3, cpu, rank=rank, world_size=2)
+        part, part_labels = _pool_rows(caches, windows, _draw_round(caches, windows, FT, 0, 3, rank=rank, world_size=2),
+                                       cpu).rows(slice(None))
         rows = (np.arange(3)[:, None] * 16 + np.arange(rank, 16, 2)).ravel()
         assert torch.equal(part, feats[rows]) and torch.equal(part_labels, labels[rows])
         masks = _dropout_masks(FT, 7, cpu, rank, 2)

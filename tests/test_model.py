@@ -171,11 +171,11 @@ def test_a_model_exported_with_bf16_fc_layers_predicts_as_detect_does_with_them(
     cache = FeatureCache(through_cache / "cache")
     for image_id in ("000001", "000040"):
         cached = np.load(tmp_path / "dets" / f"{image_id}.npz")
-        prediction = model.predict(photos / f"{image_id}.jpg", proposals=cache.load(image_id, with_maps=False).boxes.numpy())
+        prediction = model.predict(photos / f"{image_id}.jpg", proposals=cache.load(image_id, scales=()).boxes.numpy())
         assert np.array_equal(prediction.boxes.numpy(), cached["boxes"]) and len(cached["boxes"]) > 0
         assert np.array_equal(prediction.scores.numpy().astype(np.float64), cached["scores"])
         # the same model asked for fp32 scores its fc layers in float32 again
-        exact = model.predict(photos / f"{image_id}.jpg", proposals=cache.load(image_id, with_maps=False).boxes.numpy(),
+        exact = model.predict(photos / f"{image_id}.jpg", proposals=cache.load(image_id, scales=()).boxes.numpy(),
                               settings=DetectSettings(bbox=True))
         fp32 = np.load(through_cache / "dets" / f"{image_id}.npz")
         assert np.array_equal(exact.scores.numpy().astype(np.float64), fp32["scores"])
