@@ -63,6 +63,8 @@ def main() -> None:
                             base_lr=args.lr, lr_steps=(round(args.iterations * 0.75),)), flip=not args.no_flip)
     if args.smoke:
         limit, args.train_images = 2, 2
+        if args.rows == parser.get_default("rows"):  # one fine-tuned row, one on the pooled vector
+            args.rows = "ftfc7 bb,pool bb"
         recipe = Recipe(replace(RECIPE.finetune, fc_dim=64, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
         if args.work == parser.get_default("work"):
             args.work = Path(tempfile.mkdtemp(prefix="bench-demo-recipe-smoke-"))

@@ -402,6 +402,8 @@ def main() -> None:
     if args.smoke:
         limit, args.columns = 2, "1-scale"
         args.pair_windows, args.pair_train, args.pair_test = 10, 2, 1
+        if args.pair_columns == parser.get_default("pair_columns"):  # 1-scale-same-windows: the 1-scale column's path
+            args.pair_columns = "rcnn-style,5-scale-same-windows"
         RECIPE = Recipe(replace(RECIPE.finetune, fc_dim=64, iterations=20, lr_steps=(15,), round_iterations=10), flip=True)
         PAIR_RECIPE = replace(RECIPE, flip=False)
         CONV_RECIPE = Recipe(replace(CONV_RECIPE.finetune, fc_dim=64, iterations=4, lr_steps=(3,), round_iterations=2,
