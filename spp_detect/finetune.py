@@ -425,6 +425,13 @@ def trunk_weights_for(caches: Sequence[FeatureCache], weights: str | Path | None
     return str(weights)
 
 
+def round_count(settings: FinetuneSettings, round_index: int) -> int:
+    """Minibatches of round ``round_index``: ``round_iterations``, the last one of the run
+    (at ``settings.iterations``) possibly fewer."""
+    ri = settings.round_iterations
+    return min(ri * (round_index + 1), settings.iterations) - ri * round_index
+
+
 class _FcTraining:
     """The paper's fine-tuning: fc6-fc8 on windows pooled from the cached maps.
 
@@ -449,18 +456,13 @@ class _FcTraining:
         self._pass: _PooledRows | None = None
         self._rounds: dict[int, int] = {}  # round -> its first row in the pass
 
-    def round_count(self, round_index: int) -> int:
-        """Minibatches of round ``round_index`` (the last one of the settings may be short)."""
-        ri = self.settings.round_iterations
-        return min(ri * (round_index + 1), self.settings.iterations) - ri * round_index
-
     def pool_pass(self, first: int) -> None:
         """Draw and pool rounds ``first ..`` (``rounds_per_pass`` of them, up to the last
         round of the run), replacing the previous pass; records its entry in :attr:`passes`."""
         start = time.perf_counter()
         self._pass, self._rounds = None, {}  # the previous pass's memory goes first
         rounds = range(first, min(first + self.rounds_per_pass, self.last_round + 1))
-        drawn = [_draw_round(self.caches, self.windows, self.settings, r, self.round_count(r), self.rank,
+        drawn = [_draw_round(self.caches, self.windows, self.settings, r, round_count(self.settings, r), self.rank,
                              self.world_size) for r in rounds]
         stats: dict[str, float] = {}
         self._pass = _pool_rows(self.caches, self.windows, _Rows.cat(drawn), self.device, stats)
@@ -475,7 +477,7 @@ class _FcTraining:
     def start_round(self, round_index: int, count: int) -> None:
         if round_index not in self._rounds:
             self.pool_pass(round_index)
-        assert count == self.round_count(round_index), "rounds start at multiples of round_iterations"
+        assert count == round_count(self.settings, round_index), "rounds start at multiples of round_iterations"
         self.first_row = self._rounds[round_index]
         self.first = round_index * self.settings.round_iterations
 
@@ -657,7 +659,7 @@ def run_finetune(
     model.train()
     while iteration < end:
         round_index = iteration // settings.round_iterations
-        count = min(settings.round_iterations * (round_index + 1), settings.iterations) - iteration
+        count = round_count(settings, round_index)  # checkpoints fall on round boundaries
         round_start = time.perf_counter()
         training.start_round(round_index, count)
         rounds.append(_train_round(training, model, optimizer, settings, iteration, count, ticks, bar, device, parallel))
